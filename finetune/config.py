@@ -1,0 +1,125 @@
+"""The typed config schema. Hydra composes conf/*.yaml on top of it, so a wrong type or an unknown key
+fails at composition time. Cross-field checks that need the model (unfreeze beyond the number of
+groups, warmup longer than training) happen in finetune.plan before any training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tf_efficientnet_lite0"
+    source: str = "timm"  # torchvision | timm
+    # DEFAULT | a weights enum name / timm pretrained tag | null (random init) | a local file
+    # (.pth/.pt/.safetensors) | pkg:<python package> (weights shipped inside an installed package)
+    weights: Optional[str] = "DEFAULT"
+    groups: Optional[Any] = None  # explicit layer-group spec; null: the ready grouping for the model
+    catch_all: Optional[str] = None  # group that takes every parameter no pattern matches
+    drop_rate: float = 0.0  # dropout before the new head
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | imagefolder | a torchvision dataset (cifar10, ...)
+    root: Optional[str] = None
+    num_classes: int = 4  # synthetic only; real datasets count their classes
+    train_size: int = 192  # synthetic only
+    val_size: int = 96  # synthetic only
+    image_size: Optional[int] = None  # null: the model's pretrained input size
+    augment: bool = True
+    num_workers: int = -1  # -1: pick from the CPU count
+    download: bool = True  # torchvision datasets
+    skip_bad: bool = False  # skip unreadable images (counted) instead of failing
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # sgd | adamw | adam | rmsprop
+    momentum: float = 0.9  # sgd / rmsprop; beta1 for adam(w)
+    nesterov: bool = False
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    no_decay_norm_bias: bool = True  # no weight decay on biases and normalisation parameters
+
+
+@dataclass
+class ScheduleConfig:
+    # constant | step | multistep | exponential | cosine | one_cycle | sgdr | slanted_triangular
+    kind: str = "one_cycle"
+    warmup: float = 0.0  # epochs of linear warmup from 0 (combinable with every kind)
+    min_lr_ratio: float = 0.0  # cosine / sgdr / warmup floor, as a fraction of the group's LR
+    step_size: float = 1.0  # step: epochs between decays
+    gamma: float = 0.1  # step / multistep decay; exponential: factor per epoch
+    milestones: List[float] = field(default_factory=list)  # multistep: epochs
+    pct_start: float = 0.25  # one_cycle (fastai defaults)
+    div_factor: float = 25.0
+    final_div_factor: float = 1e5
+    cycle_momentum: bool = True
+    max_momentum: float = 0.95
+    base_momentum: float = 0.85
+    t0: float = 1.0  # sgdr: epochs of the first cycle
+    t_mult: float = 2.0  # sgdr: each cycle this many times longer
+    restart_decay: float = 1.0  # sgdr: peak LR multiplied by this at every restart
+    cut_frac: float = 0.1  # slanted triangular (ULMFiT)
+    ratio: float = 32.0
+    start_at_unfreeze: bool = True  # a group unfrozen later starts its schedule at its unfreeze step
+
+
+@dataclass
+class LRSpreadConfig:
+    kind: str = "none"  # none | geometric (fastai slice) | ulmfit | layer_decay
+    lo: Optional[float] = None  # geometric: LR of the first group (the last group gets `lr`)
+    factor: float = 2.6  # ulmfit: each lower group = the one above / factor
+    decay: float = 0.75  # layer_decay: lr * decay ** depth (depth 0 = head)
+
+
+@dataclass
+class FreezeConfig:
+    kind: str = "fixed"  # fixed | milestones | gradual | fine_tune
+    milestones: Dict[str, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
+    every: int = 1  # gradual: one more group every `every` epochs
+    head_epochs: int = 1  # fine_tune: head only for this many epochs, then all groups
+    train_bn: bool = False  # train BatchNorm affine params even in frozen groups (fastai train_bn)
+
+
+@dataclass
+class InspectConfig:
+    format: str = "table"  # table | json
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr_spread: LRSpreadConfig = field(default_factory=LRSpreadConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
+    per_group: Dict[str, Any] = field(default_factory=dict)
+    unfreeze: Any = "all"  # last N groups trainable (head counted), or all
+    epochs: int = 5
+    lr: float = 1e-3  # peak LR of the top (head) group
+    head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head)
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: Optional[bool] = None  # null: on for CUDA
+    compile: bool = False
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    resume: Optional[str] = None  # run dir or checkpoint file
+    verbose: bool = False  # show tracebacks for user errors
+    progress: bool = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,127 @@
+"""Freezing: which groups train in which epoch (pure), and applying that to a model.
+
+Epochs count from 0. `trainable_count(...)` says how many of the LAST groups train in an epoch;
+`apply_trainable` flips requires_grad so autograd computes nothing below the lowest trainable group,
+and `frozen_norm_modules` lists the BatchNorm layers of frozen groups, which stay in eval mode so
+their running statistics do not move.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn as nn
+
+from finetune.errors import UserError
+from finetune.groups import LayerGroup
+
+FREEZE_KINDS = ("fixed", "milestones", "gradual", "fine_tune")
+
+
+def resolve_count(value, n_groups: int, key: str = "unfreeze") -> int:
+    """`all` or an int in 1..n_groups -> number of trainable (last) groups."""
+    if isinstance(value, str):
+        if value.strip().lower() == "all":
+            return n_groups
+        try:
+            value = int(value)
+        except ValueError:
+            raise UserError(f"{key}: expected an integer or 'all', got '{value}'") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key}: expected an integer or 'all', got {value!r}")
+    if not 1 <= value <= n_groups:
+        raise UserError(
+            f"{key}={value} is out of range: the model has {n_groups} layer groups "
+            f"(use 1..{n_groups} or 'all')"
+        )
+    return value
+
+
+def _milestones(freeze_cfg, n_groups: int) -> list[tuple[int, int]]:
+    out = []
+    for epoch, count in dict(freeze_cfg.milestones or {}).items():
+        try:
+            e = int(epoch)
+        except ValueError:
+            raise UserError(f"freeze.milestones: epoch '{epoch}' is not an integer") from None
+        if e < 0:
+            raise UserError(f"freeze.milestones: epoch {e} is negative")
+        out.append((e, resolve_count(count, n_groups, key=f"freeze.milestones.{e}")))
+    return sorted(out)
+
+
+def trainable_count(freeze_cfg, unfreeze, epoch: int, n_groups: int) -> int:
+    """How many of the last groups train during `epoch` (pure function of the config and the epoch)."""
+    kind = freeze_cfg.kind
+    base = resolve_count(unfreeze, n_groups)
+    if kind == "fixed":
+        return base
+    if kind == "milestones":
+        count = base
+        for e, c in _milestones(freeze_cfg, n_groups):
+            if epoch >= e:
+                count = c
+        return count
+    if kind == "gradual":
+        if freeze_cfg.every < 1:
+            raise UserError(f"freeze.every must be >= 1, got {freeze_cfg.every}")
+        return min(n_groups, base + epoch // freeze_cfg.every)
+    if kind == "fine_tune":
+        if freeze_cfg.head_epochs < 0:
+            raise UserError(f"freeze.head_epochs must be >= 0, got {freeze_cfg.head_epochs}")
+        return 1 if epoch < freeze_cfg.head_epochs else n_groups
+    raise UserError(f"freeze.kind: unknown kind '{kind}'; choose one of {', '.join(FREEZE_KINDS)}")
+
+
+def trainable_mask(count: int, n_groups: int) -> list[bool]:
+    return [i >= n_groups - count for i in range(n_groups)]
+
+
+def first_trainable_epochs(freeze_cfg, unfreeze, n_groups: int, epochs: int) -> list[int | None]:
+    """For each group, the first epoch in which it trains (None: never within `epochs`)."""
+    first: list[int | None] = [None] * n_groups
+    for epoch in range(epochs):
+        for i, on in enumerate(trainable_mask(trainable_count(freeze_cfg, unfreeze, epoch, n_groups), n_groups)):
+            if on and first[i] is None:
+                first[i] = epoch
+    return first
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+def apply_trainable(
+    model: nn.Module, groups: Sequence[LayerGroup], mask: Sequence[bool], train_bn: bool = False
+) -> None:
+    """requires_grad = group trainable (or, with train_bn, the parameter belongs to a BatchNorm)."""
+    bn_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
+    params = dict(model.named_parameters())
+    for group, on in zip(groups, mask):
+        for name in group.param_names:
+            p = params[name]
+            p.requires_grad_(bool(on) or (train_bn and id(p) in bn_params))
+
+
+def frozen_norm_modules(
+    model: nn.Module, groups: Sequence[LayerGroup], mask: Sequence[bool], train_bn: bool = False
+) -> list[nn.Module]:
+    """BatchNorm modules whose parameters all sit in frozen groups (they must stay in eval mode)."""
+    if train_bn:
+        return []
+    frozen = {name for g, on in zip(groups, mask) if not on for name in g.param_names}
+    out = []
+    for mod_name, module in model.named_modules():
+        if not _is_norm(module):
+            continue
+        names = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
+        if names and all(n in frozen for n in names):
+            out.append(module)
+    return out
+
+
+def set_train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
+    """model.train(), except that BatchNorm layers of frozen groups keep their running statistics."""
+    model.train()
+    for module in frozen_norms:
+        module.eval()

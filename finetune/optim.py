@@ -1,0 +1,96 @@
+"""Per-group learning rates, param groups and the ONE optimizer that holds every group from the start.
+
+Each layer group becomes up to two optimizer param groups (with and without weight decay) that carry
+`group` (the layer-group index) and `name`, so the plan can set their LR per step. Frozen groups are
+in the optimizer too: their parameters keep grad None, so neither the update nor weight decay touches
+them, and unfreezing later never adds param groups (which would break schedulers and resume).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from finetune.errors import UserError
+from finetune.groups import LayerGroup
+
+SPREAD_KINDS = ("none", "geometric", "ulmfit", "layer_decay")
+OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
+
+
+def spread_lrs(n: int, lr: float, spread) -> list[float]:
+    """Peak LR of each of n groups (input -> output); the last (head) group gets `lr`."""
+    kind = spread.kind
+    if kind == "none":
+        return [lr] * n
+    if kind == "geometric":  # fastai slice(lo, hi): evenly spaced on a log scale
+        lo = spread.lo if spread.lo is not None else lr / 100
+        if lo <= 0:
+            raise UserError(f"lr_spread.lo must be > 0, got {lo}")
+        if n == 1:
+            return [lr]
+        return [lo * (lr / lo) ** (i / (n - 1)) for i in range(n)]
+    if kind == "ulmfit":  # each lower group = the one above / factor
+        if spread.factor <= 0:
+            raise UserError(f"lr_spread.factor must be > 0, got {spread.factor}")
+        return [lr / spread.factor ** (n - 1 - i) for i in range(n)]
+    if kind == "layer_decay":  # timm / BEiT layer-wise decay, depth 0 = head
+        if not 0 < spread.decay <= 1:
+            raise UserError(f"lr_spread.decay must be in (0, 1], got {spread.decay}")
+        return [lr * spread.decay ** (n - 1 - i) for i in range(n)]
+    raise UserError(f"lr_spread.kind: unknown kind '{kind}'; choose one of {', '.join(SPREAD_KINDS)}")
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Biases, normalisation weights (every 1-d parameter) and the model's own no_weight_decay list."""
+    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    own = getattr(model, "no_weight_decay", None)
+    if callable(own):
+        skip = set(own())
+        names |= {n for n, _ in model.named_parameters() if n in skip}
+    return names
+
+
+def param_groups(
+    model: nn.Module,
+    groups: Sequence[LayerGroup],
+    lrs: Sequence[float],
+    weight_decays: Sequence[float],
+    no_decay_norm_bias: bool = True,
+) -> list[dict]:
+    """Optimizer param-group dicts for every layer group, frozen ones included."""
+    params = dict(model.named_parameters())
+    no_decay = _no_decay_names(model) if no_decay_norm_bias else set()
+    out = []
+    for index, (group, lr, wd) in enumerate(zip(groups, lrs, weight_decays)):
+        decay = [params[n] for n in group.param_names if n not in no_decay]
+        plain = [params[n] for n in group.param_names if n in no_decay]
+        for plist, weight_decay in ((decay, wd), (plain, 0.0)):
+            if plist:
+                out.append(
+                    {"params": plist, "lr": lr, "initial_lr": lr, "weight_decay": weight_decay,
+                     "group": index, "name": group.name}
+                )
+    return out
+
+
+def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    name = cfg.name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=groups[0]["lr"], betas=(cfg.momentum, cfg.beta2), eps=cfg.eps)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=groups[0]["lr"], momentum=cfg.momentum, eps=cfg.eps)
+    raise UserError(f"optimizer.name: unknown optimizer '{cfg.name}'; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def set_momentum(param_group: dict, momentum: float) -> None:
+    """Momentum for SGD/RMSprop, beta1 for Adam(W): what one-cycle cycles."""
+    if "betas" in param_group:
+        param_group["betas"] = (momentum, param_group["betas"][1])
+    elif "momentum" in param_group:
+        param_group["momentum"] = momentum

@@ -1,0 +1,136 @@
+"""The training plan: every group's LR, momentum and trainability at every step, computed up front.
+
+`build_plan(cfg, group_names, steps_per_epoch)` validates the cross-field settings (naming the key)
+and returns a `Plan` whose methods are pure functions of the step or epoch. The runner only asks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import freeze, schedules
+from finetune.errors import UserError
+from finetune.optim import set_momentum, spread_lrs
+
+PER_GROUP_KEYS = ("lr", "weight_decay", "schedule")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    name: str
+    lr: float  # peak LR
+    weight_decay: float
+    schedule: schedules.Schedule
+    schedule_cfg: dict  # as configured (for inspect)
+    first_epoch: int | None  # first epoch it trains; None: never
+    start_step: int  # step at which its schedule starts
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[GroupPlan, ...]
+    epochs: int
+    steps_per_epoch: int
+    counts: tuple[int, ...]  # trainable groups per epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def trainable(self, epoch: int) -> list[bool]:
+        return freeze.trainable_mask(self.counts[min(epoch, self.epochs - 1)], len(self.groups))
+
+    def _local(self, g: int, step: int) -> tuple[int, int]:
+        gp = self.groups[g]
+        return step - gp.start_step, self.total_steps - gp.start_step
+
+    def lr(self, g: int, step: int) -> float:
+        t, total = self._local(g, step)
+        return self.groups[g].lr * schedules.lr_factor(self.groups[g].schedule, t, total)
+
+    def momentum(self, g: int, step: int) -> float | None:
+        t, total = self._local(g, step)
+        return schedules.momentum_at(self.groups[g].schedule, t, total)
+
+    def lr_range(self, g: int) -> dict:
+        """LR at the group's first trained step, its peak and the last step (for inspect)."""
+        gp = self.groups[g]
+        values = [self.lr(g, s) for s in range(gp.start_step, self.total_steps)] or [self.lr(g, 0)]
+        return {"start": values[0], "peak": max(values), "end": values[-1]}
+
+
+def apply(optimizer, plan: Plan, step: int) -> None:
+    """Set every param group's LR (and cycled momentum) for `step` from the plan."""
+    for pg in optimizer.param_groups:
+        g = pg["group"]
+        pg["lr"] = plan.lr(g, step)
+        momentum = plan.momentum(g, step)
+        if momentum is not None:
+            set_momentum(pg, momentum)
+
+
+def _as_dict(node) -> dict:
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
+def _check_lr(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if value <= 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+    return float(value)
+
+
+def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int) -> Plan:
+    """Validate the config against the model's groups and compute the plan."""
+    n = len(group_names)
+    if cfg.epochs < 1:
+        raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
+    if steps_per_epoch < 1:
+        raise UserError("the training set yields no batch: add data or lower batch_size")
+    lr = _check_lr(cfg.lr, "lr")
+    freeze.resolve_count(cfg.unfreeze, n)
+    counts = tuple(freeze.trainable_count(cfg.freeze, cfg.unfreeze, e, n) for e in range(cfg.epochs))
+    first = freeze.first_trainable_epochs(cfg.freeze, cfg.unfreeze, n, cfg.epochs)
+
+    per_group = _as_dict(cfg.per_group)
+    for name, settings in per_group.items():
+        if name not in group_names:
+            raise UserError(f"per_group.{name}: no layer group named '{name}'; groups are {list(group_names)}")
+        unknown = set(settings or {}) - set(PER_GROUP_KEYS)
+        if unknown:
+            raise UserError(f"per_group.{name}: unknown key(s) {sorted(unknown)}; allowed {list(PER_GROUP_KEYS)}")
+
+    lrs = spread_lrs(n, lr, cfg.lr_spread)
+    if cfg.head_lr is not None:
+        lrs[-1] = _check_lr(cfg.head_lr, "head_lr")
+    base_schedule = _as_dict(cfg.schedule)
+    total = cfg.epochs * steps_per_epoch
+    plans = []
+    for i, name in enumerate(group_names):
+        own = per_group.get(name) or {}
+        group_lr = _check_lr(own["lr"], f"per_group.{name}.lr") if "lr" in own else lrs[i]
+        wd = float(own.get("weight_decay", cfg.optimizer.weight_decay))
+        if wd < 0:
+            raise UserError(f"per_group.{name}.weight_decay must be >= 0, got {wd}")
+        sched_cfg = {**base_schedule, **(own.get("schedule") or {})}
+        unknown = set(sched_cfg) - set(base_schedule)
+        if unknown:
+            raise UserError(f"per_group.{name}.schedule: unknown key(s) {sorted(unknown)}")
+        key = f"per_group.{name}.schedule" if own.get("schedule") else "schedule"
+        sched = schedules.from_config(sched_cfg, steps_per_epoch, key=key)
+        start = first[i] * steps_per_epoch if (first[i] and sched.start_at_unfreeze) else 0
+        if sched.warmup >= total - start and sched.warmup > 0:
+            raise UserError(
+                f"{key}.warmup ({sched_cfg['warmup']} epochs) is not shorter than the "
+                f"{(total - start) / steps_per_epoch:g} epochs group '{name}' trains"
+            )
+        plans.append(GroupPlan(name, group_lr, wd, sched, sched_cfg, first[i], start))
+    return Plan(tuple(plans), cfg.epochs, steps_per_epoch, counts)

@@ -1,0 +1,390 @@
+"""The runner: builds everything from the config, then one thin loop that asks the plan what to do.
+
+`Trainer.step` is the whole per-step work (set LRs from the plan, forward under autocast, ONE backward,
+optimizer step) so benchmarks time exactly what training runs. `train(cfg, out_dir)` adds data,
+evaluation, progress, checkpoints, resume and the run directory's reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from finetune import checkpoint, freeze, report
+from finetune.errors import UserError
+from finetune.groups import LayerGroup, build_groups
+from finetune.optim import build_optimizer, param_groups
+from finetune.plan import Plan, apply, build_plan
+
+log = logging.getLogger("finetune")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written. Carries the resume hint."""
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is available (use device=auto or cpu)")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """None: fp32. bf16 autocast where supported, fp16 (with GradScaler) otherwise; fp32 on CPU."""
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        if device.type != "cuda":
+            raise UserError("precision=fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        return torch.float16
+    raise UserError(f"precision: unknown value '{name}'; choose auto, fp32, bf16 or fp16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Model + groups + plan + ONE optimizer; knows how to train one step and evaluate."""
+
+    def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
+                 device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
+                 compile: bool = False, channels_last: bool = False, label_smoothing: float = 0.0,
+                 grad_clip: float | None = None):
+        self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
+        self.device, self.amp_dtype, self.train_bn = device, amp_dtype, train_bn
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.label_smoothing, self.grad_clip, self.compile = label_smoothing, grad_clip, compile
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.mask: list[bool] | None = None
+        self.frozen_norms: list[nn.Module] = []
+        self.forward = model
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Apply the plan's freeze state for `epoch`; True when it changed."""
+        mask = self.plan.trainable(epoch)
+        if mask == self.mask:
+            return False
+        self.mask = mask
+        freeze.apply_trainable(self.model, self.groups, mask, self.train_bn)
+        self.frozen_norms = freeze.frozen_norm_modules(self.model, self.groups, mask, self.train_bn)
+        if self.compile:
+            # a compiled graph baked in the old requires_grad pattern: start from a fresh one
+            torch._dynamo.reset()
+            self.forward = torch.compile(self.model)
+        return True
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor):
+        x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step at global `step`: returns (loss, correct count) as device tensors."""
+        apply(self.optimizer, self.plan, step)
+        with self.autocast():
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        count = 0
+        for x, y in loader:
+            x, y = self.to_device(x, y)
+            with self.autocast():
+                logits = self.forward(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            count += y.numel()
+        return loss_sum.item() / max(1, count), correct.item() / max(1, count)
+
+
+@dataclass
+class RunState:
+    """Everything that must survive an interruption, besides model/optimizer/scaler state."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_val_acc: float = -1.0
+    trace: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    trainable_params: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def trace_rows(plan: Plan, optimizer, step: int, epoch: int, mask: list[bool]) -> list[dict]:
+    """LR/momentum of each group as set on the optimizer right now (read back, not recomputed)."""
+    seen = {}
+    for pg in optimizer.param_groups:
+        if pg["group"] in seen:
+            continue
+        momentum = pg["betas"][0] if "betas" in pg else pg.get("momentum")
+        seen[pg["group"]] = {"step": step, "epoch": epoch, "group": pg["name"], "lr": pg["lr"],
+                             "momentum": momentum, "trainable": int(mask[pg["group"]])}
+    return [seen[g] for g in sorted(seen)]
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop stops after the current step and checkpoints."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _config_container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def build_run(cfg):
+    """Model, groups, data and plan from the config: everything `train` and `inspect` share."""
+    from finetune import data as data_mod
+    from finetune import models
+
+    num_classes = data_mod.num_classes(cfg.data)
+    bundle = models.build_model(cfg.model, num_classes)
+    spec = cfg.model.groups if cfg.model.groups is not None else bundle.group_spec
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    groups = build_groups(bundle.model, spec, cfg.model.catch_all)
+    return bundle, groups, num_classes
+
+
+def train(cfg, out_dir: str | Path) -> dict:
+    """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc)."""
+    from finetune import data as data_mod
+    from finetune.progress import EpochProgress
+
+    out_dir = Path(out_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    resume_state = None
+    if cfg.resume:
+        resume_path = checkpoint.resolve_resume_path(cfg.resume)
+        resume_state = checkpoint.safe_load(resume_path, "resume checkpoint")
+        if not isinstance(resume_state, dict) or resume_state.get("format") != checkpoint.FORMAT:
+            raise UserError(f"resume: {resume_path} is not a finetune checkpoint")
+
+    bundle, groups, _ = build_run(cfg)
+    model = bundle.model
+    data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
+                               pin_memory=device.type == "cuda", persistent_workers=True)
+    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    lrs = [plan.lr(i, 0) for i in range(len(groups))]
+    wds = [gp.weight_decay for gp in plan.groups]
+    optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,
+                                                            cfg.optimizer.no_decay_norm_bias))
+    trainer = Trainer(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
+                      compile=cfg.compile, channels_last=channels_last,
+                      label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
+
+    state = RunState()
+    if resume_state is not None:
+        _check_resumable(resume_state, cfg, groups)
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("scaler"):
+            trainer.scaler.load_state_dict(resume_state["scaler"])
+        state = RunState(**{k: resume_state[k] for k in RunState.__dataclass_fields__})
+        checkpoint.set_rng_state(resume_state["rng"])
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", cfg.resume, state.epoch, state.batch, state.step)
+
+    ckpt_path = out_dir / "checkpoints" / checkpoint.LAST
+    config = _config_container(cfg)
+    group_list = [[g.name, list(g.param_names)] for g in groups]
+
+    def save():
+        checkpoint.atomic_save({
+            "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+            "rng": checkpoint.rng_state(), "config": config, "groups": group_list,
+            **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
+        }, ckpt_path)
+
+    def write_reports():
+        names = [g.name for g in groups]
+        report.write_csv(out_dir / "lr_trace.csv", state.trace, report.TRACE_FIELDS)
+        report.write_csv(out_dir / "metrics.csv", state.metrics, report.METRIC_FIELDS)
+        summary = {
+            "best_val_acc": max((m["val_acc"] for m in state.metrics), default=None),
+            "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
+            "epochs": len(state.metrics), "wall_seconds": round(state.wall_seconds, 3),
+            "train_images_per_second": _mean([m["images_per_s"] for m in state.metrics]),
+            "trainable_params_per_epoch": state.trainable_params,
+            "groups": names, "device": str(device), "precision": str(amp_dtype or "fp32"),
+        }
+        report.write_json(out_dir / "summary.json", summary)
+        if state.trace:
+            report.plot_lr_trace(out_dir / "lr_trace.png", state.trace, names, plan.steps_per_epoch)
+        return summary
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = EpochProgress(enabled=cfg.progress, group_names=[g.name for g in groups])
+    with _StopFlag() as stop:
+        while state.epoch < plan.epochs:
+            epoch = state.epoch
+            trainer.set_epoch(epoch)
+            if len(state.trainable_params) <= epoch:
+                state.trainable_params.append(trainer.trainable_params())
+            freeze.set_train_mode(model, trainer.frozen_norms)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            pending: list[tuple[int, torch.Tensor]] = []
+            loader = data.train_loader(epoch, start_batch=state.batch)
+            progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, done=state.batch)
+            for x, y in loader:
+                x, y = trainer.to_device(x, y)
+                loss, ok = trainer.step(x, y, state.step)
+                state.trace.extend(trace_rows(plan, optimizer, state.step, epoch, trainer.mask))
+                pending.append((state.step, loss))
+                loss_sum += loss * y.numel()
+                correct += ok
+                seen += y.numel()
+                state.step += 1
+                state.batch += 1
+                if state.batch % 10 == 0 or state.batch == plan.steps_per_epoch:
+                    _check_finite(pending, plan)
+                    pending.clear()
+                    progress.update(state.batch, loss_sum.item() / seen, correct.item() / seen,
+                                    seen / (time.perf_counter() - t0), trace_rows(plan, optimizer, state.step - 1, epoch, trainer.mask))
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    save()
+                if stop.signum is not None:
+                    _check_finite(pending, plan)
+                    state.wall_seconds += time.perf_counter() - t0
+                    save()
+                    write_reports()
+                    progress.stop()
+                    raise Interrupted(
+                        f"stopped by signal {signal.Signals(stop.signum).name} at epoch {epoch}, step "
+                        f"{state.step}; checkpoint written to {ckpt_path}. Resume with: "
+                        f"finetune train resume={out_dir} <same overrides>"
+                    )
+            _check_finite(pending, plan)
+            train_seconds = time.perf_counter() - t0
+            val_loss, val_acc = trainer.evaluate(data.val_loader())
+            seconds = time.perf_counter() - t0
+            state.metrics.append({
+                "epoch": epoch, "train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
+                "val_loss": val_loss, "val_acc": val_acc, "seconds": round(seconds, 3),
+                "images_per_s": round(seen / max(train_seconds, 1e-9), 2),
+            })
+            progress.end_epoch(state.metrics[-1])
+            state.best_val_acc = max(state.best_val_acc, val_acc)
+            state.wall_seconds += seconds
+            state.epoch += 1
+            state.batch = 0
+            save()
+            write_reports()
+    progress.stop()
+    summary = write_reports()
+    progress.summary(state.metrics, summary)
+    return summary
+
+
+def _mean(values):
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def _check_finite(pending: list[tuple[int, torch.Tensor]], plan: Plan) -> None:
+    """Stop on a NaN/inf loss, naming the first bad step and every group's LR there."""
+    if not pending:
+        return
+    losses = torch.stack([loss.float() for _, loss in pending])
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        step, loss = pending[int(bad[0])]
+        lrs = ", ".join(f"{g.name}={plan.lr(i, step):.3g}" for i, g in enumerate(plan.groups))
+        raise NonFiniteLoss(
+            f"loss became {loss.item()} at step {step} (LRs: {lrs}); stopped, the last good checkpoint "
+            "is kept. Lower the LR or use grad_clip"
+        )
+
+
+def _check_resumable(saved: dict, cfg, groups: list[LayerGroup]) -> None:
+    """Refuse a resume whose model or layer groups differ from the checkpoint's."""
+    old_model = saved["config"].get("model", {})
+    for key in ("name", "source"):
+        if old_model.get(key) != cfg.model[key]:
+            raise UserError(
+                f"resume: the checkpoint was trained with model.{key}={old_model.get(key)}, "
+                f"not {cfg.model[key]}; resuming a different model is refused"
+            )
+    now = [[g.name, list(g.param_names)] for g in groups]
+    if [list(x) for x in saved["groups"]] != now:
+        old = [name for name, _ in saved["groups"]]
+        raise UserError(
+            f"resume: the layer groups changed (checkpoint {old}, now {[g.name for g in groups]}, or their "
+            "members differ); resuming with other groups is refused"
+        )
