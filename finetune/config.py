@@ -81,7 +81,7 @@ class LRSpreadConfig:
 @dataclass
 class FreezeConfig:
     kind: str = "fixed"  # fixed | milestones | gradual | fine_tune
-    milestones: Dict[str, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
+    milestones: Dict[int, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
     every: int = 1  # gradual: one more group every `every` epochs
     head_epochs: int = 1  # fine_tune: head only for this many epochs, then all groups
     train_bn: bool = False  # train BatchNorm affine params even in frozen groups (fastai train_bn)

@@ -102,11 +102,12 @@ def _interp(a: float, b: float, frac: float) -> float:
 
 
 def _one_cycle_phase(s: Schedule, t: int, total: int) -> tuple[int, float]:
-    """(phase, fraction within phase) of fastai's one-cycle: warm up for pct_start, then anneal."""
-    up = max(1, round(total * s.pct_start))
-    if t < up:
-        return 0, t / up
-    return 1, (t - up) / max(1, total - up)
+    """(phase, fraction within phase) of one-cycle: up until step pct_start*total - 1, then anneal to
+    the last step (the same phase boundaries as torch's OneCycleLR)."""
+    peak = max(1.0, float(s.pct_start * total) - 1.0)
+    if t <= peak:
+        return 0, t / peak
+    return 1, (t - peak) / max(1.0, (total - 1) - peak)
 
 
 def _sgdr_position(s: Schedule, t: int) -> tuple[int, float]:
@@ -143,8 +144,8 @@ def _main_factor(s: Schedule, t: int, total: int) -> float:
         return floor * peak + (peak - floor * peak) * _cos(frac)
     if s.kind == "slanted_triangular":
         cut = max(1, math.floor(total * s.cut_frac))
-        p = t / cut if t < cut else 1.0 - (t - cut) / max(1, total - cut)
-        return (1.0 + p * (s.ratio - 1.0)) / s.ratio
+        p = t / cut if t < cut else 1.0 - (t - cut) / (cut * (1.0 / s.cut_frac - 1.0))
+        return (1.0 + max(p, 0.0) * (s.ratio - 1.0)) / s.ratio  # clamp: cut/cut_frac may fall short of total
     raise UserError(f"unknown schedule kind '{s.kind}'")
 
 

@@ -1,0 +1,212 @@
+"""Freezing, per-group LRs and schedules observed in real training steps (CPU, tiny)."""
+
+import pytest
+import torch
+
+from finetune import freeze
+from finetune.errors import UserError
+from finetune.plan import build_plan
+from finetune.train import trace_rows
+
+from helpers import SixGroupNet, batches, make_cfg, make_trainer
+
+SPE = 4  # steps per epoch
+
+
+def run(trainer, epochs, data):
+    """The runner's loop, reduced: returns the LR trace read back from the optimizer each step."""
+    trace, step = [], 0
+    for epoch in range(epochs):
+        trainer.set_epoch(epoch)
+        freeze.set_train_mode(trainer.model, trainer.frozen_norms)
+        for x, y in data:
+            trainer.step(x, y, step)
+            trace.extend(trace_rows(trainer.plan, trainer.optimizer, step, epoch, trainer.mask))
+            step += 1
+    return trace
+
+
+KINDS = {
+    "constant": {},
+    "step": {"step_size": 1.0, "gamma": 0.5},
+    "multistep": {"milestones": [1.0, 2.0], "gamma": 0.3},
+    "exponential": {"gamma": 0.5},
+    "linear": {"min_lr_ratio": 0.1},
+    "cosine": {"warmup": 0.5},
+    "one_cycle": {},
+    "sgdr": {"t0": 1.0, "t_mult": 2.0, "restart_decay": 0.8},
+    "slanted_triangular": {},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_optimizer_lr_equals_plan_every_step(kind):
+    torch.manual_seed(0)
+    cfg = make_cfg(epochs=3, lr=0.01, **{"schedule.kind": kind},
+                   **{f"schedule.{k}": v for k, v in KINDS[kind].items()})
+    cfg.lr_spread.kind = "geometric"
+    trainer = make_trainer(SixGroupNet(), cfg, SPE)
+    trace = run(trainer, 3, batches(SPE))
+    assert len(trace) == 3 * SPE * 6
+    for row in trace:
+        g = [gp.name for gp in trainer.plan.groups].index(row["group"])
+        assert row["lr"] == trainer.plan.lr(g, row["step"])
+    # and the plan itself is the geometric spread times the pure schedule
+    from finetune.schedules import lr_factor
+    lrs = [0.0001 * (100 ** (i / 5)) for i in range(6)]
+    for row in trace:
+        g = [gp.name for gp in trainer.plan.groups].index(row["group"])
+        s = trainer.plan.groups[g].schedule
+        assert row["lr"] == pytest.approx(lrs[g] * lr_factor(s, row["step"], 3 * SPE), rel=1e-12)
+
+
+def test_gradual_unfreezing_trace_and_per_group_schedule_start():
+    cfg = make_cfg(epochs=4, lr=0.01, unfreeze=3, **{"freeze.kind": "gradual", "schedule.kind": "cosine"})
+    trainer = make_trainer(SixGroupNet(), cfg, SPE)
+    trace = run(trainer, 4, batches(SPE))
+    plan = trainer.plan
+    assert [gp.first_epoch for gp in plan.groups] == [3, 2, 1, 0, 0, 0]
+    for row in trace:
+        g = [gp.name for gp in plan.groups].index(row["group"])
+        assert row["trainable"] == int(plan.groups[g].first_epoch is not None and row["epoch"] >= plan.groups[g].first_epoch)
+        assert row["lr"] == plan.lr(g, row["step"])
+    # the stem unfreezes at epoch 3 and its cosine starts there, at the peak, spanning the last epoch
+    stem = [r for r in trace if r["group"] == "stem"]
+    assert stem[3 * SPE]["lr"] == pytest.approx(0.01)
+    assert stem[3 * SPE + 1]["lr"] < 0.01
+    assert stem[SPE - 1]["lr"] == pytest.approx(0.01)  # flat at its start value while frozen
+    head = [r for r in trace if r["group"] == "head"]
+    assert head[3 * SPE]["lr"] < 0.01  # the head's cosine spans all 4 epochs
+
+
+def params_of(model, group):
+    named = dict(model.named_parameters())
+    return {n: named[n].detach().clone() for n in group.param_names}
+
+
+def test_frozen_groups_bit_identical_and_bn_stats_fixed():
+    torch.manual_seed(0)
+    model = SixGroupNet()
+    cfg = make_cfg(epochs=2, lr=0.05, unfreeze=5, **{"optimizer.weight_decay": 0.1})
+    trainer = make_trainer(model, cfg, SPE)
+    stem = trainer.groups[0]
+    before = params_of(model, stem)
+    bn = model.stem[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    others = {n: p.detach().clone() for n, p in model.named_parameters() if n not in before}
+    run(trainer, 2, batches(SPE))
+    for n, p in params_of(model, stem).items():
+        assert torch.equal(p, before[n]), n
+        assert dict(model.named_parameters())[n].grad is None
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])
+    now = dict(model.named_parameters())
+    assert all(not torch.equal(now[n], p) for n, p in others.items())
+    assert not torch.equal(model.b1[1].running_mean, torch.zeros(8))  # trainable BN stats moved
+
+
+def test_gradual_group_changes_only_after_its_milestone():
+    torch.manual_seed(0)
+    model = SixGroupNet()
+    cfg = make_cfg(epochs=3, lr=0.05, unfreeze=1, **{"freeze.kind": "milestones", "freeze.milestones": {2: 3}})
+    trainer = make_trainer(model, cfg, SPE)
+    b3 = trainer.groups[3]
+    start = params_of(model, b3)
+    data = batches(SPE)
+    step = 0
+    for epoch in range(3):
+        trainer.set_epoch(epoch)
+        freeze.set_train_mode(model, trainer.frozen_norms)
+        for x, y in data:
+            trainer.step(x, y, step)
+            step += 1
+        changed = any(not torch.equal(p, start[n]) for n, p in params_of(model, b3).items())
+        assert changed == (epoch >= 2), epoch
+
+
+def test_train_bn_trains_bn_affine_in_frozen_groups():
+    torch.manual_seed(0)
+    model = SixGroupNet()
+    cfg = make_cfg(epochs=1, lr=0.05, unfreeze=1, **{"freeze.train_bn": True})
+    trainer = make_trainer(model, cfg, SPE)
+    conv_w, bn_w = model.stem[0].weight.detach().clone(), model.stem[1].weight.detach().clone()
+    run(trainer, 1, batches(SPE))
+    assert torch.equal(model.stem[0].weight, conv_w)
+    assert not torch.equal(model.stem[1].weight, bn_w)
+
+
+def test_one_backward_per_step_with_six_schedules(monkeypatch):
+    kinds = ["constant", "cosine", "one_cycle", "sgdr", "slanted_triangular", "step"]
+    cfg = make_cfg(epochs=1, lr=0.01)
+    cfg.per_group = {name: {"schedule": {"kind": k}, "lr": 0.001 * (i + 1)}
+                     for i, (name, k) in enumerate(zip(["stem", "b1", "b2", "b3", "b4", "head"], kinds))}
+    model = SixGroupNet()
+    trainer = make_trainer(model, cfg, SPE)
+    assert len({gp.schedule.kind for gp in trainer.plan.groups}) == 6
+    calls = {"backward": 0, "hooks": 0}
+    real = torch.autograd.backward
+
+    def counting(*a, **k):
+        calls["backward"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "backward", counting)
+    model.stem[0].weight.register_hook(lambda g: calls.__setitem__("hooks", calls["hooks"] + 1))
+    run(trainer, 1, batches(SPE))
+    assert calls == {"backward": SPE, "hooks": SPE}
+    assert len({id(pg) for pg in trainer.optimizer.param_groups}) == len(trainer.optimizer.param_groups)
+    assert sorted({pg["group"] for pg in trainer.optimizer.param_groups}) == list(range(6))
+
+
+def test_all_groups_in_optimizer_from_the_start_and_no_decay_on_bias_and_norm():
+    model = SixGroupNet()
+    cfg = make_cfg(epochs=2, unfreeze=1, **{"optimizer.weight_decay": 0.05})
+    trainer = make_trainer(model, cfg, SPE)
+    in_opt = {id(p) for pg in trainer.optimizer.param_groups for p in pg["params"]}
+    assert in_opt == {id(p) for p in model.parameters()}
+    for pg in trainer.optimizer.param_groups:
+        expected = 0.0 if all(p.ndim <= 1 for p in pg["params"]) else 0.05
+        assert pg["weight_decay"] == expected
+
+
+def test_discriminative_lr_rules():
+    names = ["a", "b", "c", "d"]
+    def lrs(**kw):
+        plan = build_plan(make_cfg(epochs=1, lr=0.01, **{"schedule.kind": "constant"}, **kw), names, 2)
+        return [gp.lr for gp in plan.groups]
+    assert lrs(**{"lr_spread.kind": "geometric", "lr_spread.lo": 1e-5}) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
+    assert lrs(**{"lr_spread.kind": "ulmfit"}) == pytest.approx([0.01 / 2.6**3, 0.01 / 2.6**2, 0.01 / 2.6, 0.01])
+    assert lrs(**{"lr_spread.kind": "layer_decay", "lr_spread.decay": 0.5}) == pytest.approx([0.00125, 0.0025, 0.005, 0.01])
+    assert lrs(head_lr=0.1) == pytest.approx([0.01, 0.01, 0.01, 0.1])
+    cfg = make_cfg(epochs=1, lr=0.01)
+    cfg.per_group = {"b": {"lr": 0.5, "weight_decay": 0.0}}
+    plan = build_plan(cfg, names, 2)
+    assert [gp.lr for gp in plan.groups] == [0.01, 0.5, 0.01, 0.01]
+    assert plan.groups[1].weight_decay == 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"unfreeze": 7}, r"unfreeze=7 is out of range: the model has 6 layer groups"),
+    ({"unfreeze": 0}, r"unfreeze=0 is out of range"),
+    ({"unfreeze": "some"}, r"unfreeze: expected an integer or 'all'"),
+    ({"lr": -0.1}, r"lr must be > 0, got -0.1"),
+    ({"lr": 0.0}, r"lr must be > 0"),
+    ({"schedule.kind": "cosinus"}, r"schedule.kind: unknown schedule kind 'cosinus'"),
+    ({"schedule.kind": "cosine", "schedule.warmup": 3.0}, r"schedule.warmup \(3.0 epochs\) is not shorter"),
+    ({"freeze.kind": "sometimes"}, r"freeze.kind: unknown kind 'sometimes'"),
+    ({"lr_spread.kind": "wide"}, r"lr_spread.kind: unknown kind 'wide'"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_plan(make_cfg(epochs=3, **overrides), ["stem", "b1", "b2", "b3", "b4", "head"], 4)
+
+
+def test_per_group_errors():
+    names = ["stem", "head"]
+    cfg = make_cfg(epochs=2)
+    cfg.per_group = {"neck": {"lr": 0.1}}
+    with pytest.raises(UserError, match=r"per_group.neck: no layer group named 'neck'"):
+        build_plan(cfg, names, 2)
+    cfg.per_group = {"head": {"schedule": {"kind": "cosine", "warmup": 2.0}}}
+    with pytest.raises(UserError, match=r"per_group.head.schedule.warmup"):
+        build_plan(cfg, names, 2)
