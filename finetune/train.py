@@ -301,7 +301,7 @@ def train(cfg, out_dir: str | Path) -> dict:
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
             pending: list[tuple[int, torch.Tensor]] = []
-            loader = data.train_loader(epoch, start_batch=state.batch)
+            loader = data.train_loader(epoch, start_step=state.batch)
             progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, done=state.batch)
             for x, y in loader:
                 x, y = trainer.to_device(x, y)

@@ -1,0 +1,68 @@
+"""`finetune inspect`: the plan of a run (groups, sizes, when each trains, LRs, schedules) without training."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from finetune.plan import Plan
+
+
+def describe(plan: Plan, groups, sizes) -> dict:
+    """The plan as plain data: what `inspect.format=json` prints."""
+    out = []
+    for i, (gp, group, size) in enumerate(zip(plan.groups, groups, sizes)):
+        sched = dict(gp.schedule_cfg)
+        out.append({
+            "name": gp.name,
+            "patterns": list(group.patterns),
+            "params": size,
+            "trainable_from_epoch": gp.first_epoch,
+            "lr": plan.lr_range(i),
+            "weight_decay": gp.weight_decay,
+            "schedule": sched,
+        })
+    return {"groups": out, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "epochs": plan.epochs}
+
+
+def _schedule_text(s: dict) -> str:
+    kind = s["kind"]
+    return kind + (f" (+{s['warmup']:g} ep warmup)" if s.get("warmup") else "")
+
+
+def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
+    if fmt == "json":
+        print(json.dumps(info, indent=2))
+        return
+    console = console or Console()
+    table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps = "
+                        f"{info['total_steps']} steps")
+    for col in ("group", "patterns", "params", "trains from", "lr start", "lr peak", "lr end", "wd", "schedule"):
+        table.add_column(col, justify="right" if col.startswith(("params", "lr", "wd", "trains")) else "left")
+    for g in info["groups"]:
+        first = "never" if g["trainable_from_epoch"] is None else f"epoch {g['trainable_from_epoch']}"
+        table.add_row(g["name"], " ".join(g["patterns"]), f"{g['params']:,}", first,
+                      f"{g['lr']['start']:.2e}", f"{g['lr']['peak']:.2e}", f"{g['lr']['end']:.2e}",
+                      f"{g['weight_decay']:g}", _schedule_text(g["schedule"]))
+    console.print(table)
+
+
+def inspect(cfg) -> dict:
+    """Build model (without downloading weights), groups and plan; print; return the description."""
+    from finetune import data as data_mod
+    from finetune.plan import build_plan
+    from finetune.train import build_run
+
+    cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})  # names and shapes need no weights
+    bundle, groups, _ = build_run(cfg)
+    data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
+    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch)
+    params = dict(bundle.model.named_parameters())
+    sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
+    info = describe(plan, groups, sizes)
+    print_plan(info, cfg.inspect.format)
+    return info
