@@ -1,6 +1,10 @@
 """Freezing: which groups train in which epoch (pure), and applying that to a model.
 
-Epochs count from 0. `trainable_count(...)` says how many of the LAST groups train in an epoch;
+Epochs count from 0. `trainable_count(...)` says how many of the LAST groups train in an epoch.
+`unfreeze` is the most groups that ever train: `fixed` trains that many throughout, `gradual` starts
+with the head and adds one group every `every` epochs up to it (ULMFiT), `fine_tune` trains the head
+alone for `head_epochs` and then that many (fastai); `milestones` starts with `unfreeze` groups and
+switches to the configured count at each milestone epoch.
 `apply_trainable` flips requires_grad so autograd computes nothing below the lowest trainable group,
 and `frozen_norm_modules` lists the BatchNorm layers of frozen groups, which stay in eval mode so
 their running statistics do not move.
@@ -65,11 +69,11 @@ def trainable_count(freeze_cfg, unfreeze, epoch: int, n_groups: int) -> int:
     if kind == "gradual":
         if freeze_cfg.every < 1:
             raise UserError(f"freeze.every must be >= 1, got {freeze_cfg.every}")
-        return min(n_groups, base + epoch // freeze_cfg.every)
+        return min(base, 1 + epoch // freeze_cfg.every)
     if kind == "fine_tune":
         if freeze_cfg.head_epochs < 0:
             raise UserError(f"freeze.head_epochs must be >= 0, got {freeze_cfg.head_epochs}")
-        return 1 if epoch < freeze_cfg.head_epochs else n_groups
+        return 1 if epoch < freeze_cfg.head_epochs else base
     raise UserError(f"freeze.kind: unknown kind '{kind}'; choose one of {', '.join(FREEZE_KINDS)}")
 
 

@@ -36,24 +36,25 @@ def test_help_lists_commands(tmp_path):
 
 
 def test_train_writes_the_run_directory(tmp_path):
-    finetune("train", *TINY, "epochs=2", "experiment=gradual", "unfreeze=4", "hydra.run.dir=run", cwd=tmp_path)
+    finetune("train", *TINY, "epochs=2", "experiment=gradual", "hydra.run.dir=run", cwd=tmp_path)
     run = tmp_path / "run"
     trace = read_csv(run / "lr_trace.csv")
     assert list(trace[0]) == ["step", "epoch", "group", "lr", "momentum", "trainable"]
     groups = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     assert len(trace) == 2 * 3 * len(groups)
     assert [r["group"] for r in trace[:6]] == groups
-    # gradual from 4 groups: layer1 joins at epoch 1, stem never trains in 2 epochs
+    # gradual: the head alone, then layer4 joins at epoch 1; the stem never trains in 2 epochs
     assert {r["trainable"] for r in trace if r["group"] == "stem"} == {"0"}
-    assert [r["trainable"] for r in trace if r["group"] == "layer1"] == ["0"] * 3 + ["1"] * 3
-    # ULMFiT spread: groups training from the start sit at head LR / 2.6**depth at every step
+    assert [r["trainable"] for r in trace if r["group"] == "layer4"] == ["0"] * 3 + ["1"] * 3
+    # ULMFiT spread: groups on the same schedule sit at head LR / 2.6**depth at every step
     by_step = {}
     for r in trace:
         by_step.setdefault(int(r["step"]), {})[r["group"]] = float(r["lr"])
     assert len(by_step) == 6
     for lrs in by_step.values():
-        assert lrs["layer4"] == pytest.approx(lrs["head"] / 2.6, rel=1e-9)
-        assert lrs["layer2"] == pytest.approx(lrs["head"] / 2.6**3, rel=1e-9)
+        assert lrs["layer2"] == pytest.approx(lrs["layer3"] / 2.6, rel=1e-9)
+        assert lrs["stem"] == pytest.approx(lrs["layer3"] / 2.6**3, rel=1e-9)
+    assert by_step[3]["layer4"] == pytest.approx(2e-3 / 2.6 / 32)  # its slanted triangle starts at epoch 1
     metrics = read_csv(run / "metrics.csv")
     assert [m["epoch"] for m in metrics] == ["0", "1"]
     assert list(metrics[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
@@ -63,14 +64,15 @@ def test_train_writes_the_run_directory(tmp_path):
         assert key in summary
     assert summary["epochs"] == 2
     tp = summary["trainable_params_per_epoch"]
-    assert tp[0] < tp[1]  # layer1 unfroze
+    assert tp[0] == 512 * 2 + 2 and tp[1] > tp[0]  # the head alone, then layer4 too
     assert (run / "lr_trace.png").stat().st_size > 1000
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert "fc.weight" in ckpt["model"] and ckpt["epoch"] == 2
 
 
 def test_multirun_makes_one_directory_per_job(tmp_path):
-    finetune("train", "-m", *TINY, "epochs=1", "unfreeze=1,3,all", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    finetune("train", "-m", *TINY, "epochs=1", "experiment=full", "unfreeze=1,3,all", "hydra.sweep.dir=sweep",
+             cwd=tmp_path)
     dirs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(dirs) == 3
     tps = []
@@ -82,12 +84,12 @@ def test_multirun_makes_one_directory_per_job(tmp_path):
 
 def test_inspect_json_and_writes_nothing(tmp_path):
     out = finetune("inspect", *TINY, "epochs=4", "unfreeze=2", "freeze=gradual", "inspect.format=json",
-                   "experiment=null", "schedule=cosine", "schedule.warmup=0", cwd=tmp_path).stdout
+                   "experiment=none", "schedule=cosine", "schedule.warmup=0", cwd=tmp_path).stdout
     info = json.loads(out)
     assert info["total_steps"] == 4 * 3
     names = [g["name"] for g in info["groups"]]
     assert names == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
-    assert [g["trainable_from_epoch"] for g in info["groups"]] == [None, 3, 2, 1, 0, 0]
+    assert [g["trainable_from_epoch"] for g in info["groups"]] == [None, None, None, None, 1, 0]
     head = info["groups"][-1]
     assert head["params"] == 512 * 2 + 2
     assert head["lr"]["peak"] == pytest.approx(1e-3) and head["lr"]["end"] < head["lr"]["start"]
@@ -103,7 +105,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "finetune: error: unfreeze=9 is out of range: the model has 6 layer groups (use 1..6 or 'all')"]
     assert "Traceback" not in proc.stderr
-    proc = finetune("train", *TINY, "experiment=null", "schedule.kind=cosin", cwd=tmp_path, check=False)
+    proc = finetune("train", *TINY, "experiment=none", "schedule.kind=cosin", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "schedule.kind: unknown schedule kind 'cosin'" in proc.stderr
 
 
@@ -115,7 +117,7 @@ def test_schema_rejects_wrong_type_and_unknown_key(tmp_path):
 
 
 def test_per_group_settings_from_the_command_line(tmp_path):
-    out = finetune("inspect", *TINY, "inspect.format=json", "experiment=null", "schedule=constant",
+    out = finetune("inspect", *TINY, "inspect.format=json", "experiment=none", "schedule=constant",
                    "+per_group.layer4.lr=0.01", "+per_group.head.schedule.kind=cosine", cwd=tmp_path).stdout
     groups = {g["name"]: g for g in json.loads(out)["groups"]}
     assert groups["layer4"]["lr"]["peak"] == pytest.approx(0.01)

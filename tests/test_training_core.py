@@ -6,6 +6,7 @@ import torch
 from finetune import freeze
 from finetune.errors import UserError
 from finetune.plan import build_plan
+from finetune.schedules import Schedule, lr_factor
 from finetune.train import trace_rows
 
 from helpers import SixGroupNet, batches, make_cfg, make_trainer
@@ -52,7 +53,6 @@ def test_optimizer_lr_equals_plan_every_step(kind):
         g = [gp.name for gp in trainer.plan.groups].index(row["group"])
         assert row["lr"] == trainer.plan.lr(g, row["step"])
     # and the plan itself is the geometric spread times the pure schedule
-    from finetune.schedules import lr_factor
     lrs = [0.0001 * (100 ** (i / 5)) for i in range(6)]
     for row in trace:
         g = [gp.name for gp in trainer.plan.groups].index(row["group"])
@@ -61,22 +61,23 @@ def test_optimizer_lr_equals_plan_every_step(kind):
 
 
 def test_gradual_unfreezing_trace_and_per_group_schedule_start():
-    cfg = make_cfg(epochs=4, lr=0.01, unfreeze=3, **{"freeze.kind": "gradual", "schedule.kind": "cosine"})
+    cfg = make_cfg(epochs=5, lr=0.01, unfreeze=4, **{"freeze.kind": "gradual", "schedule.kind": "cosine"})
     trainer = make_trainer(SixGroupNet(), cfg, SPE)
-    trace = run(trainer, 4, batches(SPE))
+    trace = run(trainer, 5, batches(SPE))
     plan = trainer.plan
-    assert [gp.first_epoch for gp in plan.groups] == [3, 2, 1, 0, 0, 0]
+    assert plan.counts == (1, 2, 3, 4, 4)  # the head first, one more per epoch, capped at unfreeze=4
+    assert [gp.first_epoch for gp in plan.groups] == [None, None, 3, 2, 1, 0]
     for row in trace:
         g = [gp.name for gp in plan.groups].index(row["group"])
         assert row["trainable"] == int(plan.groups[g].first_epoch is not None and row["epoch"] >= plan.groups[g].first_epoch)
         assert row["lr"] == plan.lr(g, row["step"])
-    # the stem unfreezes at epoch 3 and its cosine starts there, at the peak, spanning the last epoch
-    stem = [r for r in trace if r["group"] == "stem"]
-    assert stem[3 * SPE]["lr"] == pytest.approx(0.01)
-    assert stem[3 * SPE + 1]["lr"] < 0.01
-    assert stem[SPE - 1]["lr"] == pytest.approx(0.01)  # flat at its start value while frozen
+    # b2 unfreezes at epoch 3 and its cosine starts there, at the peak, spanning the last 2 epochs
+    b2 = [r for r in trace if r["group"] == "b2"]
+    assert b2[3 * SPE]["lr"] == pytest.approx(0.01)
+    assert b2[5 * SPE - 1]["lr"] == pytest.approx(0.01 * lr_factor(Schedule("cosine"), 2 * SPE - 1, 2 * SPE))
+    assert b2[SPE - 1]["lr"] == pytest.approx(0.01)  # flat at its start value while frozen
     head = [r for r in trace if r["group"] == "head"]
-    assert head[3 * SPE]["lr"] < 0.01  # the head's cosine spans all 4 epochs
+    assert head[3 * SPE]["lr"] < 0.01  # the head's cosine spans all 5 epochs
 
 
 def params_of(model, group):
