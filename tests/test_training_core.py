@@ -211,3 +211,25 @@ def test_per_group_errors():
     cfg.per_group = {"head": {"schedule": {"kind": "cosine", "warmup": 2.0}}}
     with pytest.raises(UserError, match=r"per_group.head.schedule.warmup"):
         build_plan(cfg, names, 2)
+
+
+def test_resnet18_unfreeze_5_keeps_stem_and_its_bn_stats_bit_identical():
+    from finetune.models import build_model
+
+    torch.manual_seed(0)
+    bundle = build_model(make_cfg(**{"model.name": "resnet18", "model.source": "torchvision",
+                                     "model.weights": None}).model, num_classes=3)
+    model = bundle.model
+    cfg = make_cfg(epochs=1, lr=0.01, unfreeze=5, **{"schedule.kind": "constant"})
+    trainer = make_trainer(model, cfg, 3, spec=bundle.group_spec)
+    assert [g.name for g in trainer.groups] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    stem = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("conv1", "bn1"))}
+    assert sorted(stem) == ["bn1.bias", "bn1.weight", "conv1.weight"]
+    stats = {k: v.clone() for k, v in model.bn1.state_dict().items()}
+    rest = {n: p.detach().clone() for n, p in model.named_parameters() if n not in stem}
+    run(trainer, 1, batches(3, size=4, image=32))
+    named = dict(model.named_parameters())
+    assert all(torch.equal(named[n], p) for n, p in stem.items())
+    assert all(torch.equal(v, model.bn1.state_dict()[k]) for k, v in stats.items())
+    assert all(not torch.equal(named[n], p) for n, p in rest.items() if n.endswith("weight"))
+    assert model.conv1.weight.grad is None
