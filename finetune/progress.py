@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+log = logging.getLogger("finetune")
 
 
 class EpochProgress:
@@ -38,11 +41,11 @@ class EpochProgress:
                              info=f"loss {loss:.3f} acc {acc:.3f} {images_per_s:.0f} img/s | lr {lrs}")
 
     def end_epoch(self, metrics: dict) -> None:
-        if self.progress is None:
-            return
-        self.progress.update(self.task, info=(
-            f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | val loss "
-            f"{metrics['val_loss']:.3f} val acc {metrics['val_acc']:.3f} | {metrics['images_per_s']:.0f} img/s"))
+        line = (f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | val loss "
+                f"{metrics['val_loss']:.3f} val acc {metrics['val_acc']:.3f} | {metrics['images_per_s']:.0f} img/s")
+        log.info("epoch %d: %s", metrics["epoch"], line)  # also in the run's log file
+        if self.progress is not None:
+            self.progress.update(self.task, info=line)
 
     def stop(self) -> None:
         if self.progress is not None:
