@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -38,7 +39,8 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
     if fmt == "json":
         print(json.dumps(info, indent=2))
         return
-    console = console or Console()
+    # piped output has no terminal width: do not squeeze the table into 80 columns
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps = "
                         f"{info['total_steps']} steps")
     for col in ("group", "patterns", "params", "trains from", "lr start", "lr peak", "lr end", "wd", "schedule"):
