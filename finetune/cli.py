@@ -7,6 +7,7 @@ User errors print one line and exit with code 2 (set verbose=true for the traceb
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ commands:
 
 After the command, everything is Hydra: `finetune train --help` lists the config groups,
 `finetune train --cfg job` prints the composed config, `finetune train -m unfreeze=1,3,all` sweeps.
+Tab completion: eval "$(finetune -sc install=bash)"
 """
 
 # conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
@@ -76,12 +78,29 @@ def inspect_task(cfg: DictConfig) -> dict | None:
 COMMANDS = {"train": train_task, "inspect": inspect_task}
 
 
+def _shell_completion(argv: list[str]) -> None:
+    """Hydra's tab completion (`finetune -sc install=bash`); queries see the line without the command."""
+    line = os.environ.get("COMP_LINE")
+    if line is not None:
+        words = line.split()
+        if len(words) == 1 or (len(words) == 2 and not line.endswith(" ")):
+            print(" ".join(COMMANDS))  # completing the command itself
+            return
+        os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:]) + (" " if line.endswith(" ") else "")
+    register_configs()
+    sys.argv = ["finetune"] + argv
+    train_task()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    if command in ("-sc", "--shell-completion"):
+        _shell_completion(argv)
+        return
     if command not in COMMANDS:
         print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -141,3 +141,13 @@ def test_installed_wheel_runs_from_any_directory(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import finetune.cli as c; print(c.CONFIG_PATH)"], cwd=elsewhere,
                            env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
     assert probe.stdout.strip() == "pkg://finetune.conf"
+
+
+def test_tab_completion_sees_overrides_after_the_command(tmp_path):
+    env = {"COMP_LINE": "finetune train sched"}
+    out = finetune("-sc", "query=bash", cwd=tmp_path, env=env).stdout.split()
+    assert "schedule=" in out
+    out = finetune("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "finetune ins"}).stdout.split()
+    assert out == ["train", "inspect"]
+    script = finetune("-sc", "install=bash", cwd=tmp_path).stdout
+    assert "-F hydra_bash_completion finetune" in script
