@@ -1,8 +1,10 @@
-"""Checkpoints: atomic writes, safe loads (weights_only), RNG capture for exact resume.
+"""Checkpoints: atomic writes, safe loads (weights_only), RNG capture and the checks for an exact resume.
 
 A checkpoint is a dict saved with torch.save; the model's state dict is under the key "model".
 Other keys: optimizer, scaler, epoch (epoch in progress), batch (batches done in it), step (global),
-best_val_acc, rng, config (resolved), groups ([name, [param names]]), trace, metrics.
+steps_per_epoch, best_val_acc, rng, config (resolved), groups ([name, [param names]]), trace, metrics and
+the running sums of the epoch in progress. Everything is plain tensors, numbers, strings and containers,
+so `torch.load(weights_only=True)` reads it.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import re
+import uuid
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,16 +24,20 @@ from finetune.errors import UserError
 
 FORMAT = "finetune-checkpoint/1"
 LAST = "last.pt"
+# config keys that do not change what a run computes: a resume may change them silently
+NEUTRAL_KEYS = ("resume", "verbose", "progress")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over the target: a crash
-    (even SIGKILL) mid-write leaves the previous checkpoint intact."""
+    (even SIGKILL) mid-write leaves the previous checkpoint intact. A writer killed mid-write leaves its
+    `.<name>.*.tmp` file behind; loaders only ever open the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a fresh name per write ("x": never reuse one); open() keeps the umask's permissions, mkstemp's are 0600
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -37,36 +45,121 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # make the rename itself durable (power loss), not only the data
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint"):
-    """torch.load with weights_only=True: a pickle that would run code is refused, not executed."""
-    path = Path(path)
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
             raise UserError(
-                f"{what} {path} contains pickled code or objects that are not plain tensors; refusing to "
-                "load it (weights_only=True). Re-save it as a plain state dict or .safetensors"
+                f"{what} {path} is a pickle that would run code ({unsafe.group(1)}); refusing to load it "
+                "(weights_only=True). Only load files you trust, re-saved as plain tensors or .safetensors"
             ) from None
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({first})") from None
+        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({_first_line(e)})") from None
+    except Exception as e:  # a damaged file surfaces as almost any type (KeyError, RuntimeError, EOFError...)
+        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({_first_line(e)})") from None
 
 
 def resolve_resume_path(resume: str) -> Path:
     """A checkpoint file, or a run directory holding checkpoints/last.pt."""
-    path = Path(resume).expanduser()
+    path = Path(str(resume)).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / LAST
     if not path.is_file():
-        raise UserError(f"resume: no checkpoint at {path}")
+        raise UserError(f"resume: no checkpoint at {path} (give a run directory or a checkpoint file)")
     return path
+
+
+def load_checkpoint(resume: str) -> tuple[Path, dict]:
+    """The checkpoint `resume` points at (run dir or file), loaded safely and checked to be finetune's."""
+    path = resolve_resume_path(resume)
+    saved = safe_load(path, "resume: checkpoint")
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise UserError(f"resume: {path} is not a finetune checkpoint (a weights file goes in model.weights)")
+    return path, saved
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1}; lists stay values."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(old: Mapping, new: Mapping, neutral: Sequence[str] = NEUTRAL_KEYS) -> list[str]:
+    """Dotted keys whose value differs between two resolved configs (added or removed ones too)."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")
+                  and k.split(".")[0] not in neutral)
+
+
+def check_resumable(saved: Mapping, config: Mapping, groups: Sequence[tuple[str, Sequence[str]]],
+                    model_state: Mapping[str, torch.Tensor], steps_per_epoch: int) -> None:
+    """Refuse a resume that would not continue the checkpoint's run: another model or optimizer, other
+    layer groups, other parameter shapes (e.g. data.num_classes) or another number of steps per epoch."""
+    old_model, new_model = saved["config"].get("model", {}), config.get("model", {})
+    for key in ("name", "source"):
+        if old_model.get(key) != new_model.get(key):
+            raise UserError(
+                f"resume: the checkpoint was trained with model.{key}={old_model.get(key)}, not "
+                f"{new_model.get(key)}; resuming a different model is refused"
+            )
+    old_opt, new_opt = saved["config"].get("optimizer", {}), config.get("optimizer", {})
+    for key in ("name", "no_decay_norm_bias"):  # the saved optimizer state only fits the same layout
+        if old_opt.get(key) != new_opt.get(key):
+            raise UserError(
+                f"resume: the checkpoint's optimizer state is for optimizer.{key}={old_opt.get(key)}, not "
+                f"{new_opt.get(key)}; resuming with another optimizer is refused"
+            )
+    old_groups = [(name, list(members)) for name, members in saved["groups"]]
+    new_groups = [(name, list(members)) for name, members in groups]
+    if old_groups != new_groups:
+        old_names, new_names = [n for n, _ in old_groups], [n for n, _ in new_groups]
+        what = (f"checkpoint {old_names}, now {new_names}" if old_names != new_names
+                else f"same names {new_names} but different parameters in them")
+        raise UserError(f"resume: the layer groups changed ({what}); resuming with other groups is refused")
+    shapes = {k: tuple(v.shape) for k, v in saved["model"].items()}
+    now = {k: tuple(v.shape) for k, v in model_state.items()}
+    if shapes != now:
+        diff = sorted(k for k in shapes.keys() | now.keys() if shapes.get(k) != now.get(k))
+        detail = ", ".join(f"{k}: checkpoint {shapes.get(k)} vs now {now.get(k)}" for k in diff[:3])
+        raise UserError(f"resume: the model's parameters do not fit the checkpoint ({detail}); did data or "
+                        "the number of classes change?")
+    old_steps = saved.get("steps_per_epoch")
+    if old_steps is not None and old_steps != steps_per_epoch:
+        raise UserError(
+            f"resume: the checkpoint's run has {old_steps} steps per epoch, this config {steps_per_epoch} "
+            "(batch_size or the data changed); the schedule position cannot be carried over"
+        )
 
 
 def rng_state() -> dict:

@@ -1,14 +1,17 @@
 """Command line: `finetune train <hydra overrides>` and `finetune inspect <hydra overrides>`.
 
 After the subcommand everything is Hydra (overrides, --cfg job, --help, -m multirun, completion).
-User errors print one line and exit with code 2 (set verbose=true for the traceback).
+User errors print one line and exit with code 2 (set verbose=true for the traceback too). SIGINT/SIGTERM
+stop training after the current step with a checkpoint and the command that resumes, exit 128 + signal.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -41,10 +44,20 @@ log = logging.getLogger("finetune")
 
 
 def _report_user_error(cfg: DictConfig, err: Exception) -> None:
+    """One line on stderr and exit 2; verbose=true prints the traceback above that line."""
     if cfg.get("verbose"):
-        raise err
-    print(f"finetune: error: {err}", file=sys.stderr)
+        traceback.print_exception(err)
+    message = " ".join(str(err).split("\n"))  # one line, even for a message that slipped a newline in
+    print(f"finetune: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _resume_command(out_dir: str) -> str:
+    """The command line that continues this run: its overrides, with resume= pointing at its directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "+resume="))]
+    return shlex.join(["finetune", "train", *overrides, f"resume={out_dir}"])
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
@@ -59,7 +72,10 @@ def train_task(cfg: DictConfig) -> float | None:
     except UserError as err:
         _report_user_error(cfg, err)
     except Interrupted as stop:
-        print(f"finetune: {stop}", file=sys.stderr)
+        print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
+        sys.exit(128 + (stop.signum or 2))  # the shell convention for "killed by this signal"
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
+        print("finetune: interrupted; stopped at once (a checkpoint written before is kept)", file=sys.stderr)
         sys.exit(130)
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise

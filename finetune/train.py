@@ -31,11 +31,18 @@ log = logging.getLogger("finetune")
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was written. Carries the resume hint."""
+    """The run stopped early (SIGINT/SIGTERM, or `stop_at_step`) after writing a checkpoint.
+
+    `reason` says why and where; `out_dir` is what `resume=` takes to continue; `signum` is the signal
+    (None for `stop_at_step`), so a CLI can exit with 128 + signum."""
+
+    def __init__(self, reason: str, out_dir: Path, signum: int | None):
+        super().__init__(f"{reason}. Resume with: finetune train resume={out_dir} <the same overrides>")
+        self.reason, self.out_dir, self.signum = reason, out_dir, signum
 
 
 class NonFiniteLoss(UserError):
-    pass
+    """The loss became NaN or infinite; the message names the step and every group's LR."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,6 +163,11 @@ class RunState:
     metrics: list[dict] = field(default_factory=list)
     trainable_params: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0
+    # the epoch in progress, so a mid-epoch resume reports the same train loss/accuracy
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0  # training seconds spent on it before the interruption
 
 
 def trace_rows(plan: Plan, optimizer, step: int, epoch: int, mask: list[bool]) -> list[dict]:
@@ -213,8 +225,17 @@ def build_run(cfg):
     return bundle, groups, num_classes
 
 
-def train(cfg, out_dir: str | Path) -> dict:
-    """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc)."""
+def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
+    """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc).
+
+    `cfg.resume` (a run directory or checkpoint file) continues that run exactly: same weights, optimizer
+    state, schedule position, freeze state, RNG and data order; the checkpoint carries the trace and
+    metrics, so `out_dir` (which may be a new directory) gets complete reports.
+    SIGINT/SIGTERM stop the run after the current step: checkpoint, reports, then `Interrupted`.
+    `stop_at_step` (library only) stops the same way once that many steps are done (at an epoch's end:
+    after its evaluation): it splits one plan over several runs (time-limited jobs; tests of exact
+    resume), where a run with fewer `epochs` would follow a different schedule.
+    """
     from finetune import data as data_mod
     from finetune.progress import EpochProgress
 
@@ -225,13 +246,8 @@ def train(cfg, out_dir: str | Path) -> dict:
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    resume_state = None
-    if cfg.resume:
-        resume_path = checkpoint.resolve_resume_path(cfg.resume)
-        resume_state = checkpoint.safe_load(resume_path, "resume checkpoint")
-        if not isinstance(resume_state, dict) or resume_state.get("format") != checkpoint.FORMAT:
-            raise UserError(f"resume: {resume_path} is not a finetune checkpoint")
+    # read the checkpoint first: a wrong path or an unsafe file fails before anything is built
+    saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
 
     bundle, groups, _ = build_run(cfg)
     model = bundle.model
@@ -247,30 +263,28 @@ def train(cfg, out_dir: str | Path) -> dict:
                       compile=cfg.compile, channels_last=channels_last,
                       label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
 
-    state = RunState()
-    if resume_state is not None:
-        _check_resumable(resume_state, cfg, groups)
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if resume_state.get("scaler"):
-            trainer.scaler.load_state_dict(resume_state["scaler"])
-        state = RunState(**{k: resume_state[k] for k in RunState.__dataclass_fields__})
-        checkpoint.set_rng_state(resume_state["rng"])
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", cfg.resume, state.epoch, state.batch, state.step)
-
-    ckpt_path = out_dir / "checkpoints" / checkpoint.LAST
     config = _config_container(cfg)
     group_list = [[g.name, list(g.param_names)] for g in groups]
+    state = RunState()
+    if saved is not None:  # last: restoring the RNG must follow everything that draws from it
+        state = _restore(saved, trainer, config, group_list, plan.steps_per_epoch)
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", cfg.resume, state.epoch, state.batch,
+                 state.step)
+        if state.epoch >= plan.epochs:
+            log.warning("resume: the checkpoint already finished all %d epochs; nothing to train", plan.epochs)
+
+    ckpt_path = out_dir / "checkpoints" / checkpoint.LAST
 
     def save():
         checkpoint.atomic_save({
             "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
             "rng": checkpoint.rng_state(), "config": config, "groups": group_list,
+            "steps_per_epoch": plan.steps_per_epoch,
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, ckpt_path)
 
-    def write_reports():
+    def write_reports(plot: bool = True):
         names = [g.name for g in groups]
         report.write_csv(out_dir / "lr_trace.csv", state.trace, report.TRACE_FIELDS)
         report.write_csv(out_dir / "metrics.csv", state.metrics, report.METRIC_FIELDS)
@@ -283,24 +297,46 @@ def train(cfg, out_dir: str | Path) -> dict:
             "groups": names, "device": str(device), "precision": str(amp_dtype or "fp32"),
         }
         report.write_json(out_dir / "summary.json", summary)
-        if state.trace:
+        if plot and state.trace:  # the plot costs about a second: at the end (or stop), not every epoch
             report.plot_lr_trace(out_dir / "lr_trace.png", state.trace, names, plan.steps_per_epoch)
         return summary
 
+    def stop_here(signum: int | None) -> Interrupted:  # after a save()
+        write_reports()
+        why = f"stopped by {signal.Signals(signum).name}" if signum else f"stopped at stop_at_step={stop_at_step}"
+        return Interrupted(f"{why} after {state.step} of {plan.total_steps} steps (epoch {state.epoch}, "
+                           f"batch {state.batch}); checkpoint written to {ckpt_path}", out_dir, signum)
+
+    # per-epoch sums: tensors (no device sync per step); a resumed epoch starts from the saved ones
+    loss_sum, correct, seen, pending = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, []
+    run_t0, wall_before = time.perf_counter(), state.wall_seconds
+
+    def check_losses():  # pending: (step, loss) not yet checked for NaN/inf
+        _check_finite(pending, plan, ckpt_path)
+        pending.clear()
+
+    def save_mid_epoch():
+        check_losses()  # never overwrite the last good checkpoint with a diverged model
+        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = loss_sum.item(), correct.item(), seen
+        state.epoch_seconds = epoch_before + time.perf_counter() - t0
+        state.wall_seconds = wall_before + time.perf_counter() - run_t0
+        save()
+
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = EpochProgress(enabled=cfg.progress, group_names=[g.name for g in groups])
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(progress.stop)  # also on errors: leave the terminal usable
         while state.epoch < plan.epochs:
             epoch = state.epoch
             trainer.set_epoch(epoch)
             if len(state.trainable_params) <= epoch:
                 state.trainable_params.append(trainer.trainable_params())
             freeze.set_train_mode(model, trainer.frozen_norms)
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            pending: list[tuple[int, torch.Tensor]] = []
+            t0, epoch_before = time.perf_counter(), state.epoch_seconds
+            loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
+            correct = torch.tensor(state.epoch_correct, device=device, dtype=torch.long)
+            seen = seen_before = state.epoch_seen
+            pending.clear()
             loader = data.train_loader(epoch, start_step=state.batch)
             progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, done=state.batch)
             for x, y in loader:
@@ -314,40 +350,36 @@ def train(cfg, out_dir: str | Path) -> dict:
                 state.step += 1
                 state.batch += 1
                 if state.batch % 10 == 0 or state.batch == plan.steps_per_epoch:
-                    _check_finite(pending, plan)
-                    pending.clear()
+                    check_losses()
                     progress.update(state.batch, loss_sum.item() / seen, correct.item() / seen,
-                                    seen / (time.perf_counter() - t0), trace_rows(plan, optimizer, state.step - 1, epoch, trainer.mask))
-                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    save()
-                if stop.signum is not None:
-                    _check_finite(pending, plan)
-                    state.wall_seconds += time.perf_counter() - t0
-                    save()
-                    write_reports()
-                    progress.stop()
-                    raise Interrupted(
-                        f"stopped by signal {signal.Signals(stop.signum).name} at epoch {epoch}, step "
-                        f"{state.step}; checkpoint written to {ckpt_path}. Resume with: "
-                        f"finetune train resume={out_dir} <same overrides>"
-                    )
-            _check_finite(pending, plan)
-            train_seconds = time.perf_counter() - t0
+                                    (seen - seen_before) / (time.perf_counter() - t0),
+                                    trace_rows(plan, optimizer, state.step - 1, epoch, trainer.mask))
+                # stop_at_step on an epoch's last step lets the epoch finish (evaluation) first
+                stopping = stop.signum is not None or (state.step == stop_at_step
+                                                       and state.batch < plan.steps_per_epoch)
+                if stopping or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+                    save_mid_epoch()
+                if stopping:
+                    raise stop_here(stop.signum)
+            check_losses()
+            train_seconds = epoch_before + time.perf_counter() - t0
             val_loss, val_acc = trainer.evaluate(data.val_loader())
-            seconds = time.perf_counter() - t0
             state.metrics.append({
-                "epoch": epoch, "train_loss": loss_sum.item() / max(1, seen), "train_acc": correct.item() / max(1, seen),
-                "val_loss": val_loss, "val_acc": val_acc, "seconds": round(seconds, 3),
+                "epoch": epoch, "train_loss": loss_sum.item() / max(1, seen),
+                "train_acc": correct.item() / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
+                "seconds": round(epoch_before + time.perf_counter() - t0, 3),
                 "images_per_s": round(seen / max(train_seconds, 1e-9), 2),
             })
             progress.end_epoch(state.metrics[-1])
             state.best_val_acc = max(state.best_val_acc, val_acc)
-            state.wall_seconds += seconds
-            state.epoch += 1
-            state.batch = 0
+            state.epoch, state.batch = state.epoch + 1, 0
+            state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
+            state.wall_seconds = wall_before + time.perf_counter() - run_t0
             save()
-            write_reports()
-    progress.stop()
+            write_reports(plot=False)
+            stopping = stop.signum is not None or state.step == stop_at_step  # a signal during evaluation too
+            if stopping and state.epoch < plan.epochs:
+                raise stop_here(stop.signum)
     summary = write_reports()
     progress.summary(state.metrics, summary)
     return summary
@@ -357,34 +389,43 @@ def _mean(values):
     return round(sum(values) / len(values), 2) if values else None
 
 
-def _check_finite(pending: list[tuple[int, torch.Tensor]], plan: Plan) -> None:
-    """Stop on a NaN/inf loss, naming the first bad step and every group's LR there."""
+def _check_finite(pending: list[tuple[int, torch.Tensor]], plan: Plan, kept: Path | None = None) -> None:
+    """Stop on a NaN/inf loss, naming the first bad step and every group's LR there (GradScaler's skipped
+    fp16 overflow steps have finite losses, so they never land here)."""
     if not pending:
         return
     losses = torch.stack([loss.float() for _, loss in pending])
     bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        step, loss = pending[int(bad[0])]
-        lrs = ", ".join(f"{g.name}={plan.lr(i, step):.3g}" for i, g in enumerate(plan.groups))
-        raise NonFiniteLoss(
-            f"loss became {loss.item()} at step {step} (LRs: {lrs}); stopped, the last good checkpoint "
-            "is kept. Lower the LR or use grad_clip"
-        )
+    if not len(bad):
+        return
+    step, loss = pending[int(bad[0])]
+    epoch = step // plan.steps_per_epoch
+    mask = plan.trainable(epoch)
+    lrs = ", ".join(f"{g.name}={plan.lr(i, step):.3g}" + ("" if mask[i] else " (frozen)")
+                    for i, g in enumerate(plan.groups))
+    where = f"the last good checkpoint {kept} is kept" if kept and kept.is_file() else "no checkpoint was written"
+    raise NonFiniteLoss(
+        f"loss became {loss.item()} at step {step} (epoch {epoch}) with LRs {lrs}; stopped, {where}. "
+        "Lower the LR or set grad_clip"
+    )
 
 
-def _check_resumable(saved: dict, cfg, groups: list[LayerGroup]) -> None:
-    """Refuse a resume whose model or layer groups differ from the checkpoint's."""
-    old_model = saved["config"].get("model", {})
-    for key in ("name", "source"):
-        if old_model.get(key) != cfg.model[key]:
-            raise UserError(
-                f"resume: the checkpoint was trained with model.{key}={old_model.get(key)}, "
-                f"not {cfg.model[key]}; resuming a different model is refused"
-            )
-    now = [[g.name, list(g.param_names)] for g in groups]
-    if [list(x) for x in saved["groups"]] != now:
-        old = [name for name, _ in saved["groups"]]
-        raise UserError(
-            f"resume: the layer groups changed (checkpoint {old}, now {[g.name for g in groups]}, or their "
-            "members differ); resuming with other groups is refused"
-        )
+def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_per_epoch: int) -> RunState:
+    """Load a checkpoint into a freshly built run after checking it continues the same run; returns the
+    loop's state. Changed settings (epochs, lr...) are allowed and listed in a warning."""
+    checkpoint.check_resumable(saved, config, groups, trainer.model.state_dict(), steps_per_epoch)
+    changed = checkpoint.config_changes(saved["config"], config)
+    if changed:
+        log.warning("resume: these settings differ from the checkpoint's run and apply from now on: %s",
+                    ", ".join(changed))
+    trainer.model.load_state_dict(saved["model"])
+    # the saved state (moments, step counts) carries over; hyperparameters come from this config, so a
+    # changed weight_decay or beta2 applies as the warning says (LR and momentum are set every step anyway)
+    configured = [{k: v for k, v in pg.items() if k != "params"} for pg in trainer.optimizer.param_groups]
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    for pg, settings in zip(trainer.optimizer.param_groups, configured):
+        pg.update(settings)
+    if saved.get("scaler") and trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(saved["scaler"])
+    checkpoint.set_rng_state(saved["rng"])
+    return RunState(**{k: saved[k] for k in RunState.__dataclass_fields__ if k in saved})

@@ -1,0 +1,249 @@
+"""Bad input through the command line: one line on stderr naming the problem, exit code 2, no traceback
+(unless verbose=true); pickles that would run code are refused without running it.
+
+Most cases call `finetune.cli.main` in-process (the same Hydra app and error path as the installed command,
+without a Python start-up per case); one runs the real `python -m finetune` to check what a shell sees."""
+
+import builtins
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from tiny_runs import ONE_THREAD_ENV, QUIET, TINY
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import run_cli as run_finetune
+
+ARGS = [*TINY, "epochs=1", "experiment=none"]
+GROUPS = "['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']"
+
+
+def run_cli(tmp_path, capsys, *overrides):
+    """`finetune train <tiny run> <overrides>` in-process, in tmp_path/run: (exit code, stderr lines)."""
+    return run_finetune(capsys, "train", *ARGS, f"hydra.run.dir={tmp_path / 'run'}", *QUIET, *overrides)
+
+
+def assert_one_line_error(result, message: str) -> None:
+    code, lines = result
+    assert code == 2, lines
+    assert lines == [f"finetune: error: {message}"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """ROOT/{train,val}/{ants,bees}/ with two readable 16 px images each."""
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for name in ("ants", "bees"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (40 * i, 200, 90)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def imagefolder(root):
+    return ["data=imagefolder", f"data.root={root}", "data.num_workers=0"]
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def test_missing_data_root(tmp_path, capsys):
+    nowhere = tmp_path / "nowhere"
+    assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(nowhere)),
+                          f"data.root '{nowhere}' does not exist or is not a folder.")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_missing_split(tmp_path, capsys, folder, split):
+    for path in sorted((folder / split).rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (folder / split).rmdir()
+    assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(folder)),
+                          f"data.root '{folder}' has no '{split}' folder; expected {folder}/train and "
+                          f"{folder}/val.")
+
+
+def test_empty_class_folder(tmp_path, capsys, folder):
+    (folder / "train" / "wasps").mkdir()
+    (folder / "val" / "wasps").mkdir()
+    assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(folder)),
+                          f"class folder '{folder}/train/wasps' has no readable images.")
+
+
+def test_different_classes_in_train_and_val(tmp_path, capsys, folder):
+    (folder / "val" / "bees").rename(folder / "val" / "wasps")
+    assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(folder)),
+                          f"train and val in '{folder}' have different classes: only in train: ['bees']; "
+                          "only in val: ['wasps'].")
+
+
+def test_corrupt_image_is_named_or_skipped_with_a_count(tmp_path, capsys, caplog, folder):
+    bad = folder / "train" / "bees" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(folder)),
+                          f"cannot read image '{bad}' (1 unreadable in its folder); fix or delete it, or set "
+                          "data.skip_bad=true.")
+    with caplog.at_level(logging.WARNING):
+        code, lines = run_cli(tmp_path, capsys, *imagefolder(folder), "data.skip_bad=true")
+    assert code == 0, lines
+    assert f"skipped 1 unreadable images in {folder} (first: {bad})" in caplog.messages
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()  # and it trained
+
+
+# -------------------------------------------------------------------------------------- model, plan
+
+
+def test_unknown_model_name_suggests_close_names(tmp_path, capsys):
+    code, lines = run_cli(tmp_path, capsys, "model.name=resnet19")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("finetune: error: model.name: 'resnet19' is not a torchvision classification "
+                               "model; did you mean resnet18, ")
+
+
+@pytest.mark.parametrize("groups, message", [
+    ("{body:['layer[1'],head:[fc]}",
+     "layer groups: invalid regex 'layer[1' in group 'body': unterminated character set at position 5"),
+    ("{body:[conv1,bn1,layer],extra:[nomatch],head:[fc]}",
+     "layer groups: group 'extra' (patterns ['nomatch']) matches no parameter"),
+], ids=["invalid-regex", "regex-matching-nothing"])
+def test_bad_layer_group_regex(tmp_path, capsys, groups, message):
+    assert_one_line_error(run_cli(tmp_path, capsys, f"model.groups={groups}"), message)
+
+
+@pytest.mark.parametrize("lr, shown", [("0", "0.0"), ("-0.01", "-0.01")])
+def test_zero_or_negative_lr(tmp_path, capsys, lr, shown):
+    assert_one_line_error(run_cli(tmp_path, capsys, f"lr={lr}"), f"lr must be > 0, got {shown}")
+
+
+def test_warmup_longer_than_training(tmp_path, capsys):
+    assert_one_line_error(run_cli(tmp_path, capsys, "schedule=cosine", "schedule.warmup=3", "epochs=2"),
+                          "schedule.warmup (3.0 epochs) is not shorter than the 2 epochs group 'stem' trains")
+
+
+def test_unfreeze_out_of_range_and_unknown_schedule_kind(tmp_path, capsys):
+    # test_cli checks these two in a real subprocess; here the in-process path agrees
+    assert_one_line_error(run_cli(tmp_path, capsys, "unfreeze=0"),
+                          "unfreeze=0 is out of range: the model has 6 layer groups (use 1..6 or 'all')")
+    code, lines = run_cli(tmp_path, capsys, "schedule.kind=cosin")
+    assert code == 2 and len(lines) == 1 and "schedule.kind: unknown schedule kind 'cosin'" in lines[0]
+
+
+# ------------------------------------------------------------------------------------ weights, resume
+
+
+def test_weights_file_missing(tmp_path, capsys):
+    path = tmp_path / "missing.pth"
+    assert_one_line_error(run_cli(tmp_path, capsys, f"model.weights={path}"),
+                          f"model.weights: weights file {path} does not exist")
+
+
+def test_weights_file_corrupt(tmp_path, capsys):
+    path = tmp_path / "corrupt.pth"
+    good = tmp_path / "good.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, good)
+    path.write_bytes(good.read_bytes()[:200])  # a truncated download
+    code, lines = run_cli(tmp_path, capsys, f"model.weights={path}")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"finetune: error: model.weights: {path} is corrupt or not a torch file (")
+
+
+def test_weights_for_another_architecture_list_missing_and_unexpected_keys(tmp_path, capsys):
+    path = tmp_path / "mobilenet.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=2).state_dict(), path)
+    code, lines = run_cli(tmp_path, capsys, f"model.weights={path}")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"finetune: error: model.weights: {path} does not fit the model: ")
+    assert "missing keys (conv1.weight, bn1.weight, bn1.bias, ...)" in lines[0]
+    assert "unexpected keys (features.0.0.weight, features.0.1.weight, features.0.1.bias, ...)" in lines[0]
+
+
+def test_resume_path_that_does_not_exist(tmp_path, capsys):
+    path = tmp_path / "old_run"
+    assert_one_line_error(run_cli(tmp_path, capsys, f"resume={path}"),
+                          f"resume: no checkpoint at {path} (give a run directory or a checkpoint file)")
+
+
+def test_resume_with_other_groups_is_refused(tmp_path, capsys):
+    assert run_cli(tmp_path, capsys)[0] == 0
+    first = tmp_path / "first"
+    (tmp_path / "run").rename(first)
+    assert_one_line_error(
+        run_cli(tmp_path, capsys, f"resume={first}", "model.groups={body:[conv1,bn1,layer],head:[fc]}"),
+        f"resume: the layer groups changed (checkpoint {GROUPS}, now ['body', 'head']); resuming with other "
+        "groups is refused")
+
+
+# ----------------------------------------------------------------------------------------- security
+
+
+class RunsCode:
+    """Unpickling this calls exec(): what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.fixture
+def malicious(tmp_path):
+    """(checkpoint-shaped file whose unpickling writes a marker file, the marker's path)."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "finetune-checkpoint/1", "model": {"fc.weight": torch.zeros(2, 512)},
+                "payload": RunsCode(marker)}, path)
+    torch.load(path, weights_only=False)  # the file really runs code when loaded unsafely
+    assert marker.read_text() == "pwned"
+    marker.unlink()
+    return path, marker
+
+
+def test_weights_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious):
+    path, marker = malicious
+    code, lines = run_cli(tmp_path, capsys, f"model.weights={path}")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"finetune: error: model.weights: {path} is a pickle that needs code "
+                               "(exec); finetune refuses unsafe pickles")
+    assert not marker.exists()
+
+
+def test_resume_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious):
+    path, marker = malicious
+    code, lines = run_cli(tmp_path, capsys, f"resume={path}")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"finetune: error: resume: checkpoint {path} is a pickle that would run code "
+                               "(exec); refusing to load it")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------- a real command line
+
+
+def finetune(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "finetune", "train", *ARGS, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD_ENV})
+
+
+def test_real_command_line_error_is_one_line_without_traceback(tmp_path):
+    nowhere = tmp_path / "nowhere"
+    proc = finetune("data=imagefolder", f"data.root={nowhere}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"finetune: error: data.root '{nowhere}' does not exist or is not a folder."]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
+    nowhere = tmp_path / "nowhere"
+    code, lines = run_cli(tmp_path, capsys, *imagefolder(nowhere), "verbose=true")
+    assert code == 2
+    assert lines[0] == "Traceback (most recent call last):"
+    assert f"finetune.errors.UserError: data.root '{nowhere}' does not exist or is not a folder." in lines
+    assert lines[-1] == f"finetune: error: data.root '{nowhere}' does not exist or is not a folder."

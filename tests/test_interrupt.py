@@ -1,0 +1,150 @@
+"""Interruptions: SIGINT/SIGTERM stop a real `python -m finetune train` after the current step with a
+checkpoint and the command that resumes; SIGKILL in the middle of a checkpoint write never corrupts the
+last good checkpoint; a NaN loss stops with the step and every group's LR, keeping the last good one."""
+
+import multiprocessing
+import os
+import pickle
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_runs import ONE_THREAD_ENV, QUIET, TINY, compose_cfg, run_cli
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+
+from finetune import checkpoint
+from finetune.train import NonFiniteLoss, train
+
+# 8 epochs of 3 steps: long enough to signal it mid-run; only the head trains, so steps are quick
+LONG = [*TINY, "epochs=8", "experiment=none", "unfreeze=1", "schedule=cosine"]
+STEPS = 8 * 3
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def start_run(cwd: Path, *args: str) -> subprocess.Popen:
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:  # no pipe to fill up
+        return subprocess.Popen([sys.executable, "-m", "finetune", "train", *args], cwd=cwd, stdout=out,
+                                stderr=err, text=True, env={**os.environ, **ONE_THREAD_ENV})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = start_run(tmp_path, *LONG, "hydra.run.dir=run")
+    wait_for(run / "checkpoints" / checkpoint.LAST, proc)  # epoch 0 is done: training is under way
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == EXIT_CODES[sig]
+    err = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in err
+    stopped, resume = err.strip().splitlines()[-2:]
+    match = re.fullmatch(rf"finetune: stopped by {sig.name} after (\d+) of {STEPS} steps \(epoch (\d+), batch (\d)\); "
+                         rf"checkpoint written to {re.escape(str(run))}/checkpoints/last.pt", stopped)
+    assert match, stopped
+    steps, epoch, batch = map(int, match.groups())
+    # after a step (an epoch's last one included: batch 3), or after an evaluation (batch 0)
+    assert 3 <= steps < STEPS and epoch * 3 + batch == steps and 0 <= batch <= 3
+    saved = torch.load(run / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (steps, epoch, batch)
+    assert len(saved["trace"]) == steps * 6  # every step done is in the checkpoint's trace
+
+    # the printed command continues the run (in a new run directory)
+    assert resume.startswith("finetune: resume with: finetune train ") and f"resume={run}" in resume
+    if sig is signal.SIGTERM:
+        return  # one resume suffices; it is the same checkpoint path
+    command = shlex.split(resume.removeprefix("finetune: resume with: "))
+    assert command[2:-1] == LONG and command[-1] == f"resume={run}"
+    done = subprocess.run([sys.executable, "-m", "finetune", *command[1:], "hydra.run.dir=again"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD_ENV})
+    assert done.returncode == 0, done.stderr
+    final = torch.load(tmp_path / "again" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert (final["step"], final["epoch"], len(final["metrics"])) == (STEPS, 8, 8)
+    assert [row["step"] for row in final["trace"][::6]] == list(range(STEPS))
+
+
+# --------------------------------------------------------------------------------- atomic checkpoints
+
+
+def _write_forever(path: str, versions: list) -> None:
+    """Child process: overwrite `path` with one version after another until killed."""
+    for i in range(10**9):
+        checkpoint.atomic_save(versions[i % len(versions)], path)
+
+
+def test_sigkill_during_checkpoint_writes_never_corrupts_the_last_checkpoint(tmp_path):
+    # 16 MB per version, written over and over: most of the writer's time is spent inside a write
+    versions = [{"format": checkpoint.FORMAT, "version": v, "data": torch.full((4_000_000,), v, dtype=torch.int32)}
+                for v in range(3)]
+    path = tmp_path / "checkpoints" / checkpoint.LAST
+    rng = random.Random(0)
+    fork = multiprocessing.get_context("fork")  # the tensors are inherited, nothing to pickle or import
+    killed_mid_write = 0
+    for _ in range(6):
+        before = set(path.parent.glob("*.tmp")) if path.parent.exists() else set()
+        writer = fork.Process(target=_write_forever, args=(str(path), versions))
+        writer.start()
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        assert writer.exitcode == -signal.SIGKILL
+        killed_mid_write += len(set(path.parent.glob("*.tmp")) - before)
+
+        loaded = checkpoint.safe_load(path)  # always a complete version, never a torn one
+        assert torch.equal(loaded["data"], versions[loaded["version"]]["data"])
+        # what resume= reads, given the run directory, is that same file: the temporary ones are ignored
+        assert checkpoint.load_checkpoint(str(tmp_path))[0] == path
+    assert killed_mid_write >= 1  # the kills did land inside writes, leaving their temporary files
+    assert all(re.fullmatch(r"\.last\.pt\.\d+\.[0-9a-f]{8}\.tmp", p.name) for p in path.parent.glob("*.tmp"))
+
+
+def test_a_write_that_fails_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.atomic_save({"version": 1}, path)
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        checkpoint.atomic_save({"version": 2, "bad": lambda: None}, path)  # cannot be pickled
+    assert checkpoint.safe_load(path) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# -------------------------------------------------------------------------------------------- NaN loss
+
+DIVERGE = ["epochs=3", "experiment=none", "optimizer=sgd", "lr=1e6", "schedule=constant", "unfreeze=2"]
+
+
+def test_nan_loss_stops_naming_the_step_and_every_lr_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLoss) as info:
+        train(compose_cfg(*DIVERGE, "checkpoint_every=1"), tmp_path)
+    ckpt = tmp_path / "checkpoints" / checkpoint.LAST
+    loss, step = re.match(r"loss became (nan|inf|-inf) at step (\d+) ", str(info.value)).groups()
+    step = int(step)
+    frozen = ", ".join(f"{g}=1e+06 (frozen)" for g in ("stem", "layer1", "layer2", "layer3"))
+    assert str(info.value) == (
+        f"loss became {loss} at step {step} (epoch {step // 3}) with LRs {frozen}, layer4=1e+06, head=1e+06; "
+        f"stopped, the last good checkpoint {ckpt} is kept. Lower the LR or set grad_clip")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == step  # written after the step before the bad one, never after it
+    assert all(torch.isfinite(v.float()).all() for v in saved["model"].values())
+
+
+def test_nan_loss_on_the_command_line_is_exit_2(tmp_path, capsys):
+    code, lines = run_cli(capsys, "train", *TINY, *DIVERGE, f"hydra.run.dir={tmp_path}", *QUIET)
+    assert code == 2 and len(lines) == 1
+    assert re.fullmatch(r"finetune: error: loss became (nan|inf|-inf) at step \d+ \(epoch \d\) with LRs "
+                        r"stem=1e\+06 \(frozen\), .*; stopped, .*\. Lower the LR or set grad_clip", lines[0])

@@ -1,0 +1,167 @@
+"""Exact resume: a run split by an interruption, then continued with resume=, ends bit-identical to one
+straight run, across a gradual unfreeze (AdamW state for the newly trained group, its own schedule start),
+dropout (global RNG) and augmentation (data order); and resumes that would not continue the run are refused.
+`train()` runs in-process on the CLI's config (tiny_runs)."""
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_runs import compose_cfg as compose_tiny
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+
+from finetune import checkpoint
+from finetune.errors import UserError
+from finetune.train import Interrupted, train
+
+# 4 epochs: the head alone in epochs 0-1, layer4 joins at epoch 2 (step 6) with its own slanted triangle;
+# dropout before the head draws from the global RNG, so the RNG state must be restored too
+PLAN = ["experiment=gradual", "freeze.every=2", "epochs=4", "model.drop_rate=0.2"]
+STEPS_PER_EPOCH = 3
+TIMING = ("seconds", "images_per_s")
+
+
+def compose_cfg(*overrides):
+    return compose_tiny(*PLAN, *overrides)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def load(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / checkpoint.LAST, weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical weights and buffers, optimizer state, LR trace and metrics (timings aside)."""
+    ca, cb = load(a), load(b)
+    assert ca["model"].keys() == cb["model"].keys()
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for param in sa:
+        for name in sa[param]:
+            assert torch.equal(sa[param][name], sb[param][name]), (param, name)
+    assert (a / "lr_trace.csv").read_text() == (b / "lr_trace.csv").read_text()
+    ma, mb = read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")
+    assert [{k: v for k, v in m.items() if k not in TIMING} for m in ma] == \
+        [{k: v for k, v in m.items() if k not in TIMING} for m in mb]
+    assert len(ma) == 4
+    assert (ca["epoch"], ca["step"], cb["epoch"], cb["step"]) == (4, 12, 4, 12)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The reference: 4 epochs in one go."""
+    out = tmp_path_factory.mktemp("straight")
+    train(compose_cfg(), out)
+    return out
+
+
+def test_run_stopped_after_2_epochs_then_resumed_to_4_is_bit_identical(straight, tmp_path):
+    """Stopped at the end of epoch 1, right before layer4 unfreezes; resumed in a new run directory."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    with pytest.raises(Interrupted, match="resume=") as info:
+        train(compose_cfg(), first, stop_at_step=2 * STEPS_PER_EPOCH)
+    assert info.value.out_dir == first and info.value.signum is None
+    saved = load(first)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (2, 0, 6)
+    assert len(read_csv(first / "metrics.csv")) == 2  # both epochs evaluated before stopping
+    trace = read_csv(first / "lr_trace.csv")
+    assert {int(r["step"]) for r in trace} == set(range(6))
+    assert {r["trainable"] for r in trace if r["group"] == "layer4"} == {"0"}  # not unfrozen yet
+
+    train(compose_cfg(f"resume={first}"), second)  # a new run directory, as Hydra gives the CLI
+    assert_same_run(straight, second)
+    trace = read_csv(second / "lr_trace.csv")
+    assert [r["trainable"] for r in trace if r["group"] == "layer4"] == ["0"] * 6 + ["1"] * 6
+
+
+def test_resume_from_a_periodic_mid_epoch_checkpoint(straight, tmp_path, monkeypatch):
+    """checkpoint_every=4: keep the step-8 checkpoint (epoch 2, batch 2: just after the unfreeze, with AdamW
+    state for layer4 and half an epoch's sums) of a complete run, resume from it, land on the same result."""
+    saved_steps = []
+    real_save = checkpoint.atomic_save
+
+    def save_and_keep(obj, path):
+        real_save(obj, path)
+        saved_steps.append(obj["step"])
+        if obj["step"] == 8:
+            shutil.copy(path, tmp_path / "step8.pt")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", save_and_keep)
+    train(compose_cfg("checkpoint_every=4"), tmp_path / "periodic")
+    monkeypatch.undo()
+    assert saved_steps == [3, 4, 6, 8, 9, 12, 12]  # epoch ends and every 4 steps (12: both)
+    assert_same_run(straight, tmp_path / "periodic")  # checkpointing itself changes nothing
+    at8 = torch.load(tmp_path / "step8.pt", weights_only=True)
+    assert (at8["epoch"], at8["batch"], at8["epoch_seen"]) == (2, 2, 16)
+
+    train(compose_cfg(f"resume={tmp_path / 'step8.pt'}", "checkpoint_every=4"), tmp_path / "resumed")
+    assert_same_run(straight, tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=resnet34"],
+     "resume: the checkpoint was trained with model.name=resnet18, not resnet34; resuming a different model "
+     "is refused"),
+    (["model.groups={body:[conv1,bn1,layer],head:[fc]}"],
+     "resume: the layer groups changed (checkpoint ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'], "
+     "now ['body', 'head']); resuming with other groups is refused"),
+    (["model.groups={stem:[conv1,bn1],layer1:[layer1],layer2:[layer2],layer3:[layer3,layer4.0],"
+      "layer4:[layer4],head:[fc]}"],
+     "resume: the layer groups changed (same names ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head'] "
+     "but different parameters in them)"),
+    (["data.num_classes=3"], "resume: the model's parameters do not fit the checkpoint (fc.bias: checkpoint "
+                             "(2,) vs now (3,)"),
+    (["optimizer=sgd"], "resume: the checkpoint's optimizer state is for optimizer.name=adamw, not sgd"),
+    (["batch_size=4"], "resume: the checkpoint's run has 3 steps per epoch, this config 6"),
+])
+def test_resume_that_changes_the_model_or_groups_is_refused(straight, tmp_path, overrides, message):
+    with pytest.raises(UserError) as info:
+        train(compose_cfg(f"resume={straight}", *overrides), tmp_path / "refused")
+    assert str(info.value).startswith(message)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+
+def test_resume_with_other_epochs_and_lr_warns_and_continues(straight, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        summary = train(compose_cfg(f"resume={straight}", "epochs=5", "lr=0.003", "progress=true"),
+                        tmp_path / "longer")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["resume: these settings differ from the checkpoint's run and apply from now on: "
+                        "epochs, lr"]  # resume= and progress= do not count
+    assert summary["epochs"] == 5
+    trace = read_csv(tmp_path / "longer" / "lr_trace.csv")
+    assert trace[: 12 * 6] == read_csv(straight / "lr_trace.csv")  # the history is kept as it ran
+    assert {int(r["step"]) for r in trace[12 * 6:]} == {12, 13, 14}
+    saved = load(tmp_path / "longer")
+    assert saved["config"]["epochs"] == 5 and saved["step"] == 15
+
+
+def test_resume_path_that_does_not_exist(tmp_path):
+    with pytest.raises(UserError, match=r"^resume: no checkpoint at .*/nowhere \(give a run directory"):
+        train(compose_cfg(f"resume={tmp_path / 'nowhere'}"), tmp_path / "run")
+    (tmp_path / "nowhere").mkdir()  # a directory without checkpoints/ is no better
+    with pytest.raises(UserError, match=r"^resume: no checkpoint at .*nowhere/checkpoints/last.pt"):
+        train(compose_cfg(f"resume={tmp_path / 'nowhere'}"), tmp_path / "run")
+
+
+def test_a_weights_file_is_not_a_checkpoint(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 512)}, tmp_path / "weights.pt")
+    with pytest.raises(UserError, match="is not a finetune checkpoint"):
+        train(compose_cfg(f"resume={tmp_path / 'weights.pt'}"), tmp_path / "run")
+
+
+def test_config_changes_lists_dotted_keys():
+    old = {"lr": 1e-3, "epochs": 4, "schedule": {"kind": "cosine", "warmup": 0}, "resume": None,
+           "per_group": {}}
+    new = {"lr": 1e-3, "epochs": 6, "schedule": {"kind": "cosine", "warmup": 1}, "resume": "run",
+           "per_group": {"head": {"lr": 0.1}}}
+    assert checkpoint.config_changes(old, new) == ["epochs", "per_group.head.lr", "schedule.warmup"]

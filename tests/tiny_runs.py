@@ -1,0 +1,54 @@
+"""Shared by the reliability tests (resume, interrupt, bad input): a tiny run's config, composed by Hydra
+from conf/ exactly as the CLI composes it, the in-process CLI, and one torch thread."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from finetune import cli
+from finetune.config import register_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+# resnet18 at 16 px, random init, 2 synthetic classes, 3 steps of 8 images an epoch
+TINY = ["model=resnet18", "model.weights=null", "data.image_size=16", "data.num_classes=2",
+        "data.train_size=24", "data.val_size=8", "batch_size=8", "progress=false", "device=cpu"]
+# Hydra without logging set-up or a .hydra/ folder, for in-process CLI calls
+QUIET = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+# subprocesses: one OpenMP thread each (see one_thread)
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on a shared 2-core machine oversubscribe and run up to 10x slower; runs compared with
+    each other all use this same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(*overrides: str):
+    """The CLI's config for TINY + overrides (no hydra node: `train` does not need it)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
+    """`finetune <args>` in-process: (exit code, stderr lines)."""
+    capsys.readouterr()
+    argv = sys.argv
+    try:
+        cli.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err.strip().splitlines()
