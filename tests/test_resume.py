@@ -122,7 +122,7 @@ def test_resume_from_a_periodic_mid_epoch_checkpoint(straight, tmp_path, monkeyp
                              "(2,) vs now (3,)"),
     (["optimizer=sgd"], "resume: the checkpoint's optimizer state is for optimizer.name=adamw, not sgd"),
     (["batch_size=4"], "resume: the checkpoint's run has 3 steps per epoch, this config 6"),
-])
+], ids=["model", "groups", "group-members", "num-classes", "optimizer", "batch-size"])
 def test_resume_that_changes_the_model_or_groups_is_refused(straight, tmp_path, overrides, message):
     with pytest.raises(UserError) as info:
         train(compose_cfg(f"resume={straight}", *overrides), tmp_path / "refused")
