@@ -61,27 +61,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint"):
-    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed.
+    `what` starts every error message (e.g. "model.weights:" or "resume: checkpoint")."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
+        raise UserError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:
             raise UserError(
-                f"{what} {path} is a pickle that would run code ({unsafe.group(1)}); refusing to load it "
-                "(weights_only=True). Only load files you trust, re-saved as plain tensors or .safetensors"
+                f"{what} {path} is a pickle that needs code ({unsafe.group(1)}); finetune refuses unsafe "
+                "pickles (weights_only=True): re-save it as a plain state dict or a .safetensors file"
             ) from None
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({_first_line(e)})") from None
+        raise UserError(f"{what} {path} is corrupt or not a torch file ({first_line(e)})") from None
     except Exception as e:  # a damaged file surfaces as almost any type (KeyError, RuntimeError, EOFError...)
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({_first_line(e)})") from None
+        raise UserError(f"{what} {path} is corrupt or not a torch file ({first_line(e)})") from None
 
 
 def resolve_resume_path(resume: str) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import os
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from finetune import zoo
+from finetune.checkpoint import first_line, safe_load
 from finetune.errors import UserError
 from finetune.groups import auto_spec, normalize_spec
 
@@ -133,7 +133,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict file safely: safetensors, or torch.load(weights_only=True) (no pickled code)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"model.weights: weights file {p} does not exist")
+        raise UserError(f"model.weights: {p} does not exist")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -143,24 +143,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise
         except Exception as e:  # SafetensorError is not exported as a stable class
             raise UserError(f"model.weights: {p} is not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:
-            raise UserError(
-                f"model.weights: {p} is a pickle that needs code ({unsafe.group(1)}); finetune refuses "
-                "unsafe pickles, so save a plain state dict (torch.save(model.state_dict(), ...)) or a "
-                ".safetensors file"
-            ) from None
-        raise UserError(f"model.weights: {p} is corrupt or not a torch file ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"model.weights: {p} is corrupt or not a torch file ({_first_line(e)})") from None
+    obj = safe_load(p, "model.weights:")
     return _unwrap(obj, p)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def load_into(
@@ -290,7 +274,7 @@ def _unknown_name(name: str, source: str, known: list[str]) -> UserError:
 
 def _download_error(what: str, where: str, err: BaseException) -> UserError:
     return UserError(
-        f"downloading the {what} weights failed ({_first_line(err)}); put the weights file at {where}, "
+        f"downloading the {what} weights failed ({first_line(err)}); put the weights file at {where}, "
         "or set model.weights=<path to a .pth/.safetensors state dict>, or model.weights=null for random init"
     )
 
@@ -340,7 +324,7 @@ def _torchvision_construct(name: str, tag: str | None, drop_rate: float) -> nn.M
         if not os.path.exists(cached):
             raise
         raise UserError(
-            f"model.weights: the cached weights file {cached} is unreadable ({_first_line(e)}); delete it "
+            f"model.weights: the cached weights file {cached} is unreadable ({first_line(e)}); delete it "
             "to download it again"
         ) from None
 

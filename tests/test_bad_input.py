@@ -140,7 +140,7 @@ def test_unfreeze_out_of_range_and_unknown_schedule_kind(tmp_path, capsys):
 def test_weights_file_missing(tmp_path, capsys):
     path = tmp_path / "missing.pth"
     assert_one_line_error(run_cli(tmp_path, capsys, f"model.weights={path}"),
-                          f"model.weights: weights file {path} does not exist")
+                          f"model.weights: {path} does not exist")
 
 
 def test_weights_file_corrupt(tmp_path, capsys):
@@ -218,8 +218,8 @@ def test_resume_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious):
     path, marker = malicious
     code, lines = run_cli(tmp_path, capsys, f"resume={path}")
     assert code == 2 and len(lines) == 1
-    assert lines[0].startswith(f"finetune: error: resume: checkpoint {path} is a pickle that would run code "
-                               "(exec); refusing to load it")
+    assert lines[0].startswith(f"finetune: error: resume: checkpoint {path} is a pickle that needs code "
+                               "(exec); finetune refuses unsafe pickles")
     assert not marker.exists()
 
 
