@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import urllib.error
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +19,8 @@ from finetune import data as D
 from finetune.config import DataConfig
 from finetune.errors import UserError
 
-HYMENOPTERA = "/work/shared/data/hymenoptera"
+# ../shared sits next to the project root on every developer machine and in CI
+HYMENOPTERA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera")
 IMAGENET = SimpleNamespace(
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, interpolation="bicubic", crop_pct=0.875
 )

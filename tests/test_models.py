@@ -23,7 +23,7 @@ from finetune.models import (
     weights_kind,
 )
 
-BEES_ANTS = Path("/work/shared/data/hymenoptera/val")
+BEES_ANTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera" / "val"
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision uses for ResNet18_Weights.IMAGENET1K_V1
 
 
