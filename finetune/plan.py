@@ -63,11 +63,14 @@ class Plan:
 
 
 def apply(optimizer, plan: Plan, step: int) -> None:
-    """Set every param group's LR (and cycled momentum) for `step` from the plan."""
+    """Set every param group's LR (and cycled momentum) for `step` from the plan.
+
+    Runs every step: values are computed once per layer group (each has up to two param groups),
+    and the optimizer's list is read fresh because `load_state_dict` replaces its param-group dicts."""
+    values = [(plan.lr(g, step), plan.momentum(g, step)) for g in range(len(plan.groups))]
     for pg in optimizer.param_groups:
-        g = pg["group"]
-        pg["lr"] = plan.lr(g, step)
-        momentum = plan.momentum(g, step)
+        lr, momentum = values[pg["group"]]
+        pg["lr"] = lr
         if momentum is not None:
             set_momentum(pg, momentum)
 

@@ -83,16 +83,34 @@ class Trainer:
     def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
                  compile: bool = False, channels_last: bool = False, label_smoothing: float = 0.0,
-                 grad_clip: float | None = None):
+                 grad_clip: float | None = None, compile_backend: str = "inductor"):
         self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
         self.device, self.amp_dtype, self.train_bn = device, amp_dtype, train_bn
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:  # weights and inputs in the same layout, else every conv converts per call
+            model.to(memory_format=torch.channels_last)
         self.label_smoothing, self.grad_clip, self.compile = label_smoothing, grad_clip, compile
+        self.compile_backend = compile_backend  # tests use a lighter one ("aot_eager") to compile fast
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.mask: list[bool] | None = None
         self.frozen_norms: list[nn.Module] = []
         self.forward = model
+        # head last: `_has_grads` scans it backwards and stops at the first gradient
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, groups: list[LayerGroup], steps_per_epoch: int,
+                    device: torch.device, amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False) -> "Trainer":
+        """The plan, the ONE optimizer (every group, frozen ones too) and the Trainer, as configured."""
+        plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch)
+        lrs = [plan.lr(i, 0) for i in range(len(groups))]
+        wds = [gp.weight_decay for gp in plan.groups]
+        optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,
+                                                                cfg.optimizer.no_decay_norm_bias))
+        return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
+                   compile=cfg.compile, channels_last=channels_last,
+                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
 
     def set_epoch(self, epoch: int) -> bool:
         """Apply the plan's freeze state for `epoch`; True when it changed."""
@@ -103,9 +121,12 @@ class Trainer:
         freeze.apply_trainable(self.model, self.groups, mask, self.train_bn)
         self.frozen_norms = freeze.frozen_norm_modules(self.model, self.groups, mask, self.train_bn)
         if self.compile:
-            # a compiled graph baked in the old requires_grad pattern: start from a fresh one
+            # AOTAutograd bakes which parameters need gradients into the compiled backward, so a new
+            # pattern needs a new graph. Guards alone would add it next to the old ones, but every
+            # mask brings a train and an eval graph and past dynamo's recompile limit (8: gradual
+            # unfreezing of 6 groups) it silently runs eagerly; so start from an empty cache
             torch._dynamo.reset()
-            self.forward = torch.compile(self.model)
+            self.forward = torch.compile(self.model, backend=self.compile_backend)
         return True
 
     def trainable_params(self) -> int:
@@ -126,14 +147,19 @@ class Trainer:
         with self.autocast():
             logits = self.forward(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.scaler.scale(loss).backward()
-        if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # scale() is the identity unless fp16
+        if self._has_grads():  # GradScaler.step asserts when no parameter got a gradient
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)  # skips grad=None itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def _has_grads(self) -> bool:
+        """Any optimizer parameter with a gradient; scanned head first, so normally one look-up."""
+        return any(p.grad is not None for p in reversed(self.params))
 
     @torch.no_grad()
     def evaluate(self, loader) -> tuple[float, float]:
