@@ -77,15 +77,29 @@ def param_groups(
 
 
 def build_optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+    """The ONE optimizer. SGD/Adam/AdamW use their fused kernels: one kernel for all param groups
+    instead of a Python loop over them, so 6 layer groups cost what 1 does (scripts/bench_speed.py)."""
     name = cfg.name.lower()
+    lr = groups[0]["lr"]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return _fused(torch.optim.SGD, groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        return cls(groups, lr=groups[0]["lr"], betas=(cfg.momentum, cfg.beta2), eps=cfg.eps)
+        return _fused(cls, groups, lr=lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.eps)
     if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=groups[0]["lr"], momentum=cfg.momentum, eps=cfg.eps)
+        return torch.optim.RMSprop(groups, lr=lr, momentum=cfg.momentum, eps=cfg.eps)
     raise UserError(f"optimizer.name: unknown optimizer '{cfg.name}'; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _fused(cls, groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+    """Fused where every parameter is a float tensor on a device with fused kernels, else the default."""
+    params = [p for g in groups for p in g["params"]]
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return cls(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # an older torch without fused kernels for this device
+            pass
+    return cls(groups, **kwargs)
 
 
 def set_momentum(param_group: dict, momentum: float) -> None:
