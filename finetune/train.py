@@ -279,15 +279,9 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     model = bundle.model
     data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
                                pin_memory=device.type == "cuda", persistent_workers=True)
-    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    lrs = [plan.lr(i, 0) for i in range(len(groups))]
-    wds = [gp.weight_decay for gp in plan.groups]
-    optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,
-                                                            cfg.optimizer.no_decay_norm_bias))
-    trainer = Trainer(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
-                      compile=cfg.compile, channels_last=channels_last,
-                      label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
+    model.to(device)
+    trainer = Trainer.from_config(cfg, model, groups, data.steps_per_epoch, device, amp_dtype, channels_last)
+    plan, optimizer = trainer.plan, trainer.optimizer
 
     config = _config_container(cfg)
     group_list = [[g.name, list(g.param_names)] for g in groups]

@@ -8,8 +8,6 @@ from omegaconf import OmegaConf
 
 from finetune.config import TrainConfig
 from finetune.groups import build_groups
-from finetune.optim import build_optimizer, param_groups
-from finetune.plan import build_plan
 from finetune.train import Trainer
 
 
@@ -41,13 +39,7 @@ class SixGroupNet(nn.Module):
 
 
 def make_trainer(model: nn.Module, cfg, steps_per_epoch: int, spec=None):
-    groups = build_groups(model, spec)
-    plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch)
-    lrs = [plan.lr(i, 0) for i in range(len(groups))]
-    optimizer = build_optimizer(cfg.optimizer, param_groups(
-        model, groups, lrs, [g.weight_decay for g in plan.groups], cfg.optimizer.no_decay_norm_bias))
-    return Trainer(model, groups, plan, optimizer, torch.device("cpu"), train_bn=cfg.freeze.train_bn,
-                   compile=cfg.compile)
+    return Trainer.from_config(cfg, model, build_groups(model, spec), steps_per_epoch, torch.device("cpu"))
 
 
 def batches(n: int, size: int = 8, image: int = 16, classes: int = 3, seed: int = 0):

@@ -215,18 +215,6 @@ def test_lrs_are_set_on_the_optimizer_after_load_state_dict():
         assert pg["lr"] == trainer.plan.lr(pg["group"], 3)
 
 
-def test_from_config_matches_the_runner_setup():
-    torch.manual_seed(0)
-    cfg = make_cfg(epochs=2, lr=0.02, unfreeze=2, label_smoothing=0.1, **{"lr_spread.kind": "geometric"})
-    model = SixGroupNet()
-    reference = make_trainer(model, cfg, SPE)
-    trainer = Trainer.from_config(cfg, model, reference.groups, SPE, torch.device("cpu"))
-    assert trainer.label_smoothing == 0.1 and trainer.plan == reference.plan
-    assert [(pg["name"], pg["lr"], pg["weight_decay"], len(pg["params"])) for pg in trainer.optimizer.param_groups] == \
-        [(pg["name"], pg["lr"], pg["weight_decay"], len(pg["params"])) for pg in reference.optimizer.param_groups]
-    assert type(trainer.optimizer) is type(reference.optimizer)
-
-
 # ------------------------------------------------------------------------------ the speed benchmark
 
 
