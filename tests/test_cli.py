@@ -36,7 +36,7 @@ def test_help_lists_commands(tmp_path):
 
 
 def test_train_writes_the_run_directory(tmp_path):
-    finetune("train", *TINY, "epochs=2", "experiment=gradual", "hydra.run.dir=run", cwd=tmp_path)
+    finetune("train", *TINY, "epochs=2", "experiment=gradual", "lr=2e-3", "hydra.run.dir=run", cwd=tmp_path)
     run = tmp_path / "run"
     trace = read_csv(run / "lr_trace.csv")
     assert list(trace[0]) == ["step", "epoch", "group", "lr", "momentum", "trainable"]

