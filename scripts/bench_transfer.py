@@ -223,9 +223,11 @@ def plot_curves(stats: dict[str, RecipeStats], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = plt.get_cmap("tab10")
     for s in sorted(stats.values(), key=lambda s: -s.mean):
         curve = s.curve()
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"{s.recipe} ({s.mean:.3f})")
+        colour = colours(RECIPES.index(s.recipe) if s.recipe in RECIPES else len(RECIPES))  # same in every plot
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", color=colour, label=f"{s.recipe} ({s.mean:.3f})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("val accuracy (mean over seeds)")
     ax.set_title(title)
