@@ -90,7 +90,7 @@ def overrides_for(recipe: str, seed: int, data: Path, epochs: int, extra: list[s
         f"epochs={epochs}",
         f"seed={seed}",
         "progress=false",
-        # same numbers, but 1.5-2.4x faster training on our 2-core CPU (finetune's auto is CUDA-only)
+        # same numbers, ~1.5x faster on our 2-core CPU (finetune turns it on for CUDA only)
         "channels_last=true",
         *extra,
     ]
