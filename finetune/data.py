@@ -289,6 +289,14 @@ class DataBundle:
             self._val_loader = self._loader(self.val, self.batch_size * 2, None, False)
         return self._val_loader
 
+    def close(self) -> None:
+        """Stop persistent workers now instead of at garbage collection (several runs in one process)."""
+        for loader in (self._train_loader, self._val_loader):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()  # what the iterator's __del__ would do later
+        self._train_loader = self._val_loader = None
+
 
 def build_data(
     cfg,

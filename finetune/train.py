@@ -346,6 +346,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     progress = EpochProgress(enabled=cfg.progress, group_names=[g.name for g in groups])
     with _StopFlag() as stop, contextlib.ExitStack() as cleanup:
         cleanup.callback(progress.stop)  # also on errors: leave the terminal usable
+        cleanup.callback(data.close)  # persistent loader workers end with the run
         while state.epoch < plan.epochs:
             epoch = state.epoch
             trainer.set_epoch(epoch)

@@ -152,6 +152,16 @@ def test_workers_give_the_same_batches_as_the_main_process():
     assert same_batches(batches(zero.val_loader()), batches(two.val_loader()))
 
 
+def test_close_stops_persistent_workers():
+    b = D.build_data(small(num_workers=2), IMAGENET, batch_size=8, seed=1, persistent_workers=True)
+    batches(b.train_loader(0))
+    workers = list(b.train_loader(0)._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    b.close()
+    assert not any(w.is_alive() for w in workers)
+    assert len(batches(b.train_loader(1))) == b.steps_per_epoch  # usable again after close
+
+
 def test_start_step_resumes_mid_epoch():
     b = D.build_data(small(), IMAGENET, batch_size=8, seed=0)
     full = batches(b.train_loader(2))
