@@ -205,20 +205,13 @@ def malicious(tmp_path):
     return path, marker
 
 
-def test_weights_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious):
+@pytest.mark.parametrize("override, what", [("model.weights", "model.weights:"),
+                                            ("resume", "resume: checkpoint")], ids=["weights", "resume"])
+def test_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious, override, what):
     path, marker = malicious
-    code, lines = run_cli(tmp_path, capsys, f"model.weights={path}")
+    code, lines = run_cli(tmp_path, capsys, f"{override}={path}")
     assert code == 2 and len(lines) == 1
-    assert lines[0].startswith(f"finetune: error: model.weights: {path} is a pickle that needs code "
-                               "(exec); finetune refuses unsafe pickles")
-    assert not marker.exists()
-
-
-def test_resume_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious):
-    path, marker = malicious
-    code, lines = run_cli(tmp_path, capsys, f"resume={path}")
-    assert code == 2 and len(lines) == 1
-    assert lines[0].startswith(f"finetune: error: resume: checkpoint {path} is a pickle that needs code "
+    assert lines[0].startswith(f"finetune: error: {what} {path} is a pickle that needs code "
                                "(exec); finetune refuses unsafe pickles")
     assert not marker.exists()
 
