@@ -374,7 +374,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
                     check_losses()
                     progress.update(state.batch, loss_sum.item() / seen, correct.item() / seen,
                                     (seen - seen_before) / (time.perf_counter() - t0),
-                                    trace_rows(plan, optimizer, state.step - 1, epoch, trainer.mask))
+                                    state.trace[-len(groups):])  # this step's rows, just recorded
                 # stop_at_step on an epoch's last step lets the epoch finish (evaluation) first
                 stopping = stop.signum is not None or (state.step == stop_at_step
                                                        and state.batch < plan.steps_per_epoch)
