@@ -85,6 +85,7 @@ class FreezeConfig:
     every: int = 1  # gradual: one more group every `every` epochs
     head_epochs: int = 1  # fine_tune: head only for this many epochs, then all groups
     train_bn: bool = False  # train BatchNorm affine params even in frozen groups (fastai train_bn)
+    bn_eval: bool = False  # every BatchNorm keeps its pretrained running statistics, trainable ones too
 
 
 @dataclass

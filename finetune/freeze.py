@@ -7,7 +7,8 @@ alone for `head_epochs` and then that many (fastai); `milestones` starts with `u
 switches to the configured count at each milestone epoch.
 `apply_trainable` flips requires_grad so autograd computes nothing below the lowest trainable group,
 and `frozen_norm_modules` lists the BatchNorm layers of frozen groups, which stay in eval mode so
-their running statistics do not move.
+their running statistics do not move (with `bn_eval`, every BatchNorm layer: small batches of a few
+hundred images would otherwise replace the pretrained statistics with noisy ones).
 """
 
 from __future__ import annotations
@@ -108,9 +109,13 @@ def apply_trainable(
 
 
 def frozen_norm_modules(
-    model: nn.Module, groups: Sequence[LayerGroup], mask: Sequence[bool], train_bn: bool = False
+    model: nn.Module, groups: Sequence[LayerGroup], mask: Sequence[bool], train_bn: bool = False,
+    bn_eval: bool = False,
 ) -> list[nn.Module]:
-    """BatchNorm modules whose parameters all sit in frozen groups (they must stay in eval mode)."""
+    """BatchNorm modules that must stay in eval mode: those whose parameters all sit in frozen groups,
+    or, with bn_eval, every one (trainable groups then normalise with the pretrained statistics)."""
+    if bn_eval:
+        return [m for m in model.modules() if _is_norm(m)]
     if train_bn:
         return []
     frozen = {name for g, on in zip(groups, mask) if not on for name in g.param_names}

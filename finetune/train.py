@@ -82,10 +82,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
-                 compile: bool = False, channels_last: bool = False, label_smoothing: float = 0.0,
+                 bn_eval: bool = False, compile: bool = False, channels_last: bool = False, label_smoothing: float = 0.0,
                  grad_clip: float | None = None, compile_backend: str = "inductor"):
         self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
-        self.device, self.amp_dtype, self.train_bn = device, amp_dtype, train_bn
+        self.device, self.amp_dtype, self.train_bn, self.bn_eval = device, amp_dtype, train_bn, bn_eval
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:  # weights and inputs in the same layout, else every conv converts per call
             model.to(memory_format=torch.channels_last)
@@ -109,7 +109,7 @@ class Trainer:
         optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,
                                                                 cfg.optimizer.no_decay_norm_bias))
         return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
-                   compile=cfg.compile, channels_last=channels_last,
+                   bn_eval=cfg.freeze.bn_eval, compile=cfg.compile, channels_last=channels_last,
                    label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
 
     def set_epoch(self, epoch: int) -> bool:
@@ -119,7 +119,8 @@ class Trainer:
             return False
         self.mask = mask
         freeze.apply_trainable(self.model, self.groups, mask, self.train_bn)
-        self.frozen_norms = freeze.frozen_norm_modules(self.model, self.groups, mask, self.train_bn)
+        self.frozen_norms = freeze.frozen_norm_modules(self.model, self.groups, mask, self.train_bn,
+                                                        self.bn_eval)
         if self.compile:
             # AOTAutograd bakes which parameters need gradients into the compiled backward, so a new
             # pattern needs a new graph. Guards alone would add it next to the old ones, but every

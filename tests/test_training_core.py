@@ -136,6 +136,24 @@ def test_train_bn_trains_bn_affine_in_frozen_groups():
     assert not torch.equal(model.stem[1].weight, bn_w)
 
 
+def test_bn_eval_keeps_every_bn_stat_while_trainable_bn_affine_learns():
+    torch.manual_seed(0)
+    model = SixGroupNet()
+    cfg = make_cfg(epochs=1, lr=0.05, unfreeze="all", **{"freeze.bn_eval": True})
+    trainer = make_trainer(model, cfg, SPE)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) >= 5
+    stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    affine = [m.weight.detach().clone() for m in bns]
+    run(trainer, 1, batches(SPE))
+    for m, (mean, var, count), w in zip(bns, stats, affine):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.num_batches_tracked, count)
+        assert not m.training
+        assert not torch.equal(m.weight, w)  # the group trains; only the statistics stay pretrained
+    assert model.training  # everything else (dropout) is in train mode
+
+
 def test_one_backward_per_step_with_six_schedules(monkeypatch):
     kinds = ["constant", "cosine", "one_cycle", "sgdr", "slanted_triangular", "step"]
     cfg = make_cfg(epochs=1, lr=0.01)
