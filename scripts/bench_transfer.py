@@ -12,6 +12,8 @@ the LAST epoch (never the best epoch: picking that would be tuning on the valida
 Writes into --out: results.json (every run's per-epoch metrics), results.md (the table) and
 val_acc.png (val accuracy per epoch, mean over seeds, one line per recipe).
 
+`--make-folds K DIR` writes K cross-validation folds of --data's train/ folder (the images the recipes
+may be tuned on) as ImageFolders DIR/fold<i>/{train,val}.
 `--make-digits DIR` writes scikit-learn's bundled 8x8 digits (a far-off domain) as an ImageFolder:
 install scikit-learn (only its data file is read) and run the benchmark with --data DIR.
 """
@@ -283,6 +285,40 @@ def make_digits(out: Path, train_per_class: int = 30, val_per_class: int = 50, s
     print(f"wrote {out} ({train_per_class}/{val_per_class} train/val images per class)")
 
 
+# ------------------------------------------------------------------------------------------ folds
+
+FOLD_SEED = 123  # the folds of the README's tuning runs
+
+
+def fold_of(files: list[str], k: int, seed: int = FOLD_SEED) -> dict[str, int]:
+    """{file: fold} for one class: a seeded shuffle dealt round-robin into k folds (sizes differ by <= 1)."""
+    import random
+
+    order = sorted(files)
+    random.Random(seed).shuffle(order)
+    return {f: i % k for i, f in enumerate(order)}
+
+
+def make_folds(data: Path, out: Path, k: int, seed: int = FOLD_SEED) -> None:
+    """K-fold cross-validation of `data`/train as K ImageFolders out/fold<i>/{train,val} (symlinks),
+    stratified per class: tune on these, never on `data`/val."""
+    if k < 2:
+        raise SystemExit(f"--make-folds needs at least 2 folds, got {k}")
+    source = data / "train"
+    if not source.is_dir():
+        raise SystemExit(f"--data {data}: no train/ folder to split")
+    for cls in sorted(p.name for p in source.iterdir() if p.is_dir()):
+        folds = fold_of([p.name for p in (source / cls).iterdir() if p.is_file()], k, seed)
+        for name, fold in folds.items():
+            for i in range(k):
+                target = out / f"fold{i}" / ("val" if fold == i else "train") / cls
+                target.mkdir(parents=True, exist_ok=True)
+                link = target / name
+                if not link.exists():
+                    link.symlink_to((source / cls / name).resolve())
+    print(f"wrote {k} folds of {source} to {out}/fold0..fold{k - 1}")
+
+
 # -------------------------------------------------------------------------------------------- main
 
 
@@ -300,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs in --out whose composed config is unchanged")
     p.add_argument("--make-digits", type=Path, metavar="DIR", help="write the digits ImageFolder to DIR and exit")
+    p.add_argument("--make-folds", nargs=2, metavar=("K", "DIR"),
+                   help="write K cross-validation folds of --data's train/ to DIR/fold<i> and exit")
     args = p.parse_args(argv)
     recipes = args.recipes.split(",") if args.recipes else list(QUICK_RECIPES if args.quick else RECIPES)
     unknown = sorted(set(recipes) - set(RECIPES) - {"none"})
@@ -320,6 +358,9 @@ def main(argv=None) -> dict[str, RecipeStats]:
     args = parse_args(argv)
     if args.make_digits:
         make_digits(args.make_digits)
+        return {}
+    if args.make_folds:
+        make_folds(args.data, Path(args.make_folds[1]).expanduser(), int(args.make_folds[0]))
         return {}
     if not (args.data / "train").is_dir():
         raise SystemExit(f"--data {args.data}: no train/ folder (an ImageFolder root has train/ and val/)")

@@ -204,3 +204,22 @@ def test_bench_transfer_quick_end_to_end(tmp_path):
     assert "| recipe | val acc mean |" in (out / "results.md").read_text()
     assert (out / "val_acc.png").stat().st_size > 1000
     assert not (out / "runs" / "fine_tune" / "seed0" / "checkpoints").exists()
+
+
+def test_make_folds_partitions_each_class_of_train_only(tmp_path):
+    data = tiny_image_folder(tmp_path / "data", per_class=(7, 2))
+    bench_transfer.make_folds(data, tmp_path / "folds", 3)
+    train_files = {p.relative_to(data / "train") for p in (data / "train").rglob("*.png")}
+    vals = []
+    for i in range(3):
+        fold = tmp_path / "folds" / f"fold{i}"
+        val = {p.relative_to(fold / "val") for p in (fold / "val").rglob("*.png")}
+        train = {p.relative_to(fold / "train") for p in (fold / "train").rglob("*.png")}
+        assert val.isdisjoint(train) and val | train == train_files  # never an image of data/val
+        # stratified: 7 images of each class are dealt 3 + 2 + 2
+        assert all(sum(1 for p in val if p.parts[0] == c) in (2, 3) for c in ("red", "blue"))
+        assert all((fold / "val" / p).resolve() == (data / "train" / p).resolve() for p in val)
+        vals.append(val)
+    assert set().union(*vals) == train_files and sum(map(len, vals)) == len(train_files)
+    # the same split again: seeded, independent of listing order
+    assert bench_transfer.fold_of(["b", "a", "c", "d"], 2) == bench_transfer.fold_of(["d", "c", "b", "a"], 2)
