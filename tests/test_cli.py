@@ -94,9 +94,11 @@ def test_inspect_json_and_writes_nothing(tmp_path):
     assert head["params"] == 512 * 2 + 2
     assert head["lr"]["peak"] == pytest.approx(1e-3) and head["lr"]["end"] < head["lr"]["start"]
     assert set(info["groups"][0]) >= {"name", "params", "trainable_from_epoch", "lr", "weight_decay", "schedule"}
+    assert info["batchnorm"] == "pretrained statistics in frozen groups, batch statistics in trainable ones"
     assert list(tmp_path.iterdir()) == []
-    table = finetune("inspect", *TINY, cwd=tmp_path).stdout
+    table = finetune("inspect", *TINY, "experiment=lp_ft", cwd=tmp_path).stdout
     assert "layer4" in table and "head" in table
+    assert "BatchNorm: pretrained statistics in every layer (freeze.bn_eval)" in table
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
