@@ -336,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs in --out whose composed config is unchanged")
     p.add_argument("--make-digits", type=Path, metavar="DIR", help="write the digits ImageFolder to DIR and exit")
+    p.add_argument("--digits-train", type=int, default=30, metavar="N",
+                   help="--make-digits: train images per class (default 30; at most 120 with 50 val)")
     p.add_argument("--make-folds", nargs=2, metavar=("K", "DIR"),
                    help="write K cross-validation folds of --data's train/ to DIR/fold<i> and exit")
     args = p.parse_args(argv)
@@ -357,7 +359,7 @@ def count_images(root: Path) -> tuple[int, int]:
 def main(argv=None) -> dict[str, RecipeStats]:
     args = parse_args(argv)
     if args.make_digits:
-        make_digits(args.make_digits)
+        make_digits(args.make_digits, train_per_class=args.digits_train)
         return {}
     if args.make_folds:
         make_folds(args.data, Path(args.make_folds[1]).expanduser(), int(args.make_folds[0]))
