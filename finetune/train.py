@@ -82,8 +82,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
-                 bn_eval: bool = False, compile: bool = False, channels_last: bool = False, label_smoothing: float = 0.0,
-                 grad_clip: float | None = None, compile_backend: str = "inductor"):
+                 bn_eval: bool = False, compile: bool = False, channels_last: bool = False,
+                 label_smoothing: float = 0.0, grad_clip: float | None = None, compile_backend: str = "inductor"):
         self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
         self.device, self.amp_dtype, self.train_bn, self.bn_eval = device, amp_dtype, train_bn, bn_eval
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
