@@ -129,6 +129,15 @@ def frozen_norm_modules(
     return out
 
 
+def batchnorm_mode(train_bn: bool, bn_eval: bool) -> str:
+    """In words, what `frozen_norm_modules` decides for these settings (bn_eval wins over train_bn)."""
+    if bn_eval:
+        return "pretrained statistics in every layer (freeze.bn_eval)"
+    if train_bn:
+        return "batch statistics in every layer, affine trained in frozen groups too (freeze.train_bn)"
+    return "pretrained statistics in frozen groups, batch statistics in trainable ones"
+
+
 def set_train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
     """model.train(), except that BatchNorm layers of frozen groups keep their running statistics."""
     model.train()

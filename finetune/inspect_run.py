@@ -12,16 +12,7 @@ from rich.table import Table
 from finetune.plan import Plan
 
 
-def batchnorm_mode(freeze_cfg) -> str:
-    """Which BatchNorm layers update their running statistics while training (freeze.bn_eval / train_bn)."""
-    if freeze_cfg.bn_eval:
-        return "pretrained statistics in every layer (freeze.bn_eval)"
-    if freeze_cfg.train_bn:
-        return "batch statistics in every layer, affine trained in frozen groups too (freeze.train_bn)"
-    return "pretrained statistics in frozen groups, batch statistics in trainable ones"
-
-
-def describe(plan: Plan, groups, sizes, batchnorm: str = "") -> dict:
+def describe(plan: Plan, groups, sizes, batchnorm: str) -> dict:
     """The plan as plain data: what `inspect.format=json` prints."""
     out = []
     for i, (gp, group, size) in enumerate(zip(plan.groups, groups, sizes)):
@@ -52,7 +43,7 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps = "
                         f"{info['total_steps']} steps",
-                  caption=f"BatchNorm: {info['batchnorm']}" if info.get("batchnorm") else None)
+                  caption=f"BatchNorm: {info['batchnorm']}")
     for col in ("group", "patterns", "params", "trains from", "lr start", "lr peak", "lr end", "wd", "schedule"):
         table.add_column(col, justify="right" if col.startswith(("params", "lr", "wd", "trains")) else "left")
     for g in info["groups"]:
@@ -66,6 +57,7 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
 def inspect(cfg) -> dict:
     """Build model (without downloading weights), groups and plan; print; return the description."""
     from finetune import data as data_mod
+    from finetune.freeze import batchnorm_mode
     from finetune.plan import build_plan
     from finetune.train import build_run
 
@@ -75,6 +67,6 @@ def inspect(cfg) -> dict:
     plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch)
     params = dict(bundle.model.named_parameters())
     sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
-    info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze))
+    info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
     print_plan(info, cfg.inspect.format)
     return info
