@@ -309,11 +309,11 @@ def make_folds(data: Path, out: Path, k: int, seed: int = FOLD_SEED) -> None:
         raise SystemExit(f"--data {data}: no train/ folder to split")
     for cls in sorted(p.name for p in source.iterdir() if p.is_dir()):
         folds = fold_of([p.name for p in (source / cls).iterdir() if p.is_file()], k, seed)
-        for name, fold in folds.items():
-            for i in range(k):
-                target = out / f"fold{i}" / ("val" if fold == i else "train") / cls
-                target.mkdir(parents=True, exist_ok=True)
-                link = target / name
+        for i in range(k):
+            for split in ("train", "val"):
+                (out / f"fold{i}" / split / cls).mkdir(parents=True, exist_ok=True)
+            for name, fold in folds.items():
+                link = out / f"fold{i}" / ("val" if fold == i else "train") / cls / name
                 if not link.exists():
                     link.symlink_to((source / cls / name).resolve())
     print(f"wrote {k} folds of {source} to {out}/fold0..fold{k - 1}")
