@@ -116,6 +116,8 @@ class TrainConfig:
     compile: bool = False
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None
+    # EMA of the weights with this half-life in epochs; evaluation and the checkpoint's "ema" use it
+    ema_half_life: Optional[float] = None
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     resume: Optional[str] = None  # run dir or checkpoint file
     verbose: bool = False  # show tracebacks for user errors

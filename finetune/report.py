@@ -9,6 +9,8 @@ from typing import Sequence
 
 TRACE_FIELDS = ("step", "epoch", "group", "lr", "momentum", "trainable")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
+# with a weight average (ema_half_life), val_* score the average and these the live model
+EMA_METRIC_FIELDS = ("live_val_loss", "live_val_acc")
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:

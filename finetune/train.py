@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from finetune import checkpoint, freeze, report
+from finetune.ema import WeightEMA, decay_for
 from finetune.errors import UserError
 from finetune.groups import LayerGroup, build_groups
 from finetune.optim import build_optimizer, param_groups
@@ -83,7 +84,8 @@ class Trainer:
     def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
                  bn_eval: bool = False, compile: bool = False, channels_last: bool = False,
-                 label_smoothing: float = 0.0, grad_clip: float | None = None, compile_backend: str = "inductor"):
+                 label_smoothing: float = 0.0, grad_clip: float | None = None, compile_backend: str = "inductor",
+                 ema_decay: float | None = None):
         self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
         self.device, self.amp_dtype, self.train_bn, self.bn_eval = device, amp_dtype, train_bn, bn_eval
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -97,6 +99,8 @@ class Trainer:
         self.forward = model
         # head last: `_has_grads` scans it backwards and stops at the first gradient
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # last: the average references the model's tensors in their final layout
+        self.ema = WeightEMA(model, ema_decay) if ema_decay is not None else None
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, groups: list[LayerGroup], steps_per_epoch: int,
@@ -110,7 +114,8 @@ class Trainer:
                                                                 cfg.optimizer.no_decay_norm_bias))
         return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
                    bn_eval=cfg.freeze.bn_eval, compile=cfg.compile, channels_last=channels_last,
-                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip)
+                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                   ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life else None)
 
     def set_epoch(self, epoch: int) -> bool:
         """Apply the plan's freeze state for `epoch`; True when it changed."""
@@ -156,6 +161,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
     def _has_grads(self) -> bool:
@@ -163,7 +170,9 @@ class Trainer:
         return any(p.grad is not None for p in reversed(self.params))
 
     @torch.no_grad()
-    def evaluate(self, loader) -> tuple[float, float]:
+    def evaluate(self, loader, average: bool = False) -> tuple[float, float]:
+        """(loss, accuracy) of the live model, or of the weight average with `average`."""
+        forward = self.ema.model if average else self.forward
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -171,7 +180,7 @@ class Trainer:
         for x, y in loader:
             x, y = self.to_device(x, y)
             with self.autocast():
-                logits = self.forward(x)
+                logits = forward(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
@@ -300,6 +309,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
         checkpoint.atomic_save({
             "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+            "ema": trainer.ema.state_dict() if trainer.ema else None,
             "rng": checkpoint.rng_state(), "config": config, "groups": group_list,
             "steps_per_epoch": plan.steps_per_epoch,
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
@@ -308,7 +318,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     def write_reports(plot: bool = True):
         names = [g.name for g in groups]
         report.write_csv(out_dir / "lr_trace.csv", state.trace, report.TRACE_FIELDS)
-        report.write_csv(out_dir / "metrics.csv", state.metrics, report.METRIC_FIELDS)
+        report.write_csv(out_dir / "metrics.csv", state.metrics,
+                         report.METRIC_FIELDS + (report.EMA_METRIC_FIELDS if trainer.ema else ()))
         summary = {
             "best_val_acc": max((m["val_acc"] for m in state.metrics), default=None),
             "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
@@ -385,12 +396,16 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
                     raise stop_here(stop.signum)
             check_losses()
             train_seconds = epoch_before + time.perf_counter() - t0
-            val_loss, val_acc = trainer.evaluate(data.val_loader())
+            # with EMA, val_* scores the average (the weights the run delivers), live_val_* the live model
+            val_loss, val_acc = trainer.evaluate(data.val_loader(), average=trainer.ema is not None)
+            live = {}
+            if trainer.ema is not None:
+                live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(data.val_loader())))
             state.metrics.append({
                 "epoch": epoch, "train_loss": loss_sum.item() / max(1, seen),
                 "train_acc": correct.item() / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
                 "seconds": round(epoch_before + time.perf_counter() - t0, 3),
-                "images_per_s": round(seen / max(train_seconds, 1e-9), 2),
+                "images_per_s": round(seen / max(train_seconds, 1e-9), 2), **live,
             })
             progress.end_epoch(state.metrics[-1])
             state.best_val_acc = max(state.best_val_acc, val_acc)
@@ -447,6 +462,11 @@ def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_pe
     trainer.optimizer.load_state_dict(saved["optimizer"])
     for pg, settings in zip(trainer.optimizer.param_groups, configured):
         pg.update(settings)
+    if trainer.ema is not None:
+        if saved.get("ema") is None:
+            raise UserError("resume: the checkpoint has no weight average (its run had ema_half_life=null); "
+                            "resume with ema_half_life=null")
+        trainer.ema.load_state_dict(saved["ema"])
     if saved.get("scaler") and trainer.scaler.is_enabled():
         trainer.scaler.load_state_dict(saved["scaler"])
     checkpoint.set_rng_state(saved["rng"])

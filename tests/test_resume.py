@@ -43,6 +43,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert ca["model"].keys() == cb["model"].keys()
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]), key
+    assert (ca["ema"] is None) == (cb["ema"] is None)
+    if ca["ema"] is not None:  # the weight average and its update count
+        assert ca["ema"]["updates"] == cb["ema"]["updates"]
+        for key in ca["ema"]["model"]:
+            assert torch.equal(ca["ema"]["model"][key], cb["ema"]["model"][key]), key
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for param in sa:
@@ -105,6 +110,16 @@ def test_resume_from_a_periodic_mid_epoch_checkpoint(straight, tmp_path, monkeyp
 
     train(compose_cfg(f"resume={tmp_path / 'step8.pt'}", "checkpoint_every=4"), tmp_path / "resumed")
     assert_same_run(straight, tmp_path / "resumed")
+
+
+def test_resume_with_a_weight_average_is_bit_identical(tmp_path):
+    """ema_half_life: the average (and the metrics that score it) continue exactly, mid-epoch too."""
+    train(compose_cfg("ema_half_life=1"), tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train(compose_cfg("ema_half_life=1"), tmp_path / "first", stop_at_step=STEPS_PER_EPOCH + 1)
+    train(compose_cfg("ema_half_life=1", f"resume={tmp_path / 'first'}"), tmp_path / "second")
+    assert_same_run(tmp_path / "straight", tmp_path / "second")
+    assert load(tmp_path / "second")["ema"]["updates"] == 12
 
 
 @pytest.mark.parametrize("overrides, message", [
