@@ -289,6 +289,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     model = bundle.model
     data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
                                pin_memory=device.type == "cuda", persistent_workers=True)
+    log.info("data: %d train / %d val images, %d classes, %d px", len(data.train), len(data.val),
+             len(data.classes), data_mod.image_size(cfg.data, bundle.preprocess))
     model.to(device)
     trainer = Trainer.from_config(cfg, model, groups, data.steps_per_epoch, device, amp_dtype, channels_last)
     plan, optimizer = trainer.plan, trainer.optimizer
