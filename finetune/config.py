@@ -20,9 +20,6 @@ class ModelConfig:
     groups: Optional[Any] = None  # explicit layer-group spec; null: the ready grouping for the model
     catch_all: Optional[str] = None  # group that takes every parameter no pattern matches
     drop_rate: float = 0.0  # dropout before the new head
-    # the input size to fine-tune at (train crops and eval); null: the pretrained weights' size.
-    # data.image_size, when set, overrides it
-    input_size: Optional[int] = None
 
 
 @dataclass

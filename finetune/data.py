@@ -90,7 +90,7 @@ def _interpolation(name: str) -> InterpolationMode:
 
 
 def image_size(cfg, preprocess) -> int:
-    """`data.image_size` when set, else the model's (model.input_size, or its pretrained size)."""
+    """`data.image_size` when set, else the pretrained weights' input size."""
     size = cfg.image_size if cfg.image_size is not None else preprocess.input_size
     if int(size) < 8:
         raise UserError(f"data.image_size must be at least 8 pixels, got {size}.")

@@ -18,7 +18,6 @@ classifier, so checkpoints keep loading); ``drop_rate`` adds dropout in front of
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import pickle
@@ -481,11 +480,6 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
 
     model = src.construct(name, value if kind == "named" else None, drop_rate)
     preprocess = entry.preprocess if entry else src.preprocess(model, name, kind, value)
-    input_size = getattr(cfg, "input_size", None)
-    if input_size is not None:  # the size this model fine-tunes at, instead of its pretraining size
-        if int(input_size) < 8:
-            raise UserError(f"model.input_size must be at least 8 pixels, got {input_size}.")
-        preprocess = dataclasses.replace(preprocess, input_size=int(input_size))
     heads = src.heads(model)
     pending = None
     if entry:

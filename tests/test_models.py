@@ -121,13 +121,6 @@ def test_random_init_preprocess_is_imagenet_224():
     )
 
 
-def test_input_size_replaces_the_pretrained_size_only():
-    fine = build_model(SimpleNamespace(**vars(cfg()), input_size=288), 2).preprocess
-    assert fine == Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 288, "bilinear", 0.875)
-    with pytest.raises(UserError, match="model.input_size must be at least 8 pixels, got 4"):
-        build_model(SimpleNamespace(**vars(cfg()), input_size=4), 2)
-
-
 # --- hub downloads ------------------------------------------------------------------------------------
 
 

@@ -59,16 +59,6 @@ def test_default_experiment_is_the_benchmark_winner():
     assert default.epochs == EPOCHS
 
 
-def test_lite0_fine_tunes_at_256_unless_the_data_says_otherwise():
-    from finetune import data, models
-
-    cfg = compose_train("model.weights=null")
-    assert cfg.model.input_size == 256 and cfg.data.image_size is None
-    preprocess = models.build_model(cfg.model, 2).preprocess
-    assert data.image_size(cfg.data, preprocess) == 256
-    assert data.image_size(compose_train("data.image_size=96").data, preprocess) == 96
-
-
 def test_none_keeps_the_base_config():
     base = compose_train("experiment=none")
     assert (base.freeze.kind, base.unfreeze, base.lr_spread.kind, base.head_lr) == ("fixed", "all", "none", None)
