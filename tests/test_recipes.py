@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -223,3 +224,26 @@ def test_make_folds_partitions_each_class_of_train_only(tmp_path):
     assert set().union(*vals) == train_files and sum(map(len, vals)) == len(train_files)
     # the same split again: seeded, independent of listing order
     assert bench_transfer.fold_of(["b", "a", "c", "d"], 2) == bench_transfer.fold_of(["d", "c", "b", "a"], 2)
+
+
+def test_plain_head_only_baseline_learns_colour_and_keeps_the_backbone(tmp_path, monkeypatch):
+    """scripts/plain_head_only.py, the benchmark's point of comparison: red vs blue is learnt by the head
+    alone; the backbone (BatchNorm statistics included) leaves training bit-equal."""
+    import plain_head_only
+
+    data = tiny_image_folder(tmp_path / "data", per_class=(8, 4))
+    built = []
+    real_build = plain_head_only.build_model
+
+    def keep(*args):
+        bundle = real_build(*args)
+        built.append((bundle.model, {k: v.clone() for k, v in bundle.model.state_dict().items()}))
+        return bundle
+
+    monkeypatch.setattr(plain_head_only, "build_model", keep)
+    accs = plain_head_only.run(data, seed=0, epochs=3, batch_size=4, lr=1e-2, size=32)
+    assert len(accs) == 3 and accs[-1] >= 0.75
+    model, before = built[0]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}

