@@ -19,7 +19,8 @@ from finetune.errors import UserError
 def decay_for(half_life_epochs: float, steps_per_epoch: int) -> float:
     """Per-step decay whose weight halves every `half_life_epochs` epochs."""
     if not half_life_epochs > 0:
-        raise UserError(f"ema_half_life must be a positive number of epochs (or null for no EMA), got {half_life_epochs}")
+        raise UserError(f"ema_half_life must be a positive number of epochs, got {half_life_epochs} "
+                        "(null: no weight average)")
     return 0.5 ** (1.0 / (half_life_epochs * steps_per_epoch))
 
 
@@ -34,8 +35,8 @@ class WeightEMA:
     has its final device and memory format: it keeps references to the live tensors."""
 
     def __init__(self, model: nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         pairs = list(zip(self._tensors(self.model), self._tensors(model)))

@@ -115,7 +115,7 @@ class Trainer:
         return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
                    bn_eval=cfg.freeze.bn_eval, compile=cfg.compile, channels_last=channels_last,
                    label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
-                   ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life else None)
+                   ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life is not None else None)
 
     def set_epoch(self, epoch: int) -> bool:
         """Apply the plan's freeze state for `epoch`; True when it changed."""

@@ -22,8 +22,9 @@ def test_decay_halves_the_weight_every_half_life_at_any_epoch_length():
     for half_life, steps_per_epoch in [(0.5, 5), (1.0, 8), (2.0, 5000)]:
         decay = ema.decay_for(half_life, steps_per_epoch)
         assert decay ** (half_life * steps_per_epoch) == pytest.approx(0.5)
-    with pytest.raises(UserError, match="ema_half_life must be a positive number of epochs"):
-        ema.decay_for(0, 8)
+    for bad in (0, -1):
+        with pytest.raises(UserError, match="ema_half_life must be a positive number of epochs"):
+            ema.decay_for(bad, 8)
 
 
 def test_debiased_average_is_the_normalised_geometric_mean_of_the_iterates():
@@ -74,6 +75,8 @@ def test_run_evaluates_the_average_and_reports_the_live_model_beside_it(tmp_path
     saved = torch.load(tmp_path / "ema" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["ema"]["updates"] == 6 and saved["ema"]["model"].keys() == saved["model"].keys()
 
+    with pytest.raises(UserError, match="ema_half_life must be a positive number of epochs, got 0"):
+        train(compose_cfg("epochs=1", "ema_half_life=0"), tmp_path / "zero")
     train(compose_cfg("epochs=1"), tmp_path / "plain")
     assert "live_val_acc" not in read_csv(tmp_path / "plain" / "metrics.csv")[0]
     with pytest.raises(UserError, match="the checkpoint has no weight average"):
