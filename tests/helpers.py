@@ -1,6 +1,9 @@
-"""Small builders shared by the tests: a config, a 6-group toy CNN, and a Trainer around a model."""
+"""Small builders shared by the tests: a config, a 6-group toy CNN, a Trainer around a model, and a
+reader for the CSV reports."""
 
 from __future__ import annotations
+
+import csv
 
 import torch
 import torch.nn as nn
@@ -46,3 +49,9 @@ def batches(n: int, size: int = 8, image: int = 16, classes: int = 3, seed: int 
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 3, image, image, generator=g), torch.randint(0, classes, (size,), generator=g))
             for _ in range(n)]
+
+
+def read_csv(path) -> list[dict]:
+    """A run's CSV report (metrics.csv, lr_trace.csv) as a list of row dicts."""
+    with open(path) as f:
+        return list(csv.DictReader(f))

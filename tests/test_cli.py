@@ -1,6 +1,5 @@
 """The command line end to end on CPU: train, inspect, multirun, errors, an installed wheel."""
 
-import csv
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 # tiny and fast: resnet18 at 32 px, random init, 2 synthetic classes, 3 steps an epoch
@@ -23,11 +23,6 @@ def finetune(*args, cwd, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_help_lists_commands(tmp_path):

@@ -1,8 +1,6 @@
 """Weight EMA: the debiased average equals its closed form, frozen weights stay bit-equal in it, the
 half-life is in epochs, and evaluation scores the average while metrics keep the live model's score."""
 
-import csv
-
 import pytest
 import torch
 from tiny_runs import compose_cfg
@@ -12,7 +10,7 @@ from finetune import ema
 from finetune.errors import UserError
 from finetune.train import train
 
-from helpers import SixGroupNet, batches, make_cfg, make_trainer
+from helpers import SixGroupNet, batches, make_cfg, make_trainer, read_csv
 from test_training_core import run
 
 SPE = 4
@@ -60,11 +58,6 @@ def test_trainer_average_keeps_frozen_weights_and_stats_bit_equal_and_lags_the_l
     # trainable BN statistics are averaged too; batch counts are copied
     assert torch.equal(trainer.ema.model.b4[1].num_batches_tracked, model.b4[1].num_batches_tracked)
     assert not torch.equal(trainer.ema.model.b4[1].running_mean, model.b4[1].running_mean)
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_evaluates_the_average_and_reports_the_live_model_beside_it(tmp_path):

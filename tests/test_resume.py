@@ -3,13 +3,13 @@ straight run, across a gradual unfreeze (AdamW state for the newly trained group
 dropout (global RNG) and augmentation (data order); and resumes that would not continue the run are refused.
 `train()` runs in-process on the CLI's config (tiny_runs)."""
 
-import csv
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_csv
 from tiny_runs import compose_cfg as compose_tiny
 from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
@@ -26,11 +26,6 @@ TIMING = ("seconds", "images_per_s")
 
 def compose_cfg(*overrides):
     return compose_tiny(*PLAN, *overrides)
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def load(run: Path) -> dict:
