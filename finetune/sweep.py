@@ -1,0 +1,252 @@
+"""A sweep's summary: one row per job from the job directories, as summary.csv, summary.md, a rich table
+and summary.png. Built from what the jobs wrote to disk (job.json, summary.json, metrics.csv), so it
+works for any launcher (jobs in other processes or on other machines) and for a sweep that is partly
+finished or was interrupted (`finetune summarize DIR`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+JOB_FILE = "job.json"  # written when a job starts: its number and overrides
+OBJECTIVE = "final_val_acc"  # what `train` returns to sweepers
+FIELDS = ("job", "overrides", "status", "final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds",
+          "images_per_s", "reason", "dir", "all_overrides")
+
+
+def write_job_file(job_dir: Path, num: int, overrides: Sequence[str]) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / JOB_FILE).write_text(json.dumps({"num": num, "overrides": list(overrides)}) + "\n")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or cut short by a kill mid-write
+        return None
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    return [d for d in sweep_dir.iterdir()
+            if d.is_dir() and ((d / JOB_FILE).is_file() or (d / "summary.json").is_file())]
+
+
+def _overrides(job_dir: Path, job: dict | None) -> list[str]:
+    if job is not None:
+        return job["overrides"]
+    hydra_file = job_dir / ".hydra" / "overrides.yaml"  # a job directory from before job.json existed
+    if hydra_file.is_file():
+        from omegaconf import OmegaConf
+
+        return list(OmegaConf.load(hydra_file))
+    return []
+
+
+def _job_number(job_dir: Path, job: dict | None) -> int | None:
+    if job is not None:
+        return job["num"]
+    head = job_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """One row per job directory, sorted by the objective (best first); failed and unfinished jobs last.
+    `swept` overrides (the keys whose values differ between jobs) are in `overrides`, all of them in
+    `all_overrides`."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for job_dir in _job_dirs(sweep_dir):
+        job = read_json(job_dir / JOB_FILE)
+        summary = read_json(job_dir / "summary.json") or {}
+        # no summary yet: the job never finished an epoch (killed, or still running)
+        status = summary.get("status", "incomplete")
+        rows.append({
+            "job": _job_number(job_dir, job), "all_overrides": _overrides(job_dir, job), "status": status,
+            **{k: summary.get(k) for k in ("final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds")},
+            "images_per_s": summary.get("train_images_per_second"), "reason": summary.get("reason", ""),
+            "dir": job_dir.name,
+        })
+    swept = swept_keys(rows)
+    for row in rows:
+        row["overrides"] = [o for o in row["all_overrides"] if _key(o) in swept]
+
+    def order(row):
+        value = row[OBJECTIVE]
+        done = row["status"] == "completed" and value is not None and math.isfinite(value)
+        return (not done, -(value if done else 0.0), row["job"] if row["job"] is not None else 1 << 30)
+
+    return sorted(rows, key=order)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _value(override: str) -> str:
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+def swept_keys(rows: Sequence[dict]) -> list[str]:
+    """The override keys whose values differ between jobs (or that some jobs lack), in first-seen order."""
+    seen: dict[str, set] = {}
+    for row in rows:
+        for o in row["all_overrides"]:
+            seen.setdefault(_key(o), set())
+    for row in rows:
+        values = {_key(o): _value(o) for o in row["all_overrides"]}
+        for key in seen:
+            seen[key].add(values.get(key))
+    return [k for k, values in seen.items() if len(values) > 1]
+
+
+def _cell(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, list):
+        return " ".join(value)
+    return str(value)
+
+
+# the table's columns (summary.md and the terminal): field, header, decimals
+TABLE = (("job", "job", 0), ("overrides", "overrides", 0), ("status", "status", 0),
+         ("final_val_acc", "val acc", 4), ("best_val_acc", "best val acc", 4), ("final_val_loss", "val loss", 4),
+         ("wall_seconds", "s", 1), ("images_per_s", "img/s", 0), ("reason", "reason", 0))
+
+
+def _short(override: str) -> str:
+    """lr=0.00044303752452182633 (an optuna trial) as lr=0.000443."""
+    number = _number(_value(override))
+    if number is None or len(_value(override)) <= 8:
+        return override
+    return f"{override.split('=', 1)[0]}={number:.3g}"
+
+
+def _cells(row: dict) -> list[str]:
+    return [" ".join(map(_short, row[field])) if field == "overrides" else _cell(row[field], digits)
+            for field, _, digits in TABLE]
+
+
+def write_summary(sweep_dir: str | Path, rows: Sequence[dict]) -> list[Path]:
+    """summary.csv (every field), summary.md (the table) and summary.png in the sweep directory."""
+    sweep_dir = Path(sweep_dir)
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row[k]) if isinstance(row[k], list) else row[k] for k in FIELDS})
+    lines = ["| " + " | ".join(header for _, header, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
+    (sweep_dir / "summary.md").write_text(f"# sweep {sweep_dir.name}: {failure_line(rows)}\n\n"
+                                          + "\n".join(lines) + "\n")
+    paths = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
+    if plot_summary(sweep_dir / "summary.png", sweep_dir, rows):
+        paths.append(sweep_dir / "summary.png")
+    return paths
+
+
+def print_table(rows: Sequence[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for field, header, _ in TABLE:
+        table.add_column(header, justify="left" if field in ("overrides", "status", "reason") else "right",
+                         no_wrap=field not in ("overrides", "reason"))
+    style = {"completed": None, "failed": "red"}
+    for row in rows:
+        table.add_row(*_cells(row), style=style.get(row["status"], "yellow"))
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file or pipe: wide enough for a row per line
+        console = Console(stderr=True, width=160)
+    console.print(table)
+
+
+def failed(rows: Sequence[dict]) -> int:
+    return sum(row["status"] != "completed" for row in rows)
+
+
+def failure_line(rows: Sequence[dict]) -> str:
+    bad = [r for r in rows if r["status"] != "completed"]
+    if not bad:
+        return f"all {len(rows)} jobs completed"
+    kinds = sorted({r["status"] for r in bad})
+    return f"{len(bad)} of {len(rows)} jobs did not complete ({', '.join(kinds)})"
+
+
+def _val_acc_curve(job_dir: Path) -> list[float]:
+    try:
+        with open(job_dir / "metrics.csv") as f:
+            return [float(r["val_acc"]) for r in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
+    """Every job's val acc per epoch; beside it, when one numeric key is swept, the objective against it.
+    False when no job has finished an epoch (nothing to draw)."""
+    curves = {row["dir"]: _val_acc_curve(sweep_dir / row["dir"]) for row in rows}
+    if not any(curves.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    swept = swept_keys(rows)
+    points = []
+    if len(swept) == 1:
+        for row in rows:
+            x = next((_number(_value(o)) for o in row["all_overrides"] if _key(o) == swept[0]), None)
+            if x is not None and row["status"] == "completed" and row[OBJECTIVE] is not None:
+                points.append((x, row[OBJECTIVE]))
+    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(12 if points else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for row in sorted(rows, key=lambda r: (r["job"] is None, r["job"])):
+        curve = curves[row["dir"]]
+        if curve:
+            label = f"{row['job']}: {' '.join(map(_short, row['overrides'])) or row['dir']}"[:60]
+            ax.plot(range(len(curve)), curve, marker="o", markersize=3,
+                    linestyle="-" if row["status"] == "completed" else ":",
+                    label=label + ("" if row["status"] == "completed" else f" ({row['status']})"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val acc")
+    ax.set_title(f"val acc per epoch, {len(rows)} jobs")
+    ax.legend(fontsize=7)
+    if points:
+        ax = axes[0][1]
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        if all(p[0] > 0 for p in points) and max(p[0] for p in points) / min(p[0] for p in points) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(swept[0])
+        ax.set_ylabel(OBJECTIVE)
+        ax.set_title(f"{OBJECTIVE} against {swept[0]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summarize(sweep_dir: str | Path, *, show: bool = True) -> list[dict]:
+    """Collect, write the three files, print the table; returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    write_summary(sweep_dir, rows)
+    if show:
+        print_table(rows, f"sweep {sweep_dir}: {failure_line(rows)}")
+    return rows

@@ -1,0 +1,203 @@
+"""Sweeps: a failing job does not end the sweep; the sweep's summary (csv, md, png) agrees with its jobs;
+`finetune summarize`; the real Hydra plugins (joblib, submitit_local, optuna) on tiny CPU runs; the
+resume command printed inside a sweep job works when pasted into a shell."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import read_csv
+from tiny_runs import ONE_THREAD_ENV, TINY, run_cli
+
+from finetune import checkpoint, cli
+
+RUN = [*TINY, "epochs=1", "experiment=none", "unfreeze=1", "schedule=constant"]
+
+
+def finetune(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD_ENV, **(env or {})}, timeout=600)
+
+
+def jobs_by_number(sweep_dir: Path) -> dict[int, Path]:
+    return {json.loads((d / "job.json").read_text())["num"]: d for d in sweep_dir.iterdir() if (d / "job.json").is_file()}
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory):
+    """3 jobs, the middle one with an invalid LR: (process, sweep dir)."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = finetune("train", "-m", *RUN, "epochs=2", "lr=1e-3,-1,1e-2", "hydra.sweep.dir=sweep", cwd=cwd)
+    return proc, cwd / "sweep"
+
+
+def test_a_failing_job_is_recorded_and_the_next_jobs_run(failing_sweep):
+    proc, sweep_dir = failing_sweep
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == f"finetune: 1 of 3 jobs failed; summary in {sweep_dir.name}/summary.md"
+    assert "finetune: job 1 failed: lr must be > 0, got -1.0" in lines
+    assert "Traceback" not in proc.stderr
+    jobs = jobs_by_number(sweep_dir)
+    assert sorted(jobs) == [0, 1, 2]
+    for num in (0, 2):  # the job after the failing one ran to the end
+        assert json.loads((jobs[num] / "summary.json").read_text())["status"] == "completed"
+    failed = json.loads((jobs[1] / "summary.json").read_text())
+    assert failed == {"status": "failed", "reason": "lr must be > 0, got -1.0"}
+    assert "UserError: lr must be > 0" in (jobs[1] / "error.log").read_text()  # the traceback, for a report
+
+
+def test_summary_csv_agrees_with_every_job(failing_sweep):
+    _, sweep_dir = failing_sweep
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [r["job"] for r in rows][-1] == "1"  # failed last; completed ones by final val acc, best first
+    done = [float(r["final_val_acc"]) for r in rows[:2]]
+    assert done == sorted(done, reverse=True)
+    jobs = jobs_by_number(sweep_dir)
+    for row in rows:
+        summary = json.loads((jobs[int(row["job"])] / "summary.json").read_text())
+        assert row["status"] == summary["status"]
+        assert row["overrides"] == f"lr={['0.001', '-1', '0.01'][int(row['job'])]}"  # the swept key alone
+        assert {"model=resnet18", "epochs=2", row["overrides"]} <= set(row["all_overrides"].split())
+        for field in ("final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds"):
+            assert (float(row[field]) if row[field] else None) == summary.get(field), field
+        assert (float(row["images_per_s"]) if row["images_per_s"] else None) == summary.get("train_images_per_second")
+        assert row["reason"] == summary.get("reason", "")
+    md = (sweep_dir / "summary.md").read_text()
+    assert "| 1 | lr=-1 | failed |" in md and "lr must be > 0, got -1.0" in md
+    assert (sweep_dir / "summary.png").stat().st_size > 10_000
+
+
+def test_summarize_rebuilds_a_partly_finished_sweep(failing_sweep, tmp_path, capsys):
+    _, sweep_dir = failing_sweep
+    partial = tmp_path / "partial"
+    for num, job_dir in jobs_by_number(sweep_dir).items():  # a copy in which job 2 was killed before an epoch ended
+        copy = partial / job_dir.name
+        copy.mkdir(parents=True)
+        for name in ("job.json", "metrics.csv", "summary.json") if num != 2 else ("job.json",):
+            if (job_dir / name).is_file():
+                (copy / name).write_bytes((job_dir / name).read_bytes())
+    code, err = run_cli(capsys, "summarize", str(partial))
+    assert code == 1
+    assert err[-1] == f"finetune: 2 of 3 jobs did not complete (failed, incomplete); summary in {partial}/summary.md"
+    rows = read_csv(partial / "summary.csv")
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed"), ("2", "incomplete")]
+    assert run_cli(capsys, "summarize", str(tmp_path / "nowhere"))[0] == 2
+
+
+def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch would take every core
+    proc = subprocess.run([sys.executable, "-m", "finetune", "train", "-m", *RUN, "lr=1e-3,1e-2",
+                           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    cores = len(os.sched_getaffinity(0))
+    for job_dir in jobs_by_number(tmp_path / "sweep").values():
+        summary = json.loads((job_dir / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        assert summary["torch_threads"] == cli.threads_per_job(2, cores) == max(1, cores // 2)
+    assert [r["status"] for r in read_csv(tmp_path / "sweep" / "summary.csv")] == ["completed"] * 2
+
+
+def test_threads_per_job_shares_the_cores():
+    assert cli.threads_per_job(2, 16) == 8
+    assert cli.threads_per_job(3, 16) == 5
+    assert cli.threads_per_job(10, 2) == 1  # more jobs than cores: one thread each
+    assert cli.threads_per_job(-1, 8) == 1  # joblib's -1: a job per core
+    assert cli.threads_per_job(-2, 9) == 1 and cli.threads_per_job(-7, 8) == 4  # -7 on 8 cores: 2 jobs
+
+
+def test_submitit_local_runs_a_sweep(tmp_path):
+    proc = finetune("train", "-m", *RUN, "lr=1e-3,1e-2", "hydra/launcher=submitit_local",
+                    "hydra.launcher.timeout_min=10", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert sorted(r["overrides"] for r in rows) == ["lr=0.001", "lr=0.01"]
+    assert [r["status"] for r in rows] == ["completed"] * 2
+    assert list((tmp_path / "sweep").glob(".submitit/*/*_result.pkl"))  # it went through submitit's executor
+
+
+def test_optuna_study_best_value_is_the_best_job(tmp_path):
+    proc = finetune("train", *RUN, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweep.dir=study",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    study = yaml.safe_load((tmp_path / "study" / "optimization_results.yaml").read_text())
+    rows = read_csv(tmp_path / "study" / "summary.csv")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    assert study["best_value"] == max(float(r["final_val_acc"]) for r in rows) == float(rows[0]["final_val_acc"])
+    trials = [dict(o.split("=", 1) for o in r["all_overrides"].split()) for r in rows]
+    assert all({"lr", "head_lr", "unfreeze", "optimizer.weight_decay"} <= set(t) for t in trials)
+    # the study's best trial is a row with the best value (ties possible on tiny data)
+    assert any(float(t["lr"]) == study["best_params"]["lr"] and float(r["final_val_acc"]) == study["best_value"]
+               for t, r in zip(trials, rows))
+
+
+def test_a_missing_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_joblib") else real(name, *a))
+    code, err = run_cli(capsys, "train", "-m", "lr=1e-3,1e-2", "hydra/launcher=joblib")
+    assert code == 2
+    assert err == ["finetune: error: hydra/launcher=joblib needs the Hydra plugin hydra-joblib-launcher, which is "
+                   'not installed: pip install "finetune[sweep]" (or pip install hydra-joblib-launcher)']
+
+
+@pytest.mark.parametrize("value", ["plain/dir-1.x", "sweep/0_lr=0.01,unfreeze=2", "a b/ç é", "it's", "[x]"])
+def test_hydra_quote_reads_back_as_the_value(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    override = OverridesParser.create().parse_override(f"resume={cli.hydra_quote(value)}")
+    assert override.value() == value
+
+
+def test_the_resume_command_of_a_sweep_job_works_pasted_into_a_shell(tmp_path):
+    """SIGTERM a sweep job whose directory holds `=`, `,`, a space and non-ASCII; run the printed line in bash."""
+    long_run = [*TINY, "epochs=8", "experiment=none", "unfreeze=1", "schedule=cosine"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune", "train", "-m", *long_run, "lr=1e-3",
+                                 "hydra.sweep.dir='my sweep é'"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, **ONE_THREAD_ENV})
+    sweep_dir = tmp_path / "my sweep é"
+    deadline = time.monotonic() + 120
+    while not (saved := list(sweep_dir.glob(f"*/checkpoints/{checkpoint.LAST}"))):  # epoch 0 is done
+        assert proc.poll() is None and time.monotonic() < deadline, "the job never wrote a checkpoint"
+        time.sleep(0.02)
+    job_dir = saved[0].parent.parent
+    assert "=" in job_dir.name and "," in job_dir.name
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    line = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+    command = line.removeprefix("finetune: resume with: ")
+    assert command != line and shlex.split(command)[-1] == f"resume={cli.hydra_quote(str(job_dir))}"
+    bin_dir = Path(sys.executable).parent  # where `finetune` is installed beside this python
+    done = subprocess.run(["bash", "-c", command + " hydra.run.dir=again"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, **ONE_THREAD_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in (tmp_path / "again" / "finetune.log").read_text()
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["epochs"] == 8
+
+
+def test_the_slurm_preset_composes_for_submitit():
+    from hydra import compose, initialize_config_dir
+
+    from finetune.config import register_configs
+    from tiny_runs import ROOT
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min,
+            launcher.array_parallelism) == ("gpu", 1, 1, 240, 16)
