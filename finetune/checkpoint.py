@@ -20,12 +20,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from finetune.errors import UserError
+from finetune.errors import UserError, writing
 
 FORMAT = "finetune-checkpoint/1"
 LAST = "last.pt"
 # config keys that do not change what a run computes: a resume may change them silently
-NEUTRAL_KEYS = ("resume", "verbose", "progress")
+NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -37,11 +37,12 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     # a fresh name per write ("x": never reuse one); open() keeps the umask's permissions, mkstemp's are 0600
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        with writing(path), open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -74,15 +75,42 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's "Weights only load failed" is a pickle that asks for code (a global, a reduce call):
+        # refused, and torch's advice to retry with weights_only=False is not passed on
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:
+        needs = unsafe.group(1) if unsafe else _pickled_code(path)
+        if needs:
             raise UserError(
-                f"{what} {path} is a pickle that needs code ({unsafe.group(1)}); finetune refuses unsafe "
-                "pickles (weights_only=True): re-save it as a plain state dict or a .safetensors file"
+                f"{what} {path} is a pickle that would run code ({needs}); finetune refuses to load it and "
+                "never runs it: re-save the weights as a plain state dict or a .safetensors file"
             ) from None
-        raise UserError(f"{what} {path} is corrupt or not a torch file ({first_line(e)})") from None
+        # torch's first line advises weights_only=False, which would run whatever the file holds: not shown
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s{2,}|$)", str(e))
+        reason = detail.group(1) if detail else "the safe loader could not read it"
+        raise UserError(f"{what} {path} is corrupt or not a torch file ({reason})") from None
     except Exception as e:  # a damaged file surfaces as almost any type (KeyError, RuntimeError, EOFError...)
         raise UserError(f"{what} {path} is corrupt or not a torch file ({first_line(e)})") from None
+
+
+def _pickled_code(path: Path) -> str | None:
+    """The first global a plain pickle file would import (and so could call), read with pickletools, which
+    parses opcodes without running any; None for a file that is no pickle (garbage, a damaged archive).
+    torch's safe loader stops at the framing of a protocol-4 pickle before it reaches the global."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return ".".join(strings[-2:])
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle: pickletools raises on the first byte that is no opcode
+        return None
+    return None
 
 
 def resolve_resume_path(resume: str) -> Path:

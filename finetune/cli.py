@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config import register_configs
+from finetune.config import _SOURCE_CONF, register_configs
 from finetune.errors import UserError
 
 USAGE = """usage: finetune <command> [hydra overrides...]
@@ -37,7 +37,6 @@ Tab completion: eval "$(finetune -sc install=bash)"
 """
 
 # conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
-_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "train.yaml").is_file() else "pkg://finetune.conf"
 INSPECT_OVERRIDES = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
                      "hydra/hydra_logging=none"]
@@ -74,6 +73,18 @@ def _resume_command(out_dir: str) -> str:
     return shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
 
 
+def _recipe() -> dict | None:
+    """What this run's recipe set that the command line did not (finetune/recipe.py)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune import recipe
+
+    hydra_cfg = HydraConfig.get()
+    return recipe.describe(hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task),
+                           lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides))
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def train_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -86,7 +97,11 @@ def train_task(cfg: DictConfig) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     _share_cores(hydra_cfg)
     try:
-        summary = train(cfg, out_dir)
+        from finetune.recipe import line
+
+        recipe = _recipe()
+        log.info("%s", line(recipe))
+        summary = train(cfg, out_dir, recipe=recipe)
     except Interrupted as stop:
         print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
         sys.exit(128 + (stop.signum or 2))  # the shell convention for "killed by this signal"
@@ -113,7 +128,7 @@ def inspect_task(cfg: DictConfig) -> dict | None:
     from finetune.inspect_run import inspect
 
     try:
-        return inspect(cfg)
+        return inspect(cfg, _recipe())
     except UserError as err:
         _report_user_error(cfg, err)
 
@@ -221,7 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    from finetune import overrides
+
     problem = missing_plugin(rest)
+    try:
+        overrides.check(rest)
+    except UserError as err:
+        problem = problem or str(err)
     if problem:
         print(f"finetune: error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -4,7 +4,8 @@ groups, warmup longer than training) happen in finetune.plan before any training
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -72,10 +73,11 @@ class ScheduleConfig:
 
 @dataclass
 class LRSpreadConfig:
-    kind: str = "none"  # none | geometric (fastai slice) | ulmfit | layer_decay
+    kind: str = "none"  # none | body | geometric (fastai slice) | ulmfit | layer_decay
     lo: Optional[float] = None  # geometric: LR of the first group (the last group gets `lr`)
     factor: float = 2.6  # ulmfit: each lower group = the one above / factor
     decay: float = 0.75  # layer_decay: lr * decay ** depth (depth 0 = head)
+    ratio: float = 0.1  # body: every group below the head at lr * ratio
 
 
 @dataclass
@@ -106,8 +108,8 @@ class TrainConfig:
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all
     epochs: int = 5
-    lr: float = 1e-3  # peak LR of the top (head) group
-    head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head)
+    lr: float = 1e-3  # peak LR of the head group, under every recipe; lower groups per lr_spread
+    head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head); recipes never set it
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -120,9 +122,34 @@ class TrainConfig:
     ema_half_life: Optional[float] = None
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     resume: Optional[str] = None  # run dir or checkpoint file
+    overwrite: bool = False  # run in a directory that already holds a run, replacing it
     verbose: bool = False  # show tracebacks for user errors
     progress: bool = True
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
+_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def conf_dir() -> Path:
+    if (_SOURCE_CONF / "train.yaml").is_file():
+        return _SOURCE_CONF
+    from importlib.resources import files
+
+    return Path(str(files("finetune.conf")))
+
+
+def schedule_preset(kind: str) -> dict:
+    """What `schedule=<kind>` gives: the schema's defaults with conf/schedule/<kind>.yaml on top (a
+    per-group schedule of another kind starts from here, not from the global schedule's settings)."""
+    from omegaconf import OmegaConf
+
+    preset = {**asdict(ScheduleConfig()), "kind": kind}
+    path = conf_dir() / "schedule" / f"{kind}.yaml"
+    if path.is_file():
+        preset.update(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    return preset

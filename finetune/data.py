@@ -16,12 +16,13 @@ import logging
 import math
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
@@ -60,9 +61,12 @@ def _dataset_name(cfg) -> str:
     return str(cfg.name).strip().lower().replace("-", "_")
 
 
+BUILT_IN = ("digits", "synthetic", "imagefolder")
+
+
 def _check_name(name: str) -> None:
-    if name not in ("synthetic", "imagefolder") and name not in TORCHVISION_DATASETS:
-        known = ", ".join(["synthetic", "imagefolder", *TORCHVISION_DATASETS])
+    if name not in BUILT_IN and name not in TORCHVISION_DATASETS:
+        known = ", ".join([*BUILT_IN, *TORCHVISION_DATASETS])
         raise UserError(f"unknown data.name '{name}'; choose one of: {known}.")
 
 
@@ -75,6 +79,8 @@ def num_classes(cfg) -> int:
         return int(cfg.num_classes)
     if name == "imagefolder":
         return len(_imagefolder_classes(_imagefolder_root(cfg)))
+    if name == "digits":
+        return len(DIGIT_CLASSES)
     return TORCHVISION_DATASETS[name][1]
 
 
@@ -183,7 +189,7 @@ class TransformedDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image, label = self.base[index]
         if isinstance(image, Image.Image) and image.mode != "RGB":
-            image = image.convert("RGB")  # grayscale (MNIST) and palette images -> 3 channels
+            image = to_rgb(image)  # grayscale (MNIST), palette and 16-bit images -> 8-bit RGB
         # v2 transforms draw from the global torch RNG; fork it so the main process's stream is left alone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, epoch, index))
@@ -216,14 +222,14 @@ class _Loader(DataLoader):
             yield batch
 
 
-def resolve_workers(requested: int, synthetic: bool) -> int:
-    """-1 picks: 0 for the in-memory synthetic set (worker start-up would dominate), else cores - 1, at most 8."""
+def resolve_workers(requested: int, in_memory: bool) -> int:
+    """-1 picks: 0 for the small in-memory sets (worker start-up would dominate), else cores - 1, at most 8."""
     requested = int(requested)
     if requested < -1:
         raise UserError(f"data.num_workers must be -1 (auto) or >= 0, got {requested}.")
     if requested >= 0:
         return requested
-    if synthetic:
+    if in_memory:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores - 1))
@@ -317,6 +323,9 @@ def build_data(
     skipped = 0
     if name == "synthetic":
         train_base, val_base, classes = _synthetic_splits(cfg, size)
+    elif name == "digits":
+        train_base, val_base = (_ImageList(digits_split(split)) for split in ("train", "val"))
+        classes = DIGIT_CLASSES
     elif name == "imagefolder":
         train_base, val_base, classes, skipped = _imagefolder_splits(cfg)
     else:
@@ -327,11 +336,48 @@ def build_data(
         classes=list(classes),
         batch_size=int(batch_size),
         seed=int(seed),
-        num_workers=resolve_workers(cfg.num_workers, synthetic=name == "synthetic"),
+        num_workers=resolve_workers(cfg.num_workers, in_memory=name in ("synthetic", "digits")),
         pin_memory=pin_memory,
         persistent_workers=persistent_workers,
         skipped=skipped,
     )
+
+
+# --------------------------------------------------------------------------------------------- digits
+
+# the embedded real images (finetune/assets/README.md): handwritten digits, far from ImageNet photos
+DIGITS_FILE = Path(__file__).resolve().parent / "assets" / "digits.npz"
+DIGIT_CLASSES = [str(d) for d in range(10)]
+DIGITS_PER_CLASS = {"train": 30, "val": 50}
+DIGITS_STORED_PX = 32  # upscaled once like the benchmark's PNG folders, before the model's transform
+
+
+def digits_split(split: str, train_per_class: int = DIGITS_PER_CLASS["train"],
+                 val_per_class: int = DIGITS_PER_CLASS["val"], size: int = DIGITS_STORED_PX):
+    """[(grey PIL image of `size` px, label)] of one split: per digit, a fixed permutation (seed 0) gives
+    the first `train_per_class` images to train and the next `val_per_class` to val."""
+    with np.load(DIGITS_FILE) as stored:
+        pixels, labels = stored["images"], stored["labels"].astype(int)
+    rng = np.random.default_rng(0)
+    samples = []
+    for digit in range(len(DIGIT_CLASSES)):
+        order = rng.permutation(np.flatnonzero(labels == digit))
+        chosen = order[:train_per_class] if split == "train" else order[train_per_class:train_per_class + val_per_class]
+        for i in chosen:
+            image = Image.fromarray((pixels[i] * (255 / 16)).round().astype(np.uint8), mode="L")
+            samples.append((image.resize((size, size), Image.BILINEAR), digit))
+    return samples
+
+
+class _ImageList(Dataset):
+    def __init__(self, samples: list):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
 
 
 # ------------------------------------------------------------------------------------------- synthetic
@@ -448,19 +494,34 @@ def _imagefolder_classes(root: str) -> list[str]:
     return found["train"]
 
 
-def _readable(path: str) -> bool:
-    """A cheap header check (PIL verify decodes no pixel data); truncated pixel data surfaces at load time."""
+def _readable(path: str, decode: bool = False) -> bool:
+    """A cheap header check (PIL verify decodes no pixel data; truncated pixel data surfaces at load time),
+    or with `decode` a full decode, which also finds truncated files (data.skip_bad counts those too)."""
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load() if decode else im.verify()
         return True
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for broken files
         return False
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as the photo is meant to be seen: EXIF orientation applied, and 16/32-bit integer or float
+    grey scaled to 8 bits (PIL's convert("RGB") clips them, so a 16-bit PNG comes out almost white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0  # floats in [0, 1] or in [0, 255]
+        else:  # integer grey: 16-bit unless every value fits 8 bits
+            top = 255.0 if values.max(initial=0) <= 255 else 65535.0
+        image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _load_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class CheckedImageFolder(Dataset):
@@ -500,7 +561,7 @@ def _scan_split(split_dir: str, classes: list[str]) -> dict[str, list[str]]:
 
 def _drop_unreadable(files: list[str], skip_bad: bool) -> tuple[list[str], list[str]]:
     """(readable, unreadable) files by header check; an unreadable one is an error unless skip_bad."""
-    good = [p for p in files if _readable(p)]
+    good = [p for p in files if _readable(p, decode=skip_bad)]
     bad = sorted(set(files) - set(good))
     if bad and not skip_bad:
         raise UserError(

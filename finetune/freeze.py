@@ -13,6 +13,7 @@ hundred images would otherwise replace the pretrained statistics with noisy ones
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch.nn as nn
@@ -126,7 +127,17 @@ def frozen_norm_modules(
         names = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
         if names and all(n in frozen for n in names):
             out.append(module)
+        elif not names and _buffer_group_frozen(f"{mod_name}.running_mean", groups, mask):
+            out.append(module)  # affine=False: no parameter says its group; its buffers' names do
     return out
+
+
+def _buffer_group_frozen(name: str, groups: Sequence[LayerGroup], mask: Sequence[bool]) -> bool:
+    """Whether the first group whose patterns match `name` (as they match parameter names) is frozen."""
+    for group, on in zip(groups, mask):
+        if any(re.match(p, name) for p in group.patterns):
+            return not on
+    return False
 
 
 def batchnorm_mode(train_bn: bool, bn_eval: bool) -> str:

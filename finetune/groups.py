@@ -106,8 +106,18 @@ def assign_groups(
         # keep model order inside the catch-all group
         order = {n: i for i, n in enumerate(param_names)}
         index[catch_all].param_names.sort(key=order.__getitem__)
-    for group in groups:
+    owner = {pname: g.name for g in groups for pname in g.param_names}
+    for group, (_, _, regexes) in zip(groups, compiled):
         if not group.param_names:
+            # its pattern does match, but earlier groups took those parameters first
+            taken = sorted({owner[p] for p in param_names if p in owner and any(r.match(p) for r in regexes)},
+                           key=list(index).index)
+            if taken:
+                raise UserError(
+                    f"layer groups: group '{group.name}' (patterns {group.patterns}) gets no parameter: every one "
+                    f"it matches was already taken by the earlier group{'s' if len(taken) > 1 else ''} "
+                    f"{', '.join(repr(t) for t in taken)} (a parameter belongs to the first group that matches)"
+                )
             near = _closest(group.patterns[0], param_names)
             hint = f"; closest parameter names: {', '.join(near)}" if near else ""
             raise UserError(

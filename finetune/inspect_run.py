@@ -54,8 +54,10 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
     console.print(table)
 
 
-def inspect(cfg) -> dict:
-    """Build model (without downloading weights), groups and plan; print; return the description."""
+def inspect(cfg, recipe=None) -> dict:
+    """Build model (without downloading weights), groups and plan; print; return the description.
+    `recipe`: what the recipe set (finetune.recipe.describe), shown above the table and in the JSON."""
+    from finetune.recipe import line
     from finetune import data as data_mod
     from finetune.freeze import batchnorm_mode
     from finetune.plan import build_plan
@@ -68,5 +70,8 @@ def inspect(cfg) -> dict:
     params = dict(bundle.model.named_parameters())
     sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
     info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
+    info["recipe"] = recipe
+    if cfg.inspect.format != "json":
+        Console(width=None if sys.stdout.isatty() else 200).print(line(recipe), markup=False)
     print_plan(info, cfg.inspect.format)
     return info

@@ -16,7 +16,7 @@ import torch.nn as nn
 from finetune.errors import UserError
 from finetune.groups import LayerGroup
 
-SPREAD_KINDS = ("none", "geometric", "ulmfit", "layer_decay")
+SPREAD_KINDS = ("none", "body", "geometric", "ulmfit", "layer_decay")
 OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 
 
@@ -25,6 +25,10 @@ def spread_lrs(n: int, lr: float, spread) -> list[float]:
     kind = spread.kind
     if kind == "none":
         return [lr] * n
+    if kind == "body":  # one LR for every group below the head: lr * ratio (LP-FT's pretrained body)
+        if spread.ratio <= 0:
+            raise UserError(f"lr_spread.ratio must be > 0, got {spread.ratio}")
+        return [lr * spread.ratio] * (n - 1) + [lr]
     if kind == "geometric":  # fastai slice(lo, hi): evenly spaced on a log scale
         lo = spread.lo if spread.lo is not None else lr / 100
         if lo <= 0:

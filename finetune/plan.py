@@ -12,6 +12,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import freeze, schedules
+from finetune.config import schedule_preset
 from finetune.errors import UserError
 from finetune.optim import set_momentum, spread_lrs
 
@@ -123,7 +124,13 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int) -> Plan:
         wd = float(own.get("weight_decay", cfg.optimizer.weight_decay))
         if wd < 0:
             raise UserError(f"per_group.{name}.weight_decay must be >= 0, got {wd}")
-        sched_cfg = {**base_schedule, **(own.get("schedule") or {})}
+        own_schedule = own.get("schedule") or {}
+        start_from = base_schedule
+        if own_schedule.get("kind", base_schedule["kind"]) != base_schedule["kind"]:
+            # another kind starts from its own defaults (schedule=<kind>), not the global one's warmup etc.
+            start_from = {**schedule_preset(own_schedule["kind"]),
+                          "start_at_unfreeze": base_schedule["start_at_unfreeze"]}
+        sched_cfg = {**start_from, **own_schedule}
         unknown = set(sched_cfg) - set(base_schedule)
         if unknown:
             raise UserError(f"per_group.{name}.schedule: unknown key(s) {sorted(unknown)}")

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from finetune.errors import writing
+
 TRACE_FIELDS = ("step", "epoch", "group", "lr", "momentum", "trainable")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
 # with a weight average (ema_half_life), val_* score the average and these the live model
@@ -14,14 +16,15 @@ EMA_METRIC_FIELDS = ("live_val_loss", "live_val_acc")
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
+    with writing(path), open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)
 
 
 def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    with writing(path):
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str], steps_per_epoch: int) -> None:
@@ -55,7 +58,8 @@ def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str],
     ax.set_title("LR per layer group (dotted: frozen)")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with writing(path):
+        fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

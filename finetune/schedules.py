@@ -66,6 +66,9 @@ def from_config(cfg, steps_per_epoch: int, key: str = "schedule") -> Schedule:
         value = float(get(name, Schedule.__dataclass_fields__[name].default))
         if not 0.0 < value < 1.0:
             raise UserError(f"{key}.{name} must be between 0 and 1, got {value}")
+    ramp = {"one_cycle": "pct_start", "slanted_triangular": "cut_frac"}.get(kind)
+    if ramp and float(get("warmup", 0.0) or 0.0) > 0:
+        raise UserError(f"{key}.warmup: {kind} ramps up by itself ({key}.{ramp}); set {key}.warmup=0")
     gamma = float(get("gamma", 0.1))
     if gamma <= 0:
         raise UserError(f"{key}.gamma must be > 0, got {gamma}")

@@ -208,11 +208,11 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
 
     swept = swept_keys(rows)
     points = []
-    if len(swept) == 1:
-        for row in rows:
-            x = next((_number(_value(o)) for o in row["all_overrides"] if _key(o) == swept[0]), None)
-            if x is not None and row["status"] == "completed" and row[OBJECTIVE] is not None:
-                points.append((x, row[OBJECTIVE]))
+    if len(swept) == 1:  # and every value of it a number (unfreeze=1,3,all is not)
+        xs = [next((_number(_value(o)) for o in row["all_overrides"] if _key(o) == swept[0]), None) for row in rows]
+        if None not in xs:
+            points = [(x, row[OBJECTIVE]) for x, row in zip(xs, rows)
+                      if row["status"] == "completed" and row[OBJECTIVE] is not None]
     fig, axes = plt.subplots(1, 2 if points else 1, figsize=(12 if points else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     for row in sorted(rows, key=lambda r: (r["job"] is None, r["job"])):
@@ -233,6 +233,9 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
         if all(p[0] > 0 for p in points) and max(p[0] for p in points) / min(p[0] for p in points) >= 10:
             ax.set_xscale("log")
+        xs = sorted({p[0] for p in points})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the swept values themselves, not log-scale minor labels
+        ax.minorticks_off()
         ax.set_xlabel(swept[0])
         ax.set_ylabel(OBJECTIVE)
         ax.set_title(f"{OBJECTIVE} against {swept[0]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import signal
 import time
@@ -49,7 +50,10 @@ class NonFiniteLoss(UserError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but no CUDA device is available (use device=auto or cpu)")
     return device
@@ -148,7 +152,8 @@ class Trainer:
         return x, y.to(self.device, non_blocking=True)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step at global `step`: returns (loss, correct count) as device tensors."""
+        """One optimizer step at global `step`: returns (loss, correct count) as device tensors; the loss
+        is the plain cross-entropy, as `evaluate` measures it, whatever label smoothing the step used."""
         apply(self.optimizer, self.plan, step)
         with self.autocast():
             logits = self.forward(x)
@@ -163,7 +168,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        logits = logits.detach()
+        # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised
+        reported = F.cross_entropy(logits.float(), y) if self.label_smoothing else loss.detach()
+        return reported, (logits.argmax(1) == y).sum()
 
     def _has_grads(self) -> bool:
         """Any optimizer parameter with a gradient; scanned head first, so normally one look-up."""
@@ -261,7 +269,7 @@ def build_run(cfg):
     return bundle, groups, num_classes
 
 
-def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
+def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None) -> dict:
     """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc).
 
     `cfg.resume` (a run directory or checkpoint file) continues that run exactly: same weights, optimizer
@@ -271,11 +279,15 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     `stop_at_step` (library only) stops the same way once that many steps are done (at an epoch's end:
     after its evaluation): it splits one plan over several runs (time-limited jobs; tests of exact
     resume), where a run with fewer `epochs` would follow a different schedule.
+    `recipe` (what the recipe set, finetune.recipe.describe) is saved in summary.json.
     """
     from finetune import data as data_mod
     from finetune.progress import EpochProgress
 
     out_dir = Path(out_dir)
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
+    _refuse_finished_dir(out_dir, cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
@@ -307,7 +319,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
 
     ckpt_path = out_dir / "checkpoints" / checkpoint.LAST
 
-    def save():
+    def save():  # never over the last good checkpoint with a diverged model
+        _check_finite_state(model, plan, state.step, ckpt_path)
         checkpoint.atomic_save({
             "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
@@ -331,7 +344,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
             "train_images_per_second": _mean([m["images_per_s"] for m in state.metrics]),
             "trainable_params_per_epoch": state.trainable_params,
             "groups": names, "device": str(device), "precision": str(amp_dtype or "fp32"),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "recipe": recipe,
+            "skipped_images": data.skipped,  # unreadable files left out (data.skip_bad)
         }
         report.write_json(out_dir / "summary.json", summary)
         if plot and state.trace:  # the plot costs about a second: at the end (or stop), not every epoch
@@ -379,7 +393,13 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
             progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, done=state.batch)
             for x, y in loader:
                 x, y = trainer.to_device(x, y)
-                loss, ok = trainer.step(x, y, state.step)
+                try:
+                    loss, ok = trainer.step(x, y, state.step)
+                except ValueError as err:  # torch's BatchNorm on a batch of one image
+                    if "Expected more than 1 value per channel" not in str(err):
+                        raise
+                    raise UserError(f"a batch of {len(y)} image at step {state.step}: BatchNorm in train mode "
+                                    "needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
                 state.trace.extend(trace_rows(plan, optimizer, state.step, epoch, trainer.mask))
                 pending.append((state.step, loss))
                 loss_sum += loss * y.numel()
@@ -403,6 +423,9 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
             train_seconds = epoch_before + time.perf_counter() - t0
             # with EMA, val_* scores the average (the weights the run delivers), live_val_* the live model
             val_loss, val_acc = trainer.evaluate(data.val_loader(), average=trainer.ema is not None)
+            if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
+                raise _diverged(f"val loss became {val_loss} after step {state.step - 1}", plan, state.step - 1,
+                                ckpt_path)
             live = {}
             if trainer.ema is not None:
                 live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(data.val_loader())))
@@ -441,15 +464,40 @@ def _check_finite(pending: list[tuple[int, torch.Tensor]], plan: Plan, kept: Pat
     if not len(bad):
         return
     step, loss = pending[int(bad[0])]
+    raise _diverged(f"loss became {loss.item()} at step {step}", plan, step, kept)
+
+
+def _diverged(what: str, plan: Plan, step: int, kept: Path | None) -> NonFiniteLoss:
+    """The one message of every divergence: what, the step's epoch and every group's LR there."""
     epoch = step // plan.steps_per_epoch
     mask = plan.trainable(epoch)
     lrs = ", ".join(f"{g.name}={plan.lr(i, step):.3g}" + ("" if mask[i] else " (frozen)")
                     for i, g in enumerate(plan.groups))
-    where = f"the last good checkpoint {kept} is kept" if kept and kept.is_file() else "no checkpoint was written"
-    raise NonFiniteLoss(
-        f"loss became {loss.item()} at step {step} (epoch {epoch}) with LRs {lrs}; stopped, {where}. "
-        "Lower the LR or set grad_clip"
-    )
+    return NonFiniteLoss(f"{what} (epoch {epoch}) with LRs {lrs}; stopped, {_kept(kept)}. "
+                         "Lower the LR or set grad_clip")
+
+
+def _kept(ckpt: Path | None) -> str:
+    return f"the last good checkpoint {ckpt} is kept" if ckpt and ckpt.is_file() else "no checkpoint was written"
+
+
+def _check_finite_state(model: nn.Module, plan: Plan, step: int, ckpt: Path) -> None:
+    """A good checkpoint holds finite weights and buffers (BatchNorm statistics included); `step` steps
+    are done."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _diverged(f"{name} became non-finite by step {step - 1}", plan, max(0, step - 1), ckpt)
+
+
+def _refuse_finished_dir(out_dir: Path, cfg) -> None:
+    """A run directory holds one run: a second one there would replace its checkpoint and mix the logs."""
+    held = [p for p in (out_dir / "checkpoints" / checkpoint.LAST, out_dir / "summary.json") if p.is_file()]
+    if not held or cfg.overwrite:
+        return
+    if cfg.resume and checkpoint.resolve_resume_path(cfg.resume).resolve().parent.parent == out_dir.resolve():
+        return  # continuing the run that is there
+    raise UserError(f"{out_dir} already holds a run ({held[0].name}); continue it with resume={out_dir}, "
+                    "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")
 
 
 def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_per_epoch: int) -> RunState:

@@ -14,8 +14,8 @@ val_acc.png (val accuracy per epoch, mean over seeds, one line per recipe).
 
 `--make-folds K DIR` writes K cross-validation folds of --data's train/ folder (the images the recipes
 may be tuned on) as ImageFolders DIR/fold<i>/{train,val}.
-`--make-digits DIR` writes scikit-learn's bundled 8x8 digits (a far-off domain) as an ImageFolder:
-install scikit-learn (only its data file is read) and run the benchmark with --data DIR.
+`--make-digits DIR` writes the embedded 8x8 digits (a far-off domain; `data=digits`) as an ImageFolder:
+run the benchmark with --data DIR.
 """
 
 from __future__ import annotations
@@ -257,31 +257,15 @@ def print_table(stats: dict[str, RecipeStats]) -> None:
 
 
 def make_digits(out: Path, train_per_class: int = 30, val_per_class: int = 50, size: int = 32) -> None:
-    """scikit-learn's 8x8 digits (1797 images, 10 classes) as an ImageFolder of `size` px PNGs; a fixed
-    per-class split (train_per_class / val_per_class images), upscaled bilinearly."""
-    import gzip
-    import importlib.util
+    """The embedded digits (finetune/assets: 1797 8x8 images, 10 classes) as an ImageFolder of `size` px
+    PNGs: the same fixed per-class split as `data=digits` (train_per_class / val_per_class images)."""
+    from finetune.data import digits_split
 
-    import numpy as np
-    from PIL import Image
-
-    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it (or scipy)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--make-digits needs scikit-learn installed (pip install scikit-learn)")
-    csv_gz = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
-    with gzip.open(csv_gz, "rt") as f:
-        table = np.loadtxt(f, delimiter=",")
-    pixels, labels = table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(int)
-    rng = np.random.default_rng(0)
-    for digit in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == digit))
-        for split, chosen in (("train", idx[:train_per_class]),
-                              ("val", idx[train_per_class: train_per_class + val_per_class])):
+    for split in ("train", "val"):
+        for i, (image, digit) in enumerate(digits_split(split, train_per_class, val_per_class, size)):
             folder = out / split / str(digit)
             folder.mkdir(parents=True, exist_ok=True)
-            for i in chosen:
-                img = Image.fromarray((pixels[i] * (255 / 16)).round().astype(np.uint8), mode="L")
-                img.resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
+            image.save(folder / f"{i:04d}.png")
     print(f"wrote {out} ({train_per_class}/{val_per_class} train/val images per class)")
 
 

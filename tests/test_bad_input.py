@@ -111,7 +111,10 @@ def test_unknown_model_name_suggests_close_names(tmp_path, capsys):
      "layer groups: invalid regex 'layer[1' in group 'body': unterminated character set at position 5"),
     ("{body:[conv1,bn1,layer],extra:[nomatch],head:[fc]}",
      "layer groups: group 'extra' (patterns ['nomatch']) matches no parameter"),
-], ids=["invalid-regex", "regex-matching-nothing"])
+    ("{body:[conv1,bn1,layer],late:[layer4],head:[fc]}",
+     "layer groups: group 'late' (patterns ['layer4']) gets no parameter: every one it matches was already taken "
+     "by the earlier group 'body' (a parameter belongs to the first group that matches)"),
+], ids=["invalid-regex", "regex-matching-nothing", "shadowed-by-an-earlier-group"])
 def test_bad_layer_group_regex(tmp_path, capsys, groups, message):
     assert_one_line_error(run_cli(tmp_path, capsys, f"model.groups={groups}"), message)
 
@@ -211,8 +214,9 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys, malicious, override,
     path, marker = malicious
     code, lines = run_cli(tmp_path, capsys, f"{override}={path}")
     assert code == 2 and len(lines) == 1
-    assert lines[0].startswith(f"finetune: error: {what} {path} is a pickle that needs code "
-                               "(exec); finetune refuses unsafe pickles")
+    assert lines[0] == (f"finetune: error: {what} {path} is a pickle that would run code (exec); finetune refuses "
+                        "to load it and never runs it: re-save the weights as a plain state dict or a .safetensors file")
+    assert "corrupt" not in lines[0] and "weights_only=False" not in lines[0]
     assert not marker.exists()
 
 
@@ -240,3 +244,143 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
     assert lines[0] == "Traceback (most recent call last):"
     assert f"finetune.errors.UserError: data.root '{nowhere}' does not exist or is not a folder." in lines
     assert lines[-1] == f"finetune: error: data.root '{nowhere}' does not exist or is not a folder."
+
+
+# ------------------------------------------------------------------------- keys, values, the machine
+
+
+@pytest.mark.parametrize("override, message", [
+    ("unfreez=3", "unknown key 'unfreez' (closest: unfreeze, freeze)"),
+    ("+unfreez=3", "unknown key 'unfreez' (closest: unfreeze, freeze)"),  # Hydra's own hint, refused too
+    ("optimizer.nme=sgd", "unknown key 'optimizer.nme' (closest: optimizer.name, optimizer.eps, optimizer.beta2)"),
+    ("freeze=gradul", "freeze=gradul: no such freeze config; choose one of fine_tune, fixed, gradual, milestones "
+                      "(closest: gradual)"),
+    ("model=resnet19", "model=resnet19: no such model config; choose one of convnext_tiny, densenet121, "
+                       "efficientnet_b0, efficientnet_lite0, mobilenet_v3_large, regnet_y_400mf, resnet18, resnet50, "
+                       "swin_t, timm, torchvision, vit_b_16 (closest: resnet18, resnet50, densenet121)"),
+    ("epochs=many", "epochs=many: Value 'many' of type 'str' could not be converted to Integer"),
+    ("lr=1e-3,abc", "lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("device=gpu", "device=gpu: not a device; use auto, cpu, cuda or cuda:N"),
+    ("checkpoint_every=-1", "checkpoint_every must be >= 0 (0: at epoch ends only), got -1"),
+], ids=lambda v: v if "=" in v and len(v) < 24 else None)
+def test_bad_keys_and_values_are_one_line_with_exit_2(tmp_path, capsys, override, message):
+    assert_one_line_error(run_cli(tmp_path, capsys, override), message)
+
+
+def test_a_batch_of_one_image_with_batchnorm_in_train_mode_is_explained(tmp_path, capsys):
+    assert_one_line_error(run_cli(tmp_path, capsys, "batch_size=1", "data.train_size=2"),
+                          "a batch of 1 image at step 0: BatchNorm in train mode needs at least 2; raise "
+                          "batch_size or set freeze.bn_eval=true")
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, capsys, monkeypatch):
+    from finetune import checkpoint
+
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the checkpoint of epoch 1: the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert_one_line_error(run_cli(tmp_path, capsys, "epochs=2"), f"could not write {last}: No space left on device")
+    kept = torch.load(last, weights_only=True)  # the epoch-0 checkpoint, whole
+    assert kept["epoch"] == 1 and len(kept["metrics"]) == 1
+    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
+    from finetune.train import Trainer
+
+    real = Trainer.evaluate
+    calls = []
+
+    def evaluate(self, loader, average=False):
+        calls.append(1)
+        loss, acc = real(self, loader, average)
+        return (float("nan"), acc) if len(calls) == 2 else (loss, acc)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    lrs = ", ".join(f"{g}=0.001" for g in ("stem", "layer1", "layer2", "layer3", "layer4"))
+    assert_one_line_error(run_cli(tmp_path, capsys, "epochs=3", "schedule=constant"),
+                          f"val loss became nan after step 5 (epoch 1) with LRs {lrs}, head=0.001; stopped, the last "
+                          f"good checkpoint {last} is kept. Lower the LR or set grad_clip")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+def test_non_finite_batchnorm_statistics_are_never_checkpointed(tmp_path, capsys, monkeypatch):
+    from finetune.train import Trainer
+
+    real = Trainer.step
+
+    def step(self, x, y, at):
+        out = real(self, x, y, at)
+        if at == 4:  # epoch 1: a running statistic blows up while the loss looks fine
+            self.model.bn1.running_var.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    code, lines = run_cli(tmp_path, capsys, "epochs=3", "unfreeze=all")
+    assert code == 2 and lines[0].startswith("finetune: error: bn1.running_var became non-finite by step ")
+    assert lines[0].endswith(f"stopped, the last good checkpoint {last} is kept. Lower the LR or set grad_clip")
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 1 and torch.isfinite(saved["model"]["bn1.running_var"]).all()
+
+
+def test_a_directory_that_holds_a_run_is_not_reused_silently(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(tmp_path, capsys)[0] == 0
+    first = (run / "checkpoints" / "last.pt").read_bytes()
+    assert_one_line_error(run_cli(tmp_path, capsys, "seed=1"),
+                          f"{run} already holds a run (last.pt); continue it with resume={run}, choose another "
+                          "directory (hydra.run.dir=...) or replace it with overwrite=true")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == first
+    assert run_cli(tmp_path, capsys, f"resume={run}")[0] == 0  # continuing it is fine
+    assert run_cli(tmp_path, capsys, "seed=1", "overwrite=true")[0] == 0
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["seed"] == 1
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def test_images_become_correct_8_bit_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune.data import to_rgb
+
+    grey16 = np.full((4, 6), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (4, 6, 3) and (rgb == 128).all()  # not clipped to white
+    floats = Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32))
+    assert (np.asarray(to_rgb(floats)) == 128).all()
+    # EXIF orientation 6 (rotated 90 degrees): the image is turned upright
+    wide = Image.new("RGB", (6, 4), (10, 20, 30))
+    exif = wide.getexif()
+    exif[0x0112] = 6
+    wide.save(tmp_path / "rot.jpg", exif=exif)
+    with Image.open(tmp_path / "rot.jpg") as im:
+        assert to_rgb(im).size == (4, 6)
+    for mode in ("L", "LA", "P", "RGBA", "CMYK", "1", "I;16"):
+        assert to_rgb(Image.new(mode, (3, 3))).mode == "RGB", mode
+
+
+def test_skip_bad_counts_truncated_images_in_the_summary(tmp_path, capsys, folder):
+    import json
+
+    good = folder / "train" / "bees" / "0.png"
+    truncated = folder / "train" / "bees" / "cut.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-40])  # the header reads, the pixel data is cut short
+    assert good.is_file()
+    code, lines = run_cli(tmp_path, capsys, *imagefolder(folder), "data.skip_bad=true")
+    assert code == 0, lines
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 1

@@ -225,12 +225,12 @@ def test_bad_interpolation_is_a_user_error():
 
 
 def test_resolve_workers():
-    assert D.resolve_workers(3, synthetic=True) == 3
-    assert D.resolve_workers(-1, synthetic=True) == 0
+    assert D.resolve_workers(3, in_memory=True) == 3
+    assert D.resolve_workers(-1, in_memory=True) == 0
     cores = len(os.sched_getaffinity(0))
-    assert D.resolve_workers(-1, synthetic=False) == max(0, min(8, cores - 1))
+    assert D.resolve_workers(-1, in_memory=False) == max(0, min(8, cores - 1))
     with pytest.raises(UserError, match="data.num_workers"):
-        D.resolve_workers(-2, synthetic=False)
+        D.resolve_workers(-2, in_memory=False)
 
 
 # ----------------------------------------------------------------------------------- imagefolder

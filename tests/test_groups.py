@@ -17,7 +17,8 @@ def members(groups):
 
 def test_first_matching_group_wins_and_patterns_are_anchored():
     spec = {"stem": ["conv1", "bn1"], "body": r"layer\d", "also_layer1": "layer1", "head": "fc"}
-    with pytest.raises(UserError, match="group 'also_layer1'.*matches no parameter"):
+    with pytest.raises(UserError, match="group 'also_layer1'.*gets no parameter: every one it matches was already "
+                                        "taken by the earlier group 'body'"):
         assign_groups(NAMES, spec)  # layer1.* was taken by 'body' first
     groups = assign_groups(NAMES, {"stem": ["conv1", "bn1"], "body": r"layer\d", "head": "fc"})
     assert members(groups) == {

@@ -132,19 +132,23 @@ def test_nan_loss_stops_naming_the_step_and_every_lr_and_keeps_the_last_good_che
     with pytest.raises(NonFiniteLoss) as info:
         train(compose_cfg(*DIVERGE, "checkpoint_every=1"), tmp_path)
     ckpt = tmp_path / "checkpoints" / checkpoint.LAST
-    loss, step = re.match(r"loss became (nan|inf|-inf) at step (\d+) ", str(info.value)).groups()
+    # the loss; or first a weight or BatchNorm statistic (checked before every checkpoint), or the val loss
+    what, step = re.match(r"((?:val )?loss became (?:nan|inf|-inf) (?:at|after) step|\S+ became non-finite by step) "
+                          r"(\d+) ", str(info.value)).groups()
     step = int(step)
     frozen = ", ".join(f"{g}=1e+06 (frozen)" for g in ("stem", "layer1", "layer2", "layer3"))
     assert str(info.value) == (
-        f"loss became {loss} at step {step} (epoch {step // 3}) with LRs {frozen}, layer4=1e+06, head=1e+06; "
+        f"{what} {step} (epoch {step // 3}) with LRs {frozen}, layer4=1e+06, head=1e+06; "
         f"stopped, the last good checkpoint {ckpt} is kept. Lower the LR or set grad_clip")
     saved = torch.load(ckpt, weights_only=True)
-    assert saved["step"] == step  # written after the step before the bad one, never after it
+    # written after the last step whose loss, weights and statistics were finite, never after a bad one;
+    # a val loss is measured after its epoch's last step, which that checkpoint includes
+    assert saved["step"] == step + what.startswith("val")
     assert all(torch.isfinite(v.float()).all() for v in saved["model"].values())
 
 
 def test_nan_loss_on_the_command_line_is_exit_2(tmp_path, capsys):
     code, lines = run_cli(capsys, "train", *TINY, *DIVERGE, f"hydra.run.dir={tmp_path}", *QUIET)
     assert code == 2 and len(lines) == 1
-    assert re.fullmatch(r"finetune: error: loss became (nan|inf|-inf) at step \d+ \(epoch \d\) with LRs "
+    assert re.fullmatch(r"finetune: error: (val )?loss became (nan|inf|-inf) (at|after) step \d+ \(epoch \d\) with LRs "
                         r"stem=1e\+06 \(frozen\), .*; stopped, .*\. Lower the LR or set grad_clip", lines[0])

@@ -236,7 +236,8 @@ def test_wrong_head_size_is_a_shape_mismatch(tmp_path):
 def test_unsafe_pickle_is_refused(tmp_path):
     path = tmp_path / "unsafe.pth"
     torch.save({"weight": torch.zeros(2), "extra": NeedsCode()}, path)
-    with pytest.raises(UserError, match=r"needs code \(.*NeedsCode\); finetune refuses unsafe pickles"):
+    with pytest.raises(UserError, match=r"is a pickle that would run code \(.*NeedsCode\); finetune refuses to load "
+                                        r"it and never runs it"):
         read_state_dict(path)
 
 

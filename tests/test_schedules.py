@@ -112,3 +112,11 @@ def test_schedule_is_pure():
     s = Schedule("one_cycle")
     assert [lr_factor(s, t, 50) for t in range(50)] == [lr_factor(s, t, 50) for t in range(50)]
     assert not math.isnan(lr_factor(s, 0, 1))
+
+
+@pytest.mark.parametrize("kind, ramp", [("one_cycle", "pct_start"), ("slanted_triangular", "cut_frac")])
+def test_warmup_on_a_kind_that_ramps_up_by_itself_is_refused(kind, ramp):
+    with pytest.raises(UserError, match=rf"^per_group.head.schedule.warmup: {kind} ramps up by itself "
+                                        rf"\(per_group.head.schedule.{ramp}\); set per_group.head.schedule.warmup=0$"):
+        schedules.from_config({"kind": kind, "warmup": 0.5}, 10, key="per_group.head.schedule")
+    assert schedules.from_config({"kind": kind, "warmup": 0}, 10).warmup == 0

@@ -106,6 +106,23 @@ def test_frozen_groups_bit_identical_and_bn_stats_fixed():
     assert not torch.equal(model.b1[1].running_mean, torch.zeros(8))  # trainable BN stats moved
 
 
+def test_batchnorm_without_affine_parameters_in_a_frozen_group_keeps_its_statistics():
+    """BatchNorm(affine=False) has no parameter to tell its group: its buffers' names place it."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),  # 0, 1: the body
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),  # 3, 4: trains
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    spec = {"body": [r"0\.", r"1\."], "top": [r"3\.", r"4\."], "head": r"8\."}  # stage prefixes, as the zoo's
+    trainer = make_trainer(model, make_cfg(epochs=1, unfreeze=2), SPE, spec)
+    frozen_bn, live_bn = model[1], model[4]
+    before = frozen_bn.running_mean.clone(), frozen_bn.num_batches_tracked.clone()
+    run(trainer, 1, batches(SPE))
+    assert torch.equal(frozen_bn.running_mean, before[0]) and torch.equal(frozen_bn.num_batches_tracked, before[1])
+    assert int(live_bn.num_batches_tracked) == SPE  # its group trains: batch statistics, updated
+
+
 def test_gradual_group_changes_only_after_its_milestone():
     torch.manual_seed(0)
     model = SixGroupNet()
@@ -251,3 +268,21 @@ def test_resnet18_unfreeze_5_keeps_stem_and_its_bn_stats_bit_identical():
     assert all(torch.equal(v, model.bn1.state_dict()[k]) for k, v in stats.items())
     assert all(not torch.equal(named[n], p) for n, p in rest.items() if n.endswith("weight"))
     assert model.conv1.weight.grad is None
+
+
+def test_train_loss_is_measured_like_val_loss_under_label_smoothing():
+    """The step optimises the smoothed loss but reports plain cross-entropy, as `evaluate` does."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = SixGroupNet()
+    trainer = make_trainer(model, make_cfg(label_smoothing=0.2, unfreeze="all"), steps_per_epoch=2)
+    trainer.set_epoch(0)
+    x, y = batches(1)[0]
+    with torch.no_grad():
+        logits = copy.deepcopy(model)(x)  # the same weights and mode, before the step
+    loss, _ = trainer.step(x, y, 0)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item(), rel=1e-3)

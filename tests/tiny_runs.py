@@ -15,7 +15,7 @@ from finetune.config import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 # resnet18 at 16 px, random init, 2 synthetic classes, 3 steps of 8 images an epoch
-TINY = ["model=resnet18", "model.weights=null", "data.image_size=16", "data.num_classes=2",
+TINY = ["model=resnet18", "model.weights=null", "data=synthetic", "data.image_size=16", "data.num_classes=2",
         "data.train_size=24", "data.val_size=8", "batch_size=8", "progress=false", "device=cpu"]
 # Hydra without logging set-up or a .hydra/ folder, for in-process CLI calls
 QUIET = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]

@@ -1,0 +1,238 @@
+"""Every `finetune` command line in the README, as typed: its plan built as `finetune inspect ...
+inspect.format=json` builds it (a `train` line is inspected instead of trained; a sweep is expanded into
+its jobs), and its LRs, schedules, trainable groups per epoch and BatchNorm mode checked against what the
+README says beside it. A README command without a check here fails the first test."""
+
+import itertools
+import json
+import re
+import shlex
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from tiny_runs import ROOT
+
+README = (ROOT / "README.md").read_text()
+RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+BN_EVAL = "pretrained statistics in every layer (freeze.bn_eval)"
+BN_FROZEN = "pretrained statistics in frozen groups, batch statistics in trainable ones"
+EPOCHS, STEPS = 5, 6  # the defaults: 5 epochs of the synthetic set (192 images, batch 32)
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            command = re.split(r"\s+#", line)[0].strip()
+            if command.startswith("finetune "):
+                commands.append(" ".join(command.split()))
+    return commands
+
+
+def jobs(command: str) -> list[list[str]]:
+    """The override lists of the jobs a command runs (one, or one per point of a -m sweep)."""
+    args = [a for a in shlex.split(command)[2:] if a != "-m"]
+    values = []
+    for override in OverridesParser.create().parse_overrides(args):
+        if override.is_sweep_override():
+            values.append([f"{override.get_key_element()}={v}" for v in override.sweep_string_iterator()])
+        else:
+            values.append([override.input_line])
+    return [list(job) for job in itertools.product(*values)]
+
+
+def inspect_json(capsys, overrides: list[str]) -> dict:
+    capsys.readouterr()
+    from finetune import cli
+
+    try:
+        cli.main(["inspect", *overrides, "inspect.format=json"])
+    except SystemExit as e:
+        raise AssertionError(f"exit {e.code}: {capsys.readouterr().err}")
+    return json.loads(capsys.readouterr().out)
+
+
+def peaks(info) -> dict:
+    return {g["name"]: g["lr"]["peak"] for g in info["groups"]}
+
+
+def starts(info) -> dict:
+    return {g["name"]: g["trainable_from_epoch"] for g in info["groups"]}
+
+
+def names(info) -> list:
+    return [g["name"] for g in info["groups"]]
+
+
+def lp_ft_body_and_head(info, head=1e-2, body=2e-4):
+    """lp_ft's LRs: the head at lr, every other group at lr / 50."""
+    p = peaks(info)
+    assert p["head"] == pytest.approx(head, rel=1e-6)
+    for name, lr in p.items():
+        if name != "head":
+            assert lr == pytest.approx(body, rel=0.02), name  # cosine's peak falls between two steps
+
+
+def check_unfreeze_5(info):  # "the head for one epoch, then the last 5 groups (lp_ft)"
+    assert starts(info) == {"stem": None, "layer1": 1, "layer2": 1, "layer3": 1, "layer4": 1, "head": 0}
+    assert info["batchnorm"] == BN_EVAL and info["recipe"]["name"] == "lp_ft"
+    lp_ft_body_and_head(info)
+
+
+def check_lp_ft_unfreeze(info, unfreeze, epochs=EPOCHS):  # `-m unfreeze=1,3,all` on the default model
+    assert info["epochs"] == epochs
+    n = len(info["groups"])
+    count = n if unfreeze == "all" else int(unfreeze)
+    expected = [None] * (n - count) + [1] * (count - 1) + [0]
+    assert list(starts(info).values()) == expected
+
+
+def check_fixed_2(info):  # "unfreeze the last N groups", no recipe: fixed, one_cycle, lr 1e-3 everywhere
+    assert starts(info) == {"stem": None, "layer1": None, "layer2": None, "layer3": None, "layer4": 0, "head": 0}
+    assert info["recipe"] is None and info["batchnorm"] == BN_FROZEN
+    assert list(peaks(info).values()) == pytest.approx([1e-3] * 6, rel=0.02)  # one-cycle's peak between steps
+    assert {g["schedule"]["kind"] for g in info["groups"]} == {"one_cycle"}
+
+
+def check_per_group_lr(info):  # "a different LR per group"
+    p = peaks(info)
+    assert p["layer4"] == pytest.approx(1e-3, rel=0.02) and p["head"] == pytest.approx(1e-2)
+    lp_ft_body_and_head({"groups": [g for g in info["groups"] if g["name"] != "layer4"]})
+
+
+def check_per_group_schedule(info):  # "a schedule per group (others keep the global schedule)"
+    groups = {g["name"]: g for g in info["groups"]}
+    head, layer4, stem = groups["head"], groups["layer4"], groups["stem"]
+    # the head's one-cycle starts from one_cycle's own settings: no warmup from the global cosine
+    assert head["schedule"]["kind"] == "one_cycle" and head["schedule"]["warmup"] == 0
+    assert head["lr"]["start"] == pytest.approx(1e-2 / 25)  # lp_ft's head LR / div_factor: no warmup before it
+    assert head["lr"]["peak"] == pytest.approx(1e-2, rel=0.01)
+    assert (layer4["schedule"]["kind"], layer4["schedule"]["t0"], layer4["schedule"]["t_mult"]) == ("sgdr", 1, 2)
+    assert layer4["schedule"]["warmup"] == 0
+    assert (stem["schedule"]["kind"], stem["schedule"]["warmup"]) == ("cosine", 0.5)
+
+
+def check_gradual(info):  # ULMFiT: head first, one more group every epoch, LR / 2.6 per group down
+    n = len(info["groups"])
+    assert list(starts(info).values()) == [None] * (n - EPOCHS) + list(range(EPOCHS - 1, -1, -1))
+    p = list(peaks(info).values())
+    assert {g["schedule"]["kind"] for g in info["groups"]} == {"slanted_triangular"}
+    # each group's own triangle peaks at its LR (within the steps it trains)
+    for lower, upper in zip(p[n - EPOCHS:], p[n - EPOCHS + 1:]):
+        assert lower == pytest.approx(upper / 2.6, rel=0.05)
+
+
+def check_gradual_every_2(info):  # "one more every 2 epochs, at most 4 groups"
+    n = len(info["groups"])
+    assert list(starts(info).values()) == [None] * (n - 3) + [4, 2, 0]  # 5 epochs: 1, 1, 2, 2, 3 groups
+    assert info["batchnorm"] == BN_EVAL  # lp_ft's freeze.bn_eval still applies: the README says so
+
+
+def check_geometric(info):  # fastai slice(1e-5, 1e-3): the head at lr, the first group at lo
+    p = list(peaks(info).values())
+    assert p[-1] == pytest.approx(1e-3, rel=0.02) and p[0] == pytest.approx(1e-5, rel=0.02)
+    ratios = [b / a for a, b in zip(p, p[1:])]
+    assert max(ratios) == pytest.approx(min(ratios), rel=0.05)
+
+
+def check_ulmfit(info):
+    p = list(peaks(info).values())
+    assert p[-1] == pytest.approx(1e-3, rel=0.02)
+    for lower, upper in zip(p, p[1:]):
+        assert lower == pytest.approx(upper / 2.6, rel=0.05)
+
+
+def check_layer_decay(info):  # lr * decay ** depth below the head, the head at head_lr
+    p = list(peaks(info).values())
+    assert p[-1] == pytest.approx(1e-2, rel=0.02)
+    assert p[-2] == pytest.approx(1e-3 * 0.7, rel=0.02)
+    assert p[0] == pytest.approx(1e-3 * 0.7 ** (len(p) - 1), rel=0.02)
+
+
+def check_full(info, unfreeze):  # every trainable group from epoch 0, one LR, cosine
+    n = len(info["groups"])
+    count = n if unfreeze == "all" else int(unfreeze)
+    assert list(starts(info).values()) == [None] * (n - count) + [0] * count
+    assert list(peaks(info).values()) == pytest.approx([1e-3] * n, rel=0.02)
+    assert info["recipe"]["name"] == "full"
+
+
+def check_hymenoptera(info):  # 245 train images, batch 32: 7 full steps
+    assert info["steps_per_epoch"] == 7
+    lp_ft_body_and_head(info)
+
+
+def check_groups(expected):
+    def check(info):
+        assert names(info) == expected
+    return check
+
+
+def check_sweep_lr(info, lr):  # a swept lr is the head's LR; lp_ft's body follows at lr / 50
+    lp_ft_body_and_head(info, head=float(lr), body=float(lr) / 50)
+
+
+def by_job(check, key):
+    """A check of one sweep job that receives the job's value of `key`."""
+    def job_check(info, overrides):
+        value = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key)
+        check(info, value)
+    return job_check
+
+
+CHECKS = {
+    "finetune train model=resnet18 unfreeze=5": check_unfreeze_5,
+    "finetune inspect model=resnet18 unfreeze=5": check_unfreeze_5,
+    "finetune train -m unfreeze=1,3,all": by_job(check_lp_ft_unfreeze, "unfreeze"),
+    "finetune train model=resnet18 unfreeze=2 experiment=none": check_fixed_2,
+    "finetune train model=resnet18 +per_group.layer4.lr=1e-3 +per_group.head.lr=1e-2": check_per_group_lr,
+    "finetune train model=resnet18 schedule=cosine +per_group.head.schedule.kind=one_cycle "
+    "+per_group.layer4.schedule='{kind: sgdr, t0: 1, t_mult: 2}'": check_per_group_schedule,
+    "finetune train experiment=gradual": check_gradual,
+    "finetune train freeze=gradual freeze.every=2 unfreeze=4": check_gradual_every_2,
+    "finetune train lr=1e-3 lr_spread.kind=geometric lr_spread.lo=1e-5": check_geometric,
+    "finetune train lr=1e-3 lr_spread.kind=ulmfit lr_spread.factor=2.6": check_ulmfit,
+    "finetune train lr=1e-3 lr_spread.kind=layer_decay lr_spread.decay=0.7 head_lr=1e-2": check_layer_decay,
+    "finetune train -m unfreeze=1,3,all experiment=full": by_job(check_full, "unfreeze"),
+    "finetune train data=imagefolder data.root=../shared/data/hymenoptera": check_hymenoptera,
+    "finetune train model=torchvision model.name=regnet_y_400mf":
+        check_groups(["stem", "stage1", "stage2", "stage3", "stage4", "head"]),
+    "finetune train model=timm model.name=convnext_tiny":
+        check_groups(["stem", "stages_0", "stages_1", "stages_2", "stages_3", "neck", "head"]),
+    "finetune inspect model=resnet18": check_groups(RESNET),
+    "finetune train model=resnet18 'model.groups={stem: [conv1, bn1], early: [layer1, layer2], late: [layer3, "
+    "layer4], head: fc}'": check_groups(["stem", "early", "late", "head"]),
+    "finetune train -m data=hymenoptera unfreeze=1,3,all epochs=3":
+        by_job(lambda info, unfreeze: check_lp_ft_unfreeze(info, unfreeze, epochs=3), "unfreeze"),
+    "finetune train -m data=hymenoptera lr=3e-3,1e-2,3e-2 epochs=3": by_job(check_sweep_lr, "lr"),
+    "finetune train -m lr=1e-4,1e-3,1e-2 hydra/launcher=joblib hydra.launcher.n_jobs=2": by_job(check_sweep_lr, "lr"),
+    "finetune train -m lr=1e-4,1e-3 hydra/launcher=submitit_local": by_job(check_sweep_lr, "lr"),
+    "finetune train -m lr=1e-4,1e-3 hydra/launcher=slurm hydra.launcher.partition=gpu": by_job(check_sweep_lr, "lr"),
+}
+# checked elsewhere: they download, read a run that is not there, or are not a plan
+ELSEWHERE = {
+    "finetune train data=cifar10": "downloads CIFAR-10 (test_data)",
+    "finetune train hparams_search=optuna hydra.sweeper.n_trials=20": "test_sweep runs a 3-trial study",
+    "finetune summarize multirun/2026-12-01/10-00-00": "test_sweep",
+    "finetune train resume=outputs/2026-11-21/10-00-00": "test_resume",
+}
+
+
+def test_every_readme_command_is_checked():
+    commands = readme_commands()
+    assert len(commands) >= 20
+    unchecked = [c for c in commands if c not in CHECKS and c not in ELSEWHERE]
+    assert not unchecked, f"README commands without a check: {unchecked}"
+    assert not set(CHECKS) - set(commands), "checks for commands the README no longer has"
+
+
+@pytest.mark.parametrize("command", list(CHECKS))
+def test_readme_command_does_what_the_readme_says(command, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # data.root=../shared/... is relative to the checkout, as the README types it
+    check = CHECKS[command]
+    for overrides in jobs(command):
+        info = inspect_json(capsys, overrides)
+        if getattr(check, "__name__", "") == "job_check":
+            check(info, overrides)
+        else:
+            check(info)
