@@ -93,6 +93,7 @@ class FreezeConfig:
 @dataclass
 class InspectConfig:
     format: str = "table"  # table | json
+    params: bool = False  # also every parameter tensor: its group, effective LR and weight decay
 
 
 @dataclass

@@ -190,9 +190,10 @@ class TransformedDataset(Dataset):
         image, label = self.base[index]
         if isinstance(image, Image.Image) and image.mode != "RGB":
             image = to_rgb(image)  # grayscale (MNIST), palette and 16-bit images -> 8-bit RGB
-        # v2 transforms draw from the global torch RNG; fork it so the main process's stream is left alone
+        # v2 transforms draw from the global CPU generator; fork it so the main process's stream is left
+        # alone, and seed that generator alone: torch.manual_seed would reseed every CUDA device too
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             image = self.transform(image)
         return image, int(label)
 

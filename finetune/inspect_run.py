@@ -52,6 +52,38 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
                       f"{g['lr']['start']:.2e}", f"{g['lr']['peak']:.2e}", f"{g['lr']['end']:.2e}",
                       f"{g['weight_decay']:g}", _schedule_text(g["schedule"]))
     console.print(table)
+    if info.get("params"):
+        _print_params(info["params"], console)
+
+
+def tensor_rows(model, groups, plan: Plan, no_decay_norm_bias: bool) -> list[dict]:
+    """Every parameter tensor with its group, shape, effective peak LR and weight decay, from the same
+    param groups the optimizer gets."""
+    from finetune.optim import param_groups
+
+    lrs = [gp.lr for gp in plan.groups]
+    decay = {}
+    for pg in param_groups(model, groups, lrs, [gp.weight_decay for gp in plan.groups], no_decay_norm_bias):
+        for p in pg["params"]:
+            decay[id(p)] = (pg["group"], pg["weight_decay"])
+    rows = []
+    for name, p in model.named_parameters():
+        g, wd = decay[id(p)]
+        rows.append({"name": name, "group": plan.groups[g].name, "shape": list(p.shape),
+                     "lr_peak": plan.lr_range(g)["peak"], "weight_decay": wd,
+                     "trainable_from_epoch": plan.groups[g].first_epoch})
+    return rows
+
+
+def _print_params(rows: list[dict], console: Console) -> None:
+    table = Table(title=f"parameters: {len(rows)} tensors")
+    for col in ("tensor", "group", "shape", "lr peak", "wd", "trains from"):
+        table.add_column(col, justify="right" if col in ("lr peak", "wd") else "left")
+    for r in rows:
+        first = "never" if r["trainable_from_epoch"] is None else f"epoch {r['trainable_from_epoch']}"
+        table.add_row(r["name"], r["group"], "x".join(map(str, r["shape"])), f"{r['lr_peak']:.2e}",
+                      f"{r['weight_decay']:g}", first)
+    console.print(table)
 
 
 def inspect(cfg, recipe=None) -> dict:
@@ -61,8 +93,10 @@ def inspect(cfg, recipe=None) -> dict:
     from finetune import data as data_mod
     from finetune.freeze import batchnorm_mode
     from finetune.plan import build_plan
+    from finetune.plan import warnings as plan_warnings
     from finetune.train import build_run
 
+    random_init = cfg.model.weights is None
     cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})  # names and shapes need no weights
     bundle, groups, _ = build_run(cfg)
     data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -71,7 +105,13 @@ def inspect(cfg, recipe=None) -> dict:
     sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
     info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
     info["recipe"] = recipe
+    info["warnings"] = plan_warnings(cfg, plan, random_init)
+    if cfg.inspect.params:
+        info["params"] = tensor_rows(bundle.model, groups, plan, cfg.optimizer.no_decay_norm_bias)
     if cfg.inspect.format != "json":
-        Console(width=None if sys.stdout.isatty() else 200).print(line(recipe), markup=False)
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        console.print(line(recipe), markup=False)
+        for warning in info["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     print_plan(info, cfg.inspect.format)
     return info

@@ -8,6 +8,7 @@ them, and unfreezing later never adds param groups (which would break schedulers
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -47,9 +48,17 @@ def spread_lrs(n: int, lr: float, spread) -> list[float]:
     raise UserError(f"lr_spread.kind: unknown kind '{kind}'; choose one of {', '.join(SPREAD_KINDS)}")
 
 
+# torchvision's ViT (class token, position embedding), Swin and MaxViT (relative position bias tables), Swin
+# V2 (logit scale, continuous position bias MLP): they declare no no_weight_decay() as timm's models do,
+# and decay would pull these embeddings towards zero like it would a bias
+NO_DECAY_NAMES = re.compile(r"(.*\.)?(class_token|pos_embedding|relative_position_bias_table|logit_scale)$"
+                            r"|(.*\.)?cpb_mlp\.")
+
+
 def _no_decay_names(model: nn.Module) -> set[str]:
-    """Biases, normalisation weights (every 1-d parameter) and the model's own no_weight_decay list."""
-    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    """Biases, normalisation weights (every 1-d parameter), position embeddings and class tokens
+    (NO_DECAY_NAMES), and the model's own no_weight_decay list."""
+    names = {n for n, p in model.named_parameters() if p.ndim <= 1 or NO_DECAY_NAMES.match(n)}
     own = getattr(model, "no_weight_decay", None)
     if callable(own):
         skip = set(own())

@@ -38,11 +38,13 @@ def _open(node) -> bool:
     return OmegaConf.get_type(node) is dict
 
 
-def check_key(key: str, schema: DictConfig) -> None:
+def check_key(key: str, schema: DictConfig) -> bool:
+    """Raise UserError for a key the schema does not have; False when the key lies below an open node
+    (whose keys and values the schema does not type, e.g. freeze.milestones.7)."""
     node, path = schema, []
     for part in key.split("."):
         if _open(node):
-            return
+            return False
         if not isinstance(node, DictConfig):
             raise UserError(f"'{key}': {'.'.join(path)} is a value, it has no key '{part}'")
         if part not in node:
@@ -51,6 +53,7 @@ def check_key(key: str, schema: DictConfig) -> None:
         path.append(part)
         node = node._get_node(part)
         node = node if isinstance(node, DictConfig) else OmegaConf.select(schema, ".".join(path))
+    return True
 
 
 def _values(override) -> list:
@@ -89,9 +92,9 @@ def check(args: Sequence[str]) -> None:
             continue
         if "/" in key:
             continue  # a nested group path Hydra resolves itself
-        check_key(key, schema)
-        for value in _values(override):
-            _check_type(key, value, schema)
+        if check_key(key, schema):
+            for value in _values(override):
+                _check_type(key, value, schema)
 
 
 def _check_type(key: str, value, schema: DictConfig) -> None:

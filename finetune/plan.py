@@ -144,3 +144,34 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int) -> Plan:
             )
         plans.append(GroupPlan(name, group_lr, wd, sched, sched_cfg, first[i], start))
     return Plan(tuple(plans), cfg.epochs, steps_per_epoch, counts)
+
+
+def warnings(cfg, plan: Plan, random_init: bool) -> list[str]:
+    """Legal settings that are likely mistakes, one sentence each (inspect prints them, train logs them)."""
+    out = []
+    names = [g.name for g in plan.groups]
+    allowed = freeze.resolve_count(cfg.unfreeze, len(names))
+    idle = [g.name for g in plan.groups[len(names) - allowed:] if g.first_epoch is None]
+    if idle:
+        out.append(f"group(s) {', '.join(idle)} never train in {plan.epochs} epochs although unfreeze={cfg.unfreeze} "
+                   f"allows them (freeze.kind={cfg.freeze.kind}): their schedules never start; raise epochs or "
+                   "lower unfreeze")
+    if cfg.freeze.kind == "milestones":
+        late = sorted(int(e) for e in _as_dict(cfg.freeze.milestones) if int(e) >= plan.epochs)
+        if late:
+            out.append(f"freeze.milestones at epoch {', '.join(map(str, late))}: past the last epoch "
+                       f"({plan.epochs - 1}), so that change never happens")
+    never = {g.name for g in plan.groups if g.first_epoch is None}
+    for name in _as_dict(cfg.per_group):
+        if name in never:
+            out.append(f"per_group.{name} is set, but group '{name}' never trains")
+    head_peak = plan.groups[-1].lr  # as configured: sampled peaks differ by where the steps fall
+    body = [(g.lr, g.name) for g in plan.groups[:-1] if g.first_epoch is not None]
+    if body and max(body)[0] > head_peak * (1 + 1e-9):
+        lr, name = max(body)
+        out.append(f"the head's peak LR ({head_peak:.3g}) is below the peak LR of group {name} ({lr:.3g}): a new "
+                   "head usually needs the highest LR")
+    if random_init and cfg.lr_spread.kind != "none":
+        out.append(f"lr_spread.kind={cfg.lr_spread.kind} on a randomly initialised model (model.weights=null): "
+                   "lower LRs for the early layers only slow them down when nothing is pretrained")
+    return out

@@ -28,6 +28,7 @@ from finetune.errors import UserError
 from finetune.groups import LayerGroup, build_groups
 from finetune.optim import build_optimizer, param_groups
 from finetune.plan import Plan, apply, build_plan
+from finetune.plan import warnings as plan_warnings
 
 log = logging.getLogger("finetune")
 
@@ -306,6 +307,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     model.to(device)
     trainer = Trainer.from_config(cfg, model, groups, data.steps_per_epoch, device, amp_dtype, channels_last)
     plan, optimizer = trainer.plan, trainer.optimizer
+    for warning in plan_warnings(cfg, plan, random_init=cfg.model.weights is None):
+        log.warning("%s", warning)
 
     config = _config_container(cfg)
     group_list = [[g.name, list(g.param_names)] for g in groups]

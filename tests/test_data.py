@@ -442,3 +442,30 @@ def test_default_root_is_the_user_cache(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=f"'{tmp_path}/.cache/finetune/data'"):
         build(DataConfig(name="svhn", download=False))
     assert not os.path.exists(tmp_path / ".cache")  # nothing created when not downloading
+
+
+def test_augmentation_seeds_leave_every_cuda_generator_alone(monkeypatch):
+    """Each sample's augmentation is seeded on the CPU generator only: torch.manual_seed would also reseed
+    every CUDA device's generator (dropout on the GPU would then follow the data order)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    bundle = D.build_data(small(), IMAGENET, batch_size=8, seed=3)
+    first = [bundle.train[(i, 0)][0] for i in range(4)]
+    assert calls == []
+    again = [bundle.train[(i, 0)][0] for i in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # still a function of (seed, epoch, index)
+
+
+def test_embedded_digits_are_a_fixed_real_split():
+    cfg = DataConfig(name="digits", image_size=32, num_workers=0)
+    assert D.num_classes(cfg) == 10
+    bundle = D.build_data(cfg, IMAGENET, batch_size=32, seed=0)
+    assert (len(bundle.train), len(bundle.val)) == (300, 500) and bundle.classes == [str(d) for d in range(10)]
+    labels = [bundle.train.base[i][1] for i in range(300)]
+    assert np.bincount(labels).tolist() == [30] * 10
+    train_pixels = {np.asarray(im).tobytes() for im, _ in D.digits_split("train")}
+    val_pixels = {np.asarray(im).tobytes() for im, _ in D.digits_split("val")}
+    assert not train_pixels & val_pixels  # no image in both splits
+    image = bundle.train.base[0][0]
+    assert image.size == (32, 32) and np.asarray(image).std() > 20  # real strokes, not a blank

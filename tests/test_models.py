@@ -329,3 +329,29 @@ def test_packaged_weights_recognise_bees_and_ants():
     with torch.no_grad():
         top1 = model.eval()(x).argmax(1).tolist()
     assert top1 == list(photos.values())
+
+
+@pytest.mark.parametrize("arch, no_decay", [
+    ("vit_b_16", {"class_token", "encoder.pos_embedding"}),
+    ("swin_t", {"features.1.0.attn.relative_position_bias_table"}),
+    ("maxvit_t", set()),  # its bias tables, found by name below
+], ids=["vit", "swin", "maxvit"])
+def test_no_weight_decay_on_position_embeddings_class_tokens_and_bias_tables(arch, no_decay):
+    """torchvision's transformers declare no no_weight_decay(): their embeddings must get none all the same."""
+    from finetune.groups import build_groups
+    from finetune.optim import param_groups
+
+    with torch.device("meta"):  # names and shapes only
+        model = getattr(torchvision.models, arch)()
+    names = dict(model.named_parameters())
+    tables = {n for n in names if n.endswith("relative_position_bias_table")}
+    assert arch == "vit_b_16" or len(tables) >= 4  # every attention layer has one
+    groups = build_groups(model, None)
+    decay_of = {}
+    for pg in param_groups(model, groups, [1e-3] * len(groups), [0.05] * len(groups)):
+        for p in pg["params"]:
+            decay_of[id(p)] = pg["weight_decay"]
+    for name in no_decay | tables:
+        assert decay_of[id(names[name])] == 0.0, name
+    conv_or_linear = [n for n, p in names.items() if p.ndim >= 2 and n not in no_decay | tables]
+    assert conv_or_linear and all(decay_of[id(names[n])] == 0.05 for n in conv_or_linear)
