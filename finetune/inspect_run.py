@@ -92,6 +92,7 @@ def inspect(cfg, recipe=None) -> dict:
     from finetune.recipe import line
     from finetune import data as data_mod
     from finetune.freeze import batchnorm_mode
+    from finetune.optim import layer_depths
     from finetune.plan import build_plan
     from finetune.plan import warnings as plan_warnings
     from finetune.train import build_run
@@ -100,7 +101,7 @@ def inspect(cfg, recipe=None) -> dict:
     cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})  # names and shapes need no weights
     bundle, groups, _ = build_run(cfg)
     data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
-    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch)
+    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch, layer_depths(bundle.model, groups))
     params = dict(bundle.model.named_parameters())
     sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
     info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))

@@ -21,8 +21,45 @@ SPREAD_KINDS = ("none", "body", "geometric", "ulmfit", "layer_decay")
 OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 
 
-def spread_lrs(n: int, lr: float, spread) -> list[float]:
-    """Peak LR of each of n groups (input -> output); the last (head) group gets `lr`."""
+def decay_depths(group_names: Sequence[str], layer_of: Sequence[int] | None = None,
+                 top: int | None = None) -> list[int]:
+    """Each group's depth for layer_decay, counted as timm's param_groups_layer_decay counts it.
+
+    With `layer_of` (timm's layer id of each group's top parameter, from the model's own group_matcher)
+    and `top` (its largest id): top - id, so the decay matches timm's for every parameter wherever the
+    groups are as fine as timm's layers. Without (torchvision and other models): the head at 0, one more
+    per group below it, except that a `neck` group (the final norm) shares the depth of the group below
+    it, as timm counts a ViT's final norm with its last block."""
+    if layer_of is not None:
+        return [top - layer for layer in layer_of]
+    depths, depth = [], 0
+    for i in range(len(group_names) - 1, -1, -1):
+        depths.append(depth)
+        if group_names[i] != "neck":
+            depth += 1
+    return depths[::-1]
+
+
+def timm_layer_ids(model: nn.Module, groups: Sequence[LayerGroup]) -> tuple[list[int], int] | None:
+    """(the timm layer id of each group's top parameter, the largest id) from the model's
+    group_matcher(coarse=False), exactly as timm's layer decay assigns them; None for other models."""
+    if not callable(getattr(model, "group_matcher", None)):
+        return None
+    from timm.models import group_parameters
+
+    layer_map = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layer_map.values(), default=0)  # timm's layer_max; unmatched parameters (the head) sit there
+    return [max(layer_map.get(name, top) for name in g.param_names) for g in groups], top
+
+
+def layer_depths(model: nn.Module, groups: Sequence[LayerGroup]) -> list[int]:
+    ids = timm_layer_ids(model, groups)
+    return decay_depths([g.name for g in groups], *(ids or (None, None)))
+
+
+def spread_lrs(n: int, lr: float, spread, depths: Sequence[int] | None = None) -> list[float]:
+    """Peak LR of each of n groups (input -> output); the last (head) group gets `lr`. `depths`: each
+    group's depth for layer_decay (decay_depths; default: counted by group names alone)."""
     kind = spread.kind
     if kind == "none":
         return [lr] * n
@@ -44,7 +81,7 @@ def spread_lrs(n: int, lr: float, spread) -> list[float]:
     if kind == "layer_decay":  # timm / BEiT layer-wise decay, depth 0 = head
         if not 0 < spread.decay <= 1:
             raise UserError(f"lr_spread.decay must be in (0, 1], got {spread.decay}")
-        return [lr * spread.decay ** (n - 1 - i) for i in range(n)]
+        return [lr * spread.decay ** d for d in (depths if depths is not None else range(n - 1, -1, -1))]
     raise UserError(f"lr_spread.kind: unknown kind '{kind}'; choose one of {', '.join(SPREAD_KINDS)}")
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import freeze, schedules
 from finetune.config import schedule_preset
 from finetune.errors import UserError
-from finetune.optim import set_momentum, spread_lrs
+from finetune.optim import decay_depths, set_momentum, spread_lrs
 
 PER_GROUP_KEYS = ("lr", "weight_decay", "schedule")
 
@@ -92,8 +92,9 @@ def _check_lr(value, key: str) -> float:
     return float(value)
 
 
-def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int) -> Plan:
-    """Validate the config against the model's groups and compute the plan."""
+def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Sequence[int] | None = None) -> Plan:
+    """Validate the config against the model's groups and compute the plan. `depths`: each group's depth
+    for lr_spread.kind=layer_decay (optim.layer_depths of the model; default: from the group names)."""
     n = len(group_names)
     if cfg.epochs < 1:
         raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
@@ -112,7 +113,7 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int) -> Plan:
         if unknown:
             raise UserError(f"per_group.{name}: unknown key(s) {sorted(unknown)}; allowed {list(PER_GROUP_KEYS)}")
 
-    lrs = spread_lrs(n, lr, cfg.lr_spread)
+    lrs = spread_lrs(n, lr, cfg.lr_spread, depths if depths is not None else decay_depths(group_names))
     if cfg.head_lr is not None:
         lrs[-1] = _check_lr(cfg.head_lr, "head_lr")
     base_schedule = _as_dict(cfg.schedule)

@@ -26,7 +26,7 @@ from finetune import checkpoint, freeze, report
 from finetune.ema import WeightEMA, decay_for
 from finetune.errors import UserError
 from finetune.groups import LayerGroup, build_groups
-from finetune.optim import build_optimizer, param_groups
+from finetune.optim import build_optimizer, layer_depths, param_groups
 from finetune.plan import Plan, apply, build_plan
 from finetune.plan import warnings as plan_warnings
 
@@ -112,7 +112,7 @@ class Trainer:
                     device: torch.device, amp_dtype: torch.dtype | None = None,
                     channels_last: bool = False) -> "Trainer":
         """The plan, the ONE optimizer (every group, frozen ones too) and the Trainer, as configured."""
-        plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch)
+        plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch, layer_depths(model, groups))
         lrs = [plan.lr(i, 0) for i in range(len(groups))]
         wds = [gp.weight_decay for gp in plan.groups]
         optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,

@@ -228,3 +228,65 @@ def test_timm_matcher_semantics():
     assert spec["stage_2"] == ["pos2$", r"stage\.2\."]  # named after the first matcher entry
     assert spec["neck"] == [r"norm\.", r"extra\."]  # MATCH_PREV without a stage index + unmatched
     assert spec["head"] == [r"fc\."]
+
+
+def _timm_layer_decay_scales(model) -> dict[str, float]:
+    from timm.optim._param_groups import param_groups_layer_decay
+
+    scales = {}
+    for group in param_groups_layer_decay(model, weight_decay=0.0, layer_decay=0.75):
+        scales.update({id(p): group["lr_scale"] for p in group["params"]})
+    return {n: scales[id(p)] for n, p in model.named_parameters()}
+
+
+def _layer_decay_lrs(model, groups) -> dict[str, float]:
+    """Each parameter's peak LR under lr_spread.kind=layer_decay, decay 0.75, at lr 1 (the scale itself)."""
+    from helpers import make_cfg
+
+    from finetune.optim import layer_depths
+    from finetune.plan import build_plan
+
+    cfg = make_cfg(lr=1.0, epochs=1, **{"lr_spread.kind": "layer_decay", "lr_spread.decay": 0.75,
+                                       "schedule.kind": "constant"})
+    plan = build_plan(cfg, [g.name for g in groups], 1, layer_depths(model, groups))
+    return {n: gp.lr for g, gp in zip(groups, plan.groups) for n in g.param_names}
+
+
+def test_layer_decay_matches_timm_on_a_vit_with_the_ready_groups():
+    """timm's convention: the final norm (our `neck`) counts with the last block: blocks.11 gets 0.75."""
+    bundle = build_model(model_cfg("vit_tiny_patch16_224", source="timm"), num_classes=5)
+    groups = assign_groups([n for n, _ in bundle.model.named_parameters()], bundle.group_spec)
+    ours, timms = _layer_decay_lrs(bundle.model, groups), _timm_layer_decay_scales(bundle.model)
+    assert ours["blocks.11.mlp.fc2.weight"] == pytest.approx(0.75) and ours["norm.weight"] == pytest.approx(0.75)
+    assert ours == pytest.approx(timms, rel=1e-12)
+
+
+def test_layer_decay_matches_timm_on_a_convnext_at_timms_granularity():
+    """Groups as fine as timm's layers (one per block): every parameter's scale equals timm's. The ready
+    stage groups take the scale of their top block."""
+    from finetune.optim import timm_layer_ids
+
+    from timm.models import group_parameters
+
+    bundle = build_model(model_cfg("convnext_atto", source="timm"), num_classes=5)
+    model = bundle.model
+    layer_map = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layer_map.values())
+    by_layer: dict[int, list[str]] = {}
+    for name, _ in model.named_parameters():
+        by_layer.setdefault(layer_map.get(name, top + 1), []).append(rf"{re.escape(name)}$")
+    spec = {f"layer{i}": by_layer[i] for i in sorted(by_layer)}
+    groups = assign_groups([n for n, _ in model.named_parameters()], spec)
+    assert len(groups) > 8 and timm_layer_ids(model, groups)[1] == top
+    assert _layer_decay_lrs(model, groups) == pytest.approx(_timm_layer_decay_scales(model), rel=1e-12)
+    ready = assign_groups([n for n, _ in model.named_parameters()], bundle.group_spec)
+    lrs, timms = _layer_decay_lrs(model, ready), _timm_layer_decay_scales(model)
+    for group in ready:
+        assert lrs[group.param_names[0]] == pytest.approx(max(timms[n] for n in group.param_names))
+
+
+def test_layer_decay_depths_without_timm_let_the_neck_count_with_the_last_block():
+    from finetune.optim import decay_depths
+
+    assert decay_depths(["stem", "layer0", "layer1", "neck", "head"]) == [3, 2, 1, 1, 0]
+    assert decay_depths(["stem", "layer1", "layer2", "head"]) == [3, 2, 1, 0]
