@@ -90,7 +90,8 @@ def train_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from finetune.train import Interrupted, train
+    from finetune.run import Interrupted
+    from finetune.train import train
 
     hydra_cfg = HydraConfig.get()
     out_dir = hydra_cfg.runtime.output_dir

@@ -95,7 +95,7 @@ def inspect(cfg, recipe=None) -> dict:
     from finetune.optim import layer_depths
     from finetune.plan import build_plan
     from finetune.plan import warnings as plan_warnings
-    from finetune.train import build_run
+    from finetune.run import build_run
 
     random_init = cfg.model.weights is None
     cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})  # names and shapes need no weights

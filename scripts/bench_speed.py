@@ -61,7 +61,8 @@ sys.path.insert(0, str(REPO))
 from finetune import data as data_mod  # noqa: E402
 from finetune import freeze  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
-from finetune.train import Trainer, build_run, resolve_precision  # noqa: E402
+from finetune.run import build_run  # noqa: E402
+from finetune.trainer import Trainer, resolve_precision  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
 SIX_SCHEDULES = ["constant", "cosine", "one_cycle", "sgdr", "slanted_triangular", "step"]

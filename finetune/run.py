@@ -1,0 +1,400 @@
+"""A fine-tuning run as one object: its state, trainer, data and output directory, and the loop that
+reads top to bottom (`Run.fit`: for each epoch, set the freeze state, `train_epoch`, `evaluate`, `end_epoch`).
+
+What happens around the loop attaches to its events (finetune/events.py): the LR trace, the NaN check,
+the progress bar, checkpoints and reports. `save` and `report` are the run's own: every listener and
+the interruption path call them, so a checkpoint is always checked for finite values first and the
+reports always describe the same state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from finetune import checkpoint, freeze, report
+from finetune.errors import UserError
+from finetune.groups import build_groups
+from finetune.plan import Plan
+from finetune.plan import warnings as plan_warnings
+from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_everything
+
+log = logging.getLogger("finetune")
+
+
+class Interrupted(Exception):
+    """The run stopped early (SIGINT/SIGTERM, or `stop_at_step`) after writing a checkpoint.
+
+    `reason` says why and where; `out_dir` is what `resume=` takes to continue; `signum` is the signal
+    (None for `stop_at_step`), so a CLI can exit with 128 + signum."""
+
+    def __init__(self, reason: str, out_dir: Path, signum: int | None):
+        super().__init__(f"{reason}. Resume with: finetune train resume={out_dir} <the same overrides>")
+        self.reason, self.out_dir, self.signum = reason, out_dir, signum
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the message names the step and every group's LR."""
+
+
+@dataclass
+class RunState:
+    """Everything that must survive an interruption, besides model/optimizer/scaler state."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_val_acc: float = -1.0
+    trace: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    trainable_params: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    # the epoch in progress, so a mid-epoch resume reports the same train loss/accuracy
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0  # training seconds spent on it before the interruption
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop stops after the current step and checkpoints."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def build_run(cfg):
+    """Model, groups, data and plan from the config: everything `train` and `inspect` share."""
+    from finetune import data as data_mod
+    from finetune import models
+
+    num_classes = data_mod.num_classes(cfg.data)
+    bundle = models.build_model(cfg.model, num_classes)
+    spec = cfg.model.groups if cfg.model.groups is not None else bundle.group_spec
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    groups = build_groups(bundle.model, spec, cfg.model.catch_all)
+    return bundle, groups, num_classes
+
+
+class Run:
+    """Everything one run owns. Build it, then `fit()`; `stop_at_step` (library only) stops like a signal
+    once that many steps are done (at an epoch's end: after its evaluation)."""
+
+    def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None):
+        from finetune import data as data_mod
+        from finetune.events import default_listeners
+
+        self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
+        if cfg.checkpoint_every < 0:
+            raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
+        _refuse_finished_dir(self.out_dir, cfg)
+        seed_everything(cfg.seed)
+        self.device = device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, device)
+        channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # read the checkpoint first: a wrong path or an unsafe file fails before anything is built
+        saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
+
+        bundle, self.groups, _ = build_run(cfg)
+        self.model = bundle.model
+        self.data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
+                                        pin_memory=device.type == "cuda", persistent_workers=True)
+        log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
+                 len(self.data.classes), data_mod.image_size(cfg.data, bundle.preprocess))
+        self.model.to(device)
+        self.trainer = Trainer.from_config(cfg, self.model, self.groups, self.data.steps_per_epoch, device,
+                                           self.amp_dtype, channels_last)
+        self.plan, self.optimizer = self.trainer.plan, self.trainer.optimizer
+        for warning in plan_warnings(cfg, self.plan, random_init=cfg.model.weights is None):
+            log.warning("%s", warning)
+
+        self.config = _config_container(cfg)
+        self.group_list = [[g.name, list(g.param_names)] for g in self.groups]
+        self.state = RunState()
+        if saved is not None:  # last: restoring the RNG must follow everything that draws from it
+            self.state = _restore(saved, self.trainer, self.config, self.group_list, self.plan.steps_per_epoch)
+            log.info("resumed from %s at epoch %d, batch %d (step %d)", cfg.resume, self.state.epoch,
+                     self.state.batch, self.state.step)
+            if self.state.epoch >= self.plan.epochs:
+                log.warning("resume: the checkpoint already finished all %d epochs; nothing to train",
+                            self.plan.epochs)
+        self.ckpt_path = self.out_dir / "checkpoints" / checkpoint.LAST
+        self.listeners = default_listeners(self)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN/inf
+        self.summary: dict | None = None
+        self._saved_at: int | None = None  # the step of the last checkpoint written by this process
+        self._epoch_t0: float | None = None  # perf_counter at the start of the epoch in progress
+        self._run_t0, self._wall_before = time.perf_counter(), self.state.wall_seconds
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def emit(self, event: str) -> None:
+        for listener in self.listeners:
+            getattr(listener, event)(self)
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        """Train to the end of the plan; returns the summary (with final_val_acc)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with _StopFlag() as self.stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.emit, "on_close")  # also on errors: leave the terminal usable
+            cleanup.callback(self.data.close)  # persistent loader workers end with the run
+            while self.state.epoch < self.plan.epochs:
+                self.begin_epoch()
+                self.train_epoch()
+                self.end_epoch(self.evaluate())
+                if self.stopping(epoch_end=True) and self.state.epoch < self.plan.epochs:
+                    raise self.stop_here()
+        self.summary = self.report("completed")
+        self.emit("on_end")
+        return self.summary
+
+    def begin_epoch(self) -> None:
+        state, trainer = self.state, self.trainer
+        if trainer.set_epoch(state.epoch):
+            self.emit("on_freeze_change")
+        if len(state.trainable_params) <= state.epoch:
+            state.trainable_params.append(trainer.trainable_params())
+        freeze.set_train_mode(self.model, trainer.frozen_norms)
+        # per-epoch sums: tensors (no device sync per step); a resumed epoch starts from the saved ones
+        self.loss_sum = torch.tensor(state.epoch_loss_sum, device=self.device)
+        self.correct = torch.tensor(state.epoch_correct, device=self.device, dtype=torch.long)
+        self.seen = self.seen_before = state.epoch_seen
+        self._epoch_t0, self._epoch_before = time.perf_counter(), state.epoch_seconds
+        self.pending.clear()
+        self.emit("on_epoch_start")
+
+    def train_epoch(self) -> None:
+        state, plan = self.state, self.plan
+        for x, y in self.data.train_loader(state.epoch, start_step=state.batch):
+            x, y = self.trainer.to_device(x, y)
+            try:
+                loss, ok = self.trainer.step(x, y, state.step)
+            except ValueError as err:  # torch's BatchNorm on a batch of one image
+                if "Expected more than 1 value per channel" not in str(err):
+                    raise
+                raise UserError(f"a batch of {len(y)} image at step {state.step}: BatchNorm in train mode "
+                                "needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
+            self.last_step = state.step
+            self.pending.append((state.step, loss))
+            self.loss_sum += loss * y.numel()
+            self.correct += ok
+            self.seen += y.numel()
+            state.step += 1
+            state.batch += 1
+            self.emit("on_step_end")
+            if self.stopping(epoch_end=False):
+                raise self.stop_here()
+        self.check_losses()
+
+    def evaluate(self) -> dict:
+        """This epoch's metrics row; with EMA, val_* score the average (the weights the run delivers) and
+        live_val_* the live model."""
+        train_seconds = self.epoch_seconds()
+        trainer, data = self.trainer, self.data
+        val_loss, val_acc = trainer.evaluate(data.val_loader(), average=trainer.ema is not None)
+        if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
+            raise _diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
+                            self.state.step - 1, self.ckpt_path)
+        live = {}
+        if trainer.ema is not None:
+            live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(data.val_loader())))
+        return {
+            "epoch": self.state.epoch, "train_loss": self.loss_sum.item() / max(1, self.seen),
+            "train_acc": self.correct.item() / max(1, self.seen), "val_loss": val_loss, "val_acc": val_acc,
+            "seconds": round(self.epoch_seconds(), 3),
+            "images_per_s": round(self.seen / max(train_seconds, 1e-9), 2), **live,
+        }
+
+    def end_epoch(self, metrics: dict) -> None:
+        state = self.state
+        state.metrics.append(metrics)
+        state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
+        state.epoch, state.batch = state.epoch + 1, 0
+        self.loss_sum, self.correct, self.seen, self._epoch_t0 = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, None
+        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
+        self.emit("on_epoch_end")
+
+    # ------------------------------------------------------------------------------- stop, save, report
+
+    def stopping(self, epoch_end: bool) -> bool:
+        """A signal arrived, or stop_at_step is reached (on an epoch's last step the epoch finishes first)."""
+        if self.stop.signum is not None:
+            return True
+        if epoch_end:
+            return self.state.step == self.stop_at_step
+        return self.state.step == self.stop_at_step and self.state.batch < self.plan.steps_per_epoch
+
+    def stop_here(self) -> Interrupted:
+        if self._saved_at != self.state.step:
+            self.save()
+        self.report("interrupted")
+        signum, state = self.stop.signum, self.state
+        why = f"stopped by {signal.Signals(signum).name}" if signum else f"stopped at stop_at_step={self.stop_at_step}"
+        return Interrupted(f"{why} after {state.step} of {self.plan.total_steps} steps (epoch {state.epoch}, "
+                           f"batch {state.batch}); checkpoint written to {self.ckpt_path}", self.out_dir, signum)
+
+    def epoch_seconds(self) -> float:
+        """Training seconds of the epoch in progress, those before an interruption included."""
+        if self._epoch_t0 is None:
+            return 0.0
+        return self._epoch_before + time.perf_counter() - self._epoch_t0
+
+    def check_losses(self) -> None:
+        _check_finite(self.pending, self.plan, self.ckpt_path)
+        self.pending.clear()
+
+    def save(self) -> None:
+        """Checkpoint the run as it stands, mid-epoch sums included; never a diverged model over the last
+        good checkpoint (every pending loss, weight and buffer is checked first)."""
+        self.check_losses()
+        state = self.state
+        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = self.loss_sum.item(), self.correct.item(), self.seen
+        state.epoch_seconds = self.epoch_seconds()
+        state.wall_seconds = self._wall_before + time.perf_counter() - self._run_t0
+        _check_finite_state(self.model, self.plan, state.step, self.ckpt_path)
+        trainer = self.trainer
+        checkpoint.atomic_save({
+            "format": checkpoint.FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+            "ema": trainer.ema.state_dict() if trainer.ema else None,
+            "rng": checkpoint.rng_state(), "config": self.config, "groups": self.group_list,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
+        }, self.ckpt_path)
+        self._saved_at = state.step
+
+    def report(self, status: str, plot: bool = True) -> dict:
+        """lr_trace.csv, metrics.csv, summary.json (status: running | interrupted | completed) and, with
+        `plot`, lr_trace.png (about a second: at the end or a stop, not every epoch); returns the summary."""
+        state, out_dir, names = self.state, self.out_dir, [g.name for g in self.groups]
+        report.write_csv(out_dir / "lr_trace.csv", state.trace, report.TRACE_FIELDS)
+        report.write_csv(out_dir / "metrics.csv", state.metrics,
+                         report.METRIC_FIELDS + (report.EMA_METRIC_FIELDS if self.trainer.ema else ()))
+        summary = {
+            "status": status,
+            "best_val_acc": max((m["val_acc"] for m in state.metrics), default=None),
+            "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
+            "final_val_loss": state.metrics[-1]["val_loss"] if state.metrics else None,
+            "epochs": len(state.metrics), "wall_seconds": round(state.wall_seconds, 3),
+            "train_images_per_second": _mean([m["images_per_s"] for m in state.metrics]),
+            "trainable_params_per_epoch": state.trainable_params,
+            "groups": names, "device": str(self.device), "precision": str(self.amp_dtype or "fp32"),
+            "torch_threads": torch.get_num_threads(), "recipe": self.recipe,
+            "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
+        }
+        report.write_json(out_dir / "summary.json", summary)
+        if plot and state.trace:
+            report.plot_lr_trace(out_dir / "lr_trace.png", state.trace, names, self.plan.steps_per_epoch)
+        return summary
+
+
+def _config_container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def _mean(values):
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def _check_finite(pending: list[tuple[int, torch.Tensor]], plan: Plan, kept: Path | None = None) -> None:
+    """Stop on a NaN/inf loss, naming the first bad step and every group's LR there (GradScaler's skipped
+    fp16 overflow steps have finite losses, so they never land here)."""
+    if not pending:
+        return
+    losses = torch.stack([loss.float() for _, loss in pending])
+    bad = (~torch.isfinite(losses)).nonzero()
+    if not len(bad):
+        return
+    step, loss = pending[int(bad[0])]
+    raise _diverged(f"loss became {loss.item()} at step {step}", plan, step, kept)
+
+
+def _diverged(what: str, plan: Plan, step: int, kept: Path | None) -> NonFiniteLoss:
+    """The one message of every divergence: what, the step's epoch and every group's LR there."""
+    epoch = step // plan.steps_per_epoch
+    mask = plan.trainable(epoch)
+    lrs = ", ".join(f"{g.name}={plan.lr(i, step):.3g}" + ("" if mask[i] else " (frozen)")
+                    for i, g in enumerate(plan.groups))
+    return NonFiniteLoss(f"{what} (epoch {epoch}) with LRs {lrs}; stopped, {_kept(kept)}. "
+                         "Lower the LR or set grad_clip")
+
+
+def _kept(ckpt: Path | None) -> str:
+    return f"the last good checkpoint {ckpt} is kept" if ckpt and ckpt.is_file() else "no checkpoint was written"
+
+
+def _check_finite_state(model: nn.Module, plan: Plan, step: int, ckpt: Path) -> None:
+    """A good checkpoint holds finite weights and buffers (BatchNorm statistics included); `step` steps
+    are done."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _diverged(f"{name} became non-finite by step {step - 1}", plan, max(0, step - 1), ckpt)
+
+
+def _refuse_finished_dir(out_dir: Path, cfg) -> None:
+    """A run directory holds one run: a second one there would replace its checkpoint and mix the logs."""
+    held = [p for p in (out_dir / "checkpoints" / checkpoint.LAST, out_dir / "summary.json") if p.is_file()]
+    if not held or cfg.overwrite:
+        return
+    if cfg.resume and checkpoint.resolve_resume_path(cfg.resume).resolve().parent.parent == out_dir.resolve():
+        return  # continuing the run that is there
+    raise UserError(f"{out_dir} already holds a run ({held[0].name}); continue it with resume={out_dir}, "
+                    "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")
+
+
+def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_per_epoch: int) -> RunState:
+    """Load a checkpoint into a freshly built run after checking it continues the same run; returns the
+    loop's state. Changed settings (epochs, lr...) are allowed and listed in a warning."""
+    checkpoint.check_resumable(saved, config, groups, trainer.model.state_dict(), steps_per_epoch)
+    changed = checkpoint.config_changes(saved["config"], config)
+    if changed:
+        log.warning("resume: these settings differ from the checkpoint's run and apply from now on: %s",
+                    ", ".join(changed))
+    trainer.model.load_state_dict(saved["model"])
+    # the saved state (moments, step counts) carries over; hyperparameters come from this config, so a
+    # changed weight_decay or beta2 applies as the warning says (LR and momentum are set every step anyway)
+    configured = [{k: v for k, v in pg.items() if k != "params"} for pg in trainer.optimizer.param_groups]
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    for pg, settings in zip(trainer.optimizer.param_groups, configured):
+        pg.update(settings)
+    if trainer.ema is not None:
+        if saved.get("ema") is None:
+            raise UserError("resume: the checkpoint has no weight average (its run had ema_half_life=null); "
+                            "resume with ema_half_life=null")
+        trainer.ema.load_state_dict(saved["ema"])
+    if saved.get("scaler") and trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(saved["scaler"])
+    checkpoint.set_rng_state(saved["rng"])
+    return RunState(**{k: saved[k] for k in RunState.__dataclass_fields__ if k in saved})

@@ -1,0 +1,183 @@
+"""One training step and one evaluation: the per-step work, and nothing about runs.
+
+`Trainer.step` is the whole per-step work (set LRs from the plan, forward under autocast, ONE backward,
+optimizer step, the weight average's update), so benchmarks time exactly what training runs.
+`finetune.run.Run` drives it through a run: data, evaluation, checkpoints, reports, signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from finetune import freeze
+from finetune.ema import WeightEMA, decay_for
+from finetune.errors import UserError
+from finetune.groups import LayerGroup
+from finetune.optim import build_optimizer, layer_depths, param_groups
+from finetune.plan import Plan, apply, build_plan
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is available (use device=auto or cpu)")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """None: fp32. bf16 autocast where supported, fp16 (with GradScaler) otherwise; fp32 on CPU."""
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        if device.type != "cuda":
+            raise UserError("precision=fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        return torch.float16
+    raise UserError(f"precision: unknown value '{name}'; choose auto, fp32, bf16 or fp16")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Model + groups + plan + ONE optimizer; knows how to train one step and evaluate."""
+
+    def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
+                 device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
+                 bn_eval: bool = False, compile: bool = False, channels_last: bool = False,
+                 label_smoothing: float = 0.0, grad_clip: float | None = None, compile_backend: str = "inductor",
+                 ema_decay: float | None = None):
+        self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
+        self.device, self.amp_dtype, self.train_bn, self.bn_eval = device, amp_dtype, train_bn, bn_eval
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:  # weights and inputs in the same layout, else every conv converts per call
+            model.to(memory_format=torch.channels_last)
+        self.label_smoothing, self.grad_clip, self.compile = label_smoothing, grad_clip, compile
+        self.compile_backend = compile_backend  # tests use a lighter one ("aot_eager") to compile fast
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.mask: list[bool] | None = None
+        self.frozen_norms: list[nn.Module] = []
+        self.forward = model
+        # head last: `_has_grads` scans it backwards and stops at the first gradient
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # last: the average references the model's tensors in their final layout
+        self.ema = WeightEMA(model, ema_decay) if ema_decay is not None else None
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, groups: list[LayerGroup], steps_per_epoch: int,
+                    device: torch.device, amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False) -> "Trainer":
+        """The plan, the ONE optimizer (every group, frozen ones too) and the Trainer, as configured."""
+        plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch, layer_depths(model, groups))
+        lrs = [plan.lr(i, 0) for i in range(len(groups))]
+        wds = [gp.weight_decay for gp in plan.groups]
+        optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,
+                                                                cfg.optimizer.no_decay_norm_bias))
+        return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
+                   bn_eval=cfg.freeze.bn_eval, compile=cfg.compile, channels_last=channels_last,
+                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                   ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life is not None else None)
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Apply the plan's freeze state for `epoch`; True when it changed."""
+        mask = self.plan.trainable(epoch)
+        if mask == self.mask:
+            return False
+        self.mask = mask
+        freeze.apply_trainable(self.model, self.groups, mask, self.train_bn)
+        self.frozen_norms = freeze.frozen_norm_modules(self.model, self.groups, mask, self.train_bn,
+                                                        self.bn_eval)
+        if self.compile:
+            # AOTAutograd bakes which parameters need gradients into the compiled backward, so a new
+            # pattern needs a new graph. Guards alone would add it next to the old ones, but every
+            # mask brings a train and an eval graph and past dynamo's recompile limit (8: gradual
+            # unfreezing of 6 groups) it silently runs eagerly; so start from an empty cache
+            torch._dynamo.reset()
+            self.forward = torch.compile(self.model, backend=self.compile_backend)
+        return True
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor):
+        x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step at global `step`: returns (loss, correct count) as device tensors; the loss
+        is the plain cross-entropy, as `evaluate` measures it, whatever label smoothing the step used."""
+        apply(self.optimizer, self.plan, step)
+        with self.autocast():
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.scaler.scale(loss).backward()  # scale() is the identity unless fp16
+        if self._has_grads():  # GradScaler.step asserts when no parameter got a gradient
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)  # skips grad=None itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
+        logits = logits.detach()
+        # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised
+        reported = F.cross_entropy(logits.float(), y) if self.label_smoothing else loss.detach()
+        return reported, (logits.argmax(1) == y).sum()
+
+    def _has_grads(self) -> bool:
+        """Any optimizer parameter with a gradient; scanned head first, so normally one look-up."""
+        return any(p.grad is not None for p in reversed(self.params))
+
+    @torch.no_grad()
+    def evaluate(self, loader, average: bool = False) -> tuple[float, float]:
+        """(loss, accuracy) of the live model, or of the weight average with `average`."""
+        forward = self.ema.model if average else self.forward
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        count = 0
+        for x, y in loader:
+            x, y = self.to_device(x, y)
+            with self.autocast():
+                logits = forward(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            count += y.numel()
+        return loss_sum.item() / max(1, count), correct.item() / max(1, count)
+
+
+def trace_rows(plan: Plan, optimizer, step: int, epoch: int, mask: list[bool]) -> list[dict]:
+    """LR/momentum of each group as set on the optimizer right now (read back, not recomputed)."""
+    seen = {}
+    for pg in optimizer.param_groups:
+        if pg["group"] in seen:
+            continue
+        momentum = pg["betas"][0] if "betas" in pg else pg.get("momentum")
+        seen[pg["group"]] = {"step": step, "epoch": epoch, "group": pg["name"], "lr": pg["lr"],
+                             "momentum": momentum, "trainable": int(mask[pg["group"]])}
+    return [seen[g] for g in sorted(seen)]
