@@ -31,10 +31,12 @@ def _check_due(run) -> bool:
 
 
 class LRTrace(Listener):
-    """Every group's LR and momentum as set on the optimizer at every step (read back, not recomputed)."""
+    """Every group's LR and momentum as set on the optimizer at every step (read back, not recomputed),
+    appended to lr_trace.csv; the step's rows stay in `run.last_rows` for the progress bar."""
 
     def on_step_end(self, run) -> None:
-        run.state.trace.extend(trace_rows(run.plan, run.optimizer, run.last_step, run.state.epoch, run.trainer.mask))
+        run.last_rows = trace_rows(run.plan, run.optimizer, run.last_step, run.state.epoch, run.trainer.mask)
+        run.trace.write(run.last_rows)
 
 
 class LossCheck(Listener):
@@ -59,7 +61,7 @@ class Progress(Listener):
             seconds = time.perf_counter() - run._epoch_t0
             self.bar.update(run.state.batch, run.loss_sum.item() / run.seen, run.correct.item() / run.seen,
                             (run.seen - run.seen_before) / seconds,
-                            run.state.trace[-len(run.groups):])  # this step's rows, just recorded
+                            run.last_rows)
 
     def on_epoch_end(self, run) -> None:
         self.bar.end_epoch(run.state.metrics[-1])

@@ -9,7 +9,6 @@ from typing import Sequence
 
 from finetune.errors import writing
 
-TRACE_FIELDS = ("step", "epoch", "group", "lr", "momentum", "trainable")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
 # with a weight average (ema_half_life), val_* score the average and these the live model
 EMA_METRIC_FIELDS = ("live_val_loss", "live_val_acc")

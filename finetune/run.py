@@ -26,6 +26,8 @@ from finetune.errors import UserError
 from finetune.groups import build_groups
 from finetune.plan import Plan
 from finetune.plan import warnings as plan_warnings
+from finetune.trace import TraceFile
+from finetune.trace import read as read_trace
 from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_everything
 
 log = logging.getLogger("finetune")
@@ -54,7 +56,6 @@ class RunState:
     batch: int = 0
     step: int = 0
     best_val_acc: float = -1.0
-    trace: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     trainable_params: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -149,6 +150,9 @@ class Run:
                 log.warning("resume: the checkpoint already finished all %d epochs; nothing to train",
                             self.plan.epochs)
         self.ckpt_path = self.out_dir / "checkpoints" / checkpoint.LAST
+        self.trace = TraceFile(self.out_dir / "lr_trace.csv")
+        self._trace_before = _previous_trace(cfg.resume, saved) if saved else (None, None)
+        self.last_rows: list[dict] = []  # the LR trace rows of the step just done
         self.listeners = default_listeners(self)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN/inf
         self.summary: dict | None = None
@@ -170,6 +174,8 @@ class Run:
         with _StopFlag() as self.stop, contextlib.ExitStack() as cleanup:
             cleanup.callback(self.emit, "on_close")  # also on errors: leave the terminal usable
             cleanup.callback(self.data.close)  # persistent loader workers end with the run
+            cleanup.callback(self.trace.close)
+            self.trace.start(self.state.step, *self._trace_before)
             while self.state.epoch < self.plan.epochs:
                 self.begin_epoch()
                 self.train_epoch()
@@ -279,6 +285,7 @@ class Run:
         """Checkpoint the run as it stands, mid-epoch sums included; never a diverged model over the last
         good checkpoint (every pending loss, weight and buffer is checked first)."""
         self.check_losses()
+        self.trace.flush()  # the trace file holds at least every step the checkpoint does
         state = self.state
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = self.loss_sum.item(), self.correct.item(), self.seen
         state.epoch_seconds = self.epoch_seconds()
@@ -290,16 +297,17 @@ class Run:
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
             "ema": trainer.ema.state_dict() if trainer.ema else None,
             "rng": checkpoint.rng_state(), "config": self.config, "groups": self.group_list,
-            "steps_per_epoch": self.plan.steps_per_epoch,
+            "steps_per_epoch": self.plan.steps_per_epoch, "trace_file": str(self.trace.path.resolve()),
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, self.ckpt_path)
         self._saved_at = state.step
 
     def report(self, status: str, plot: bool = True) -> dict:
-        """lr_trace.csv, metrics.csv, summary.json (status: running | interrupted | completed) and, with
-        `plot`, lr_trace.png (about a second: at the end or a stop, not every epoch); returns the summary."""
+        """metrics.csv, summary.json (status: running | interrupted | completed) and, with `plot`,
+        lr_trace.png (about a second: at the end or a stop, not every epoch); returns the summary.
+        lr_trace.csv is written as training goes (finetune/trace.py)."""
         state, out_dir, names = self.state, self.out_dir, [g.name for g in self.groups]
-        report.write_csv(out_dir / "lr_trace.csv", state.trace, report.TRACE_FIELDS)
+        self.trace.flush()
         report.write_csv(out_dir / "metrics.csv", state.metrics,
                          report.METRIC_FIELDS + (report.EMA_METRIC_FIELDS if self.trainer.ema else ()))
         summary = {
@@ -315,9 +323,20 @@ class Run:
             "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
         }
         report.write_json(out_dir / "summary.json", summary)
-        if plot and state.trace:
-            report.plot_lr_trace(out_dir / "lr_trace.png", state.trace, names, self.plan.steps_per_epoch)
+        if plot and state.step:  # at most ~4000 steps drawn: the plot of a long run stays quick
+            rows = read_trace(self.trace.path, every=max(1, self.plan.total_steps // 4000))
+            report.plot_lr_trace(out_dir / "lr_trace.png", rows, names, self.plan.steps_per_epoch)
         return summary
+
+
+def _previous_trace(resume: str, saved: dict) -> tuple[Path | None, list | None]:
+    """Where a resumed run's earlier trace rows are: lr_trace.csv of the run directory the checkpoint sits
+    in, else the file the checkpoint names (a checkpoint copied elsewhere), else the rows a checkpoint of
+    before streaming holds."""
+    beside = checkpoint.resolve_resume_path(resume).parent.parent / "lr_trace.csv"
+    named = Path(saved["trace_file"]) if saved.get("trace_file") else None
+    found = next((p for p in (beside, named) if p is not None and p.is_file()), beside)
+    return found, saved.get("trace")
 
 
 def _config_container(cfg) -> dict:

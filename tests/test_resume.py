@@ -176,3 +176,39 @@ def test_config_changes_lists_dotted_keys():
     new = {"lr": 1e-3, "epochs": 6, "schedule": {"kind": "cosine", "warmup": 1}, "resume": "run",
            "per_group": {"head": {"lr": 0.1}}}
     assert checkpoint.config_changes(old, new) == ["epochs", "per_group.head.lr", "schedule.warmup"]
+
+
+def test_resuming_in_place_cuts_the_streamed_trace_back_to_the_checkpoint(straight, tmp_path, monkeypatch):
+    """lr_trace.csv is written as the run goes; rows of steps after the checkpoint (a kill between two
+    checkpoints) are dropped when the run resumes in its own directory, so the trace stays exact."""
+    real_save = checkpoint.atomic_save
+
+    def keep_step4(obj, path):
+        real_save(obj, path)
+        if obj["step"] == 4:
+            shutil.copy(path, tmp_path / "step4.pt")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", keep_step4)
+    run = tmp_path / "run"
+    train(compose_cfg("checkpoint_every=4"), run)
+    monkeypatch.undo()
+    shutil.copy(tmp_path / "step4.pt", run / "checkpoints" / checkpoint.LAST)  # as if killed after step 11
+    assert {int(r["step"]) for r in read_csv(run / "lr_trace.csv")} == set(range(12))
+    train(compose_cfg(f"resume={run}", "checkpoint_every=4"), run)
+    assert_same_run(straight, run)  # the trace included: steps 0-3 kept, 4-11 written once more
+
+
+def test_checkpoints_hold_no_trace_and_stay_the_same_size(tmp_path):
+    """The LR trace lives in lr_trace.csv only: beyond the tensors (weights, optimizer state, RNG), a
+    checkpoint after 4 epochs is as small as after 1 (a few metrics rows more)."""
+    import io
+
+    sizes = []
+    for epochs in (1, 4):
+        train(compose_cfg(f"epochs={epochs}"), tmp_path / str(epochs))
+        saved = load(tmp_path / str(epochs))
+        assert "trace" not in saved and saved["trace_file"] == str((tmp_path / str(epochs) / "lr_trace.csv").resolve())
+        rest = io.BytesIO()
+        torch.save({k: v for k, v in saved.items() if k not in ("model", "optimizer", "ema", "scaler", "rng")}, rest)
+        sizes.append(rest.tell())
+    assert sizes[0] < 20_000 and sizes[1] - sizes[0] < 2_000
