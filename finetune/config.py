@@ -122,6 +122,10 @@ class TrainConfig:
     # EMA of the weights with this half-life in epochs; evaluation and the checkpoint's "ema" use it
     ema_half_life: Optional[float] = None
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
+    patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
+    min_delta: float = 0.0
+    deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
     resume: Optional[str] = None  # run dir or checkpoint file
     overwrite: bool = False  # run in a directory that already holds a run, replacing it
     verbose: bool = False  # show tracebacks for user errors

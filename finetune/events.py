@@ -91,6 +91,48 @@ class Reports(Listener):
         run.report("running", plot=False)
 
 
+# metrics best_metric may name, and whether more is better
+BEST_METRICS = {"val_acc": True, "val_loss": False, "train_acc": True, "train_loss": False,
+                "live_val_acc": True, "live_val_loss": False}
+
+
+def best_epoch(metrics: list[dict], key: str, min_delta: float = 0.0) -> int:
+    """The epoch whose `key` first beat every earlier best by more than `min_delta` last (pure, so a
+    resumed run finds it again from its metrics)."""
+    higher = BEST_METRICS[key]
+    best, at = None, 0
+    for i, row in enumerate(metrics):
+        value = row[key] if higher else -row[key]
+        if best is None or value > best + min_delta:
+            best, at = value, i
+    return at
+
+
+BEST = "best.pt"
+
+
+class BestCheckpoint(Listener):
+    """checkpoints/best.pt: a copy of the epoch-end checkpoint with the best `best_metric` so far."""
+
+    def on_epoch_end(self, run) -> None:
+        metrics = run.state.metrics
+        if best_epoch(metrics, run.cfg.best_metric) == len(metrics) - 1:
+            run.copy_checkpoint(run.ckpt_path.with_name(BEST))
+
+
+class EarlyStopping(Listener):
+    """Ends the run after `patience` epochs in which `best_metric` gained no more than `min_delta`."""
+
+    def on_epoch_end(self, run) -> None:
+        metrics, cfg = run.state.metrics, run.cfg
+        waited = len(metrics) - 1 - best_epoch(metrics, cfg.best_metric, cfg.min_delta)
+        if waited >= cfg.patience and run.state.epoch < run.plan.epochs:
+            run.finish_early(f"early stopping: {cfg.best_metric} has not improved by more than {cfg.min_delta:g} "
+                             f"for {waited} epochs (best at epoch {len(metrics) - 1 - waited})")
+
+
 def default_listeners(run) -> list[Listener]:
-    """In order: the trace first (the others read this step's rows), checkpoints after the checks."""
-    return [LRTrace(), LossCheck(), Progress(run), Checkpoints(), Reports()]
+    """In order: the trace first (the others read this step's rows), checkpoints after the checks, the
+    best checkpoint after the epoch's own."""
+    early = [EarlyStopping()] if run.cfg.patience else []  # before the checkpoint, which then records it
+    return [LRTrace(), LossCheck(), Progress(run), *early, Checkpoints(), BestCheckpoint(), Reports()]

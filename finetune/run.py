@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,8 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from finetune import checkpoint, freeze, report
-from finetune.errors import UserError
+from finetune.errors import UserError, writing
+from finetune.events import BEST_METRICS, best_epoch, default_listeners
 from finetune.groups import build_groups
 from finetune.plan import Plan
 from finetune.plan import warnings as plan_warnings
@@ -64,6 +67,7 @@ class RunState:
     epoch_correct: int = 0
     epoch_seen: int = 0
     epoch_seconds: float = 0.0  # training seconds spent on it before the interruption
+    finished_early: str | None = None  # why early stopping ended the run (a resume then trains no more)
 
 
 class _StopFlag:
@@ -111,18 +115,16 @@ class Run:
 
     def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None):
         from finetune import data as data_mod
-        from finetune.events import default_listeners
 
         self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
         if cfg.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
+        _check_stopping_settings(cfg)
         _refuse_finished_dir(self.out_dir, cfg)
         seed_everything(cfg.seed)
         self.device = device = resolve_device(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, device)
         channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         # read the checkpoint first: a wrong path or an unsafe file fails before anything is built
         saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
 
@@ -175,8 +177,9 @@ class Run:
             cleanup.callback(self.emit, "on_close")  # also on errors: leave the terminal usable
             cleanup.callback(self.data.close)  # persistent loader workers end with the run
             cleanup.callback(self.trace.close)
+            cleanup.enter_context(_algorithms(self.cfg.deterministic, self.device))
             self.trace.start(self.state.step, *self._trace_before)
-            while self.state.epoch < self.plan.epochs:
+            while self.state.epoch < self.plan.epochs and not self.state.finished_early:
                 self.begin_epoch()
                 self.train_epoch()
                 self.end_epoch(self.evaluate())
@@ -254,6 +257,18 @@ class Run:
 
     # ------------------------------------------------------------------------------- stop, save, report
 
+    def finish_early(self, reason: str) -> None:
+        """End the run after this epoch (its checkpoint and reports say why)."""
+        self.state.finished_early = reason
+        log.info("%s", reason)
+
+    def copy_checkpoint(self, dest: Path) -> None:
+        """The checkpoint just written, copied to `dest` atomically (a kill never leaves half a file)."""
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        with writing(dest):
+            shutil.copyfile(self.ckpt_path, tmp)
+            os.replace(tmp, dest)
+
     def stopping(self, epoch_end: bool) -> bool:
         """A signal arrived, or stop_at_step is reached (on an epoch's last step the epoch finishes first)."""
         if self.stop.signum is not None:
@@ -321,6 +336,8 @@ class Run:
             "groups": names, "device": str(self.device), "precision": str(self.amp_dtype or "fp32"),
             "torch_threads": torch.get_num_threads(), "recipe": self.recipe,
             "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
+            "finished_early": state.finished_early,
+            "best_epoch": best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
         }
         report.write_json(out_dir / "summary.json", summary)
         if plot and state.step:  # at most ~4000 steps drawn: the plot of a long run stays quick
@@ -337,6 +354,34 @@ def _previous_trace(resume: str, saved: dict) -> tuple[Path | None, list | None]
     named = Path(saved["trace_file"]) if saved.get("trace_file") else None
     found = next((p for p in (beside, named) if p is not None and p.is_file()), beside)
     return found, saved.get("trace")
+
+
+def _check_stopping_settings(cfg) -> None:
+    if cfg.best_metric not in BEST_METRICS:
+        raise UserError(f"best_metric: unknown metric '{cfg.best_metric}'; choose one of {', '.join(BEST_METRICS)}")
+    if cfg.best_metric.startswith("live_") and cfg.ema_half_life is None:
+        raise UserError(f"best_metric={cfg.best_metric} exists only with a weight average (set ema_half_life)")
+    if cfg.patience < 0 or cfg.min_delta < 0:
+        raise UserError(f"patience and min_delta must be >= 0, got {cfg.patience} and {cfg.min_delta}")
+
+
+@contextlib.contextmanager
+def _algorithms(deterministic: bool, device: torch.device):
+    """cuDNN's autotuner on CUDA for speed, or with `deterministic` the same algorithms every run (and
+    every resume); the global flags are put back afterwards."""
+    old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+           torch.backends.cudnn.deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = old[1], old[2]
 
 
 def _config_container(cfg) -> dict:

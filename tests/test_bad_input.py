@@ -289,7 +289,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, cap
     assert_one_line_error(run_cli(tmp_path, capsys, "epochs=2"), f"could not write {last}: No space left on device")
     kept = torch.load(last, weights_only=True)  # the epoch-0 checkpoint, whole
     assert kept["epoch"] == 1 and len(kept["metrics"]) == 1
-    assert [p.name for p in last.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
 
 
 def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):

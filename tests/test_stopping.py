@@ -1,0 +1,83 @@
+"""checkpoints/best.pt by a configurable metric, early stopping (patience, min_delta) that a resume
+respects, and deterministic=true. Validation scores are scripted so each case is exact."""
+
+import json
+
+import pytest
+import torch
+from tiny_runs import QUIET, TINY, compose_cfg, run_cli
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+
+from finetune import checkpoint
+from finetune.events import best_epoch
+from finetune.train import Trainer, train
+
+RUN = ["experiment=none", "unfreeze=1", "schedule=constant"]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Trainer.evaluate returns (val_loss, val_acc) from a list, one pair per epoch."""
+    def script(pairs):
+        scores = iter(pairs)
+        monkeypatch.setattr(Trainer, "evaluate", lambda self, loader, average=False: next(scores))
+    return script
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_best_checkpoint_keeps_the_best_epoch_by_the_chosen_metric(tmp_path, scripted):
+    scripted([(0.9, 0.50), (0.4, 0.80), (0.6, 0.70), (0.3, 0.75)])
+    summary = train(compose_cfg(*RUN, "epochs=4"), tmp_path / "acc")
+    best = load(tmp_path / "acc" / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2 and best["metrics"][-1]["val_acc"] == 0.80  # the checkpoint after epoch 1
+    assert summary["best_epoch"] == 1 and load(tmp_path / "acc" / "checkpoints" / checkpoint.LAST)["epoch"] == 4
+    scripted([(0.9, 0.50), (0.4, 0.80), (0.6, 0.70), (0.3, 0.75)])
+    summary = train(compose_cfg(*RUN, "epochs=4", "best_metric=val_loss"), tmp_path / "loss")
+    assert load(tmp_path / "loss" / "checkpoints" / "best.pt")["epoch"] == 4 and summary["best_epoch"] == 3
+
+
+def test_best_epoch_with_min_delta():
+    rows = [{"val_acc": a} for a in (0.5, 0.8, 0.805, 0.9)]
+    assert best_epoch(rows, "val_acc") == 3
+    assert best_epoch(rows[:3], "val_acc") == 2 and best_epoch(rows[:3], "val_acc", min_delta=0.01) == 1
+
+
+def test_early_stopping_ends_the_run_and_a_resume_trains_no_more(tmp_path, scripted):
+    scripted([(0.9, 0.5), (0.5, 0.8), (0.5, 0.805), (0.6, 0.79), (0.2, 0.95), (0.1, 0.99)])
+    run = tmp_path / "run"
+    summary = train(compose_cfg(*RUN, "epochs=6", "patience=2", "min_delta=0.01"), run)
+    assert summary["epochs"] == 4 and summary["status"] == "completed"  # epochs 2 and 3 gained < 0.01
+    assert summary["finished_early"] == ("early stopping: val_acc has not improved by more than 0.01 for 2 epochs "
+                                         "(best at epoch 1)")
+    assert load(run / "checkpoints" / checkpoint.LAST)["finished_early"] == summary["finished_early"]
+    assert json.loads((run / "summary.json").read_text())["finished_early"] == summary["finished_early"]
+    again = train(compose_cfg(*RUN, "epochs=6", "patience=2", "min_delta=0.01", f"resume={run}"), run)
+    assert again["epochs"] == 4
+
+
+def test_deterministic_runs_with_deterministic_algorithms_and_restores_the_flags(tmp_path, monkeypatch):
+    seen = []
+    real = Trainer.step
+
+    def step(self, x, y, at):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(self, x, y, at)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    train(compose_cfg(*RUN, "epochs=1", "deterministic=true"), tmp_path / "det")
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()  # put back for whatever runs next
+
+
+@pytest.mark.parametrize("override, message", [
+    ("best_metric=val_f1", "best_metric: unknown metric 'val_f1'; choose one of val_acc, val_loss, train_acc, "
+                           "train_loss, live_val_acc, live_val_loss"),
+    ("best_metric=live_val_acc", "best_metric=live_val_acc exists only with a weight average (set ema_half_life)"),
+    ("patience=-1", "patience and min_delta must be >= 0, got -1 and 0.0"),
+])
+def test_bad_stopping_settings_are_one_line(tmp_path, capsys, override, message):
+    code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, f"hydra.run.dir={tmp_path}", override)
+    assert (code, lines) == (2, [f"finetune: error: {message}"])
