@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config import _SOURCE_CONF, register_configs
+from finetune.config import SOURCE_CONF, register_configs
 from finetune.errors import UserError
 
 USAGE = """usage: finetune <command> [hydra overrides...]
@@ -37,7 +37,7 @@ Tab completion: eval "$(finetune -sc install=bash)"
 """
 
 # conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
-CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "train.yaml").is_file() else "pkg://finetune.conf"
+CONFIG_PATH = str(SOURCE_CONF) if (SOURCE_CONF / "train.yaml").is_file() else "pkg://finetune.conf"
 INSPECT_OVERRIDES = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
                      "hydra/hydra_logging=none"]
 
@@ -90,6 +90,7 @@ def train_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from finetune.recipe import line
     from finetune.run import Interrupted
     from finetune.train import train
 
@@ -98,8 +99,6 @@ def train_task(cfg: DictConfig) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     _share_cores(hydra_cfg)
     try:
-        from finetune.recipe import line
-
         recipe = _recipe()
         log.info("%s", line(recipe))
         summary = train(cfg, out_dir, recipe=recipe)
@@ -169,8 +168,9 @@ def _share_cores(hydra_cfg) -> None:
     if "JoblibLauncher" in str(launcher.get("_target_", "")):
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(threads_per_job(int(launcher.get("n_jobs", -1)), cores))
+        from finetune.data import available_cores
+
+        torch.set_num_threads(threads_per_job(int(launcher.get("n_jobs", -1)), available_cores()))
 
 
 def summarize_command(args: list[str]) -> None:

@@ -137,12 +137,12 @@ def register_configs() -> None:
 
 
 # conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
-_SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
+SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def conf_dir() -> Path:
-    if (_SOURCE_CONF / "train.yaml").is_file():
-        return _SOURCE_CONF
+    if (SOURCE_CONF / "train.yaml").is_file():
+        return SOURCE_CONF
     from importlib.resources import files
 
     return Path(str(files("finetune.conf")))

@@ -232,8 +232,12 @@ def resolve_workers(requested: int, in_memory: bool) -> int:
         return requested
     if in_memory:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, available_cores() - 1))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and SLURM narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass

@@ -442,7 +442,7 @@ def cpu_threads(requested: int) -> int:
     overhead against the same compute, so the thread count does not favour either side."""
     if requested > 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = data_mod.available_cores()
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return 1 if busy >= 1.0 else cores
 
