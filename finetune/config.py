@@ -111,7 +111,8 @@ class TrainConfig:
     epochs: int = 5
     lr: float = 1e-3  # peak LR of the head group, under every recipe; lower groups per lr_spread
     head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head); recipes never set it
-    batch_size: int = 32
+    batch_size: int = 32  # per micro-batch (and per process)
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation): the step sees batch_size x accumulate
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16

@@ -135,8 +135,10 @@ class Run:
         log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
                  len(self.data.classes), data_mod.image_size(cfg.data, bundle.preprocess))
         self.model.to(device)
-        self.trainer = Trainer.from_config(cfg, self.model, self.groups, self.data.steps_per_epoch, device,
-                                           self.amp_dtype, channels_last)
+        self.accumulate = _check_accumulate(cfg.accumulate, self.data.steps_per_epoch)
+        # the plan counts optimizer steps; micro-batches left over at an epoch's end are not trained
+        self.trainer = Trainer.from_config(cfg, self.model, self.groups, self.data.steps_per_epoch // self.accumulate,
+                                           device, self.amp_dtype, channels_last)
         self.plan, self.optimizer = self.trainer.plan, self.trainer.optimizer
         for warning in plan_warnings(cfg, self.plan, random_init=cfg.model.weights is None):
             log.warning("%s", warning)
@@ -205,21 +207,23 @@ class Run:
         self.emit("on_epoch_start")
 
     def train_epoch(self) -> None:
-        state, plan = self.state, self.plan
-        for x, y in self.data.train_loader(state.epoch, start_step=state.batch):
-            x, y = self.trainer.to_device(x, y)
+        state, k = self.state, self.accumulate
+        loader = self.data.train_loader(state.epoch, start_step=state.batch * k)
+        for micro in _chunks(loader, k, self.plan.steps_per_epoch - state.batch):
+            micro = [self.trainer.to_device(x, y) for x, y in micro]
             try:
-                loss, ok = self.trainer.step(x, y, state.step)
+                loss, ok = self.trainer.step_accumulated(micro, state.step)
             except ValueError as err:  # torch's BatchNorm on a batch of one image
                 if "Expected more than 1 value per channel" not in str(err):
                     raise
-                raise UserError(f"a batch of {len(y)} image at step {state.step}: BatchNorm in train mode "
-                                "needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
+                raise UserError(f"a batch of {len(micro[0][1])} image at step {state.step}: BatchNorm in train "
+                                "mode needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
+            images = sum(y.numel() for _, y in micro)
             self.last_step = state.step
             self.pending.append((state.step, loss))
-            self.loss_sum += loss * y.numel()
+            self.loss_sum += loss * images
             self.correct += ok
-            self.seen += y.numel()
+            self.seen += images
             state.step += 1
             state.batch += 1
             self.emit("on_step_end")
@@ -354,6 +358,25 @@ def _previous_trace(resume: str, saved: dict) -> tuple[Path | None, list | None]
     named = Path(saved["trace_file"]) if saved.get("trace_file") else None
     found = next((p for p in (beside, named) if p is not None and p.is_file()), beside)
     return found, saved.get("trace")
+
+
+def _check_accumulate(accumulate: int, micro_batches: int) -> int:
+    if accumulate < 1:
+        raise UserError(f"accumulate must be >= 1 (micro-batches per optimizer step), got {accumulate}")
+    if accumulate > micro_batches:
+        raise UserError(f"accumulate={accumulate} is more than the {micro_batches} batches of an epoch; lower "
+                        "it or batch_size")
+    return int(accumulate)
+
+
+def _chunks(loader, k: int, steps: int):
+    """Lists of `k` consecutive batches, `steps` of them (a shorter tail is dropped)."""
+    it = iter(loader)
+    for _ in range(steps):
+        chunk = [b for _, b in zip(range(k), it)]
+        if len(chunk) < k:
+            return
+        yield chunk
 
 
 def _check_stopping_settings(cfg) -> None:

@@ -128,13 +128,27 @@ class Trainer:
         return x, y.to(self.device, non_blocking=True)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step at global `step`: returns (loss, correct count) as device tensors; the loss
-        is the plain cross-entropy, as `evaluate` measures it, whatever label smoothing the step used."""
+        """One optimizer step at global `step` on one batch: returns (loss, correct count) as device
+        tensors; the loss is the plain cross-entropy, as `evaluate` measures it, whatever label smoothing
+        the step used."""
+        return self.step_accumulated([(x, y)], step)
+
+    def step_accumulated(self, batches, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the gradients of several equal micro-batches (gradient accumulation):
+        each backward adds its loss / len(batches), so the update is that of their concatenation (up to
+        BatchNorm's batch statistics). Returns the mean loss over their samples and the correct count."""
         apply(self.optimizer, self.plan, step)
-        with self.autocast():
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.scaler.scale(loss).backward()  # scale() is the identity unless fp16
+        losses, correct, seen = [], 0, 0
+        for x, y in batches:
+            with self.autocast():
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()  # identity unless fp16
+            logits = logits.detach()
+            # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised
+            losses.append((F.cross_entropy(logits.float(), y) if self.label_smoothing else loss.detach(), y.numel()))
+            correct = correct + (logits.argmax(1) == y).sum()
+            seen += y.numel()
         if self._has_grads():  # GradScaler.step asserts when no parameter got a gradient
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -144,10 +158,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
-        logits = logits.detach()
-        # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised
-        reported = F.cross_entropy(logits.float(), y) if self.label_smoothing else loss.detach()
-        return reported, (logits.argmax(1) == y).sum()
+        if len(losses) == 1:
+            return losses[0][0], correct
+        return sum(loss * n for loss, n in losses) / seen, correct
 
     def _has_grads(self) -> bool:
         """Any optimizer parameter with a gradient; scanned head first, so normally one look-up."""

@@ -315,15 +315,15 @@ def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
 def test_non_finite_batchnorm_statistics_are_never_checkpointed(tmp_path, capsys, monkeypatch):
     from finetune.train import Trainer
 
-    real = Trainer.step
+    real = Trainer.step_accumulated  # what the run calls for each optimizer step
 
-    def step(self, x, y, at):
-        out = real(self, x, y, at)
+    def step(self, batches, at):
+        out = real(self, batches, at)
         if at == 4:  # epoch 1: a running statistic blows up while the loss looks fine
             self.model.bn1.running_var.fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "step_accumulated", step)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     code, lines = run_cli(tmp_path, capsys, "epochs=3", "unfreeze=all")
     assert code == 2 and lines[0].startswith("finetune: error: bn1.running_var became non-finite by step ")

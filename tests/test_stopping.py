@@ -60,13 +60,13 @@ def test_early_stopping_ends_the_run_and_a_resume_trains_no_more(tmp_path, scrip
 
 def test_deterministic_runs_with_deterministic_algorithms_and_restores_the_flags(tmp_path, monkeypatch):
     seen = []
-    real = Trainer.step
+    real = Trainer.step_accumulated  # what the run calls for each optimizer step
 
-    def step(self, x, y, at):
+    def step(self, batches, at):
         seen.append(torch.are_deterministic_algorithms_enabled())
-        return real(self, x, y, at)
+        return real(self, batches, at)
 
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "step_accumulated", step)
     train(compose_cfg(*RUN, "epochs=1", "deterministic=true"), tmp_path / "det")
     assert seen and all(seen)
     assert not torch.are_deterministic_algorithms_enabled()  # put back for whatever runs next
@@ -81,3 +81,31 @@ def test_deterministic_runs_with_deterministic_algorithms_and_restores_the_flags
 def test_bad_stopping_settings_are_one_line(tmp_path, capsys, override, message):
     code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, f"hydra.run.dir={tmp_path}", override)
     assert (code, lines) == (2, [f"finetune: error: {message}"])
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """accumulate=2 at batch 8 takes the steps of batch 16: the same samples per step (one global order),
+    the same mean gradient, so the same weights (BatchNorm keeps its statistics: bn_eval) and LR trace."""
+    from helpers import read_csv
+
+    # SGD: its update is linear in the gradient (Adam would magnify float noise in near-zero gradients)
+    common = [*RUN, "unfreeze=all", "freeze.bn_eval=true", "epochs=2", "data.train_size=32", "optimizer=sgd"]
+    train(compose_cfg(*common, "batch_size=16"), tmp_path / "big")
+    summary = train(compose_cfg(*common, "batch_size=8", "accumulate=2"), tmp_path / "acc")
+    big, acc = load(tmp_path / "big" / "checkpoints" / checkpoint.LAST), load(tmp_path / "acc" / "checkpoints" / checkpoint.LAST)
+    assert acc["step"] == big["step"] == 4  # 2 optimizer steps an epoch
+    for key, value in big["model"].items():
+        assert torch.allclose(acc["model"][key].float(), value.float(), rtol=1e-4, atol=1e-6), key
+    assert read_csv(tmp_path / "acc" / "lr_trace.csv") == read_csv(tmp_path / "big" / "lr_trace.csv")
+    losses = [(float(a["train_loss"]), float(b["train_loss"])) for a, b in
+              zip(read_csv(tmp_path / "acc" / "metrics.csv"), read_csv(tmp_path / "big" / "metrics.csv"))]
+    assert all(a == pytest.approx(b, rel=1e-5) for a, b in losses)
+    assert summary["epochs"] == 2
+
+
+def test_accumulate_out_of_range_is_one_line(tmp_path, capsys):
+    for value, message in (("0", "accumulate must be >= 1 (micro-batches per optimizer step), got 0"),
+                           ("9", "accumulate=9 is more than the 3 batches of an epoch; lower it or batch_size")):
+        code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, f"hydra.run.dir={tmp_path / value}",
+                              f"accumulate={value}")
+        assert (code, lines) == (2, [f"finetune: error: {message}"])
