@@ -14,8 +14,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc).
 
     `cfg.resume` (a run directory or checkpoint file) continues that run exactly: same weights, optimizer
-    state, schedule position, freeze state, RNG and data order; the checkpoint carries the trace and
-    metrics, so `out_dir` (which may be a new directory) gets complete reports.
+    state, schedule position, freeze state, RNG and data order; the checkpoint carries the metrics and
+    names its lr_trace.csv, so `out_dir` (which may be a new directory) gets complete reports.
     SIGINT/SIGTERM stop the run after the current step: checkpoint, reports, then `Interrupted`.
     `stop_at_step` (library only) stops the same way once that many steps are done (at an epoch's end:
     after its evaluation): it splits one plan over several runs (time-limited jobs; tests of exact
