@@ -26,7 +26,7 @@ from finetune.errors import UserError, writing
 FORMAT = "finetune-checkpoint/1"
 LAST = "last.pt"
 # config keys that do not change what a run computes: a resume may change them silently
-NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite")
+NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite", "time_limit")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -2,7 +2,8 @@
 
 After the subcommand everything is Hydra (overrides, --cfg job, --help, -m multirun, completion).
 User errors print one line and exit with code 2 (set verbose=true for the traceback too). SIGINT/SIGTERM
-stop training after the current step with a checkpoint and the command that resumes, exit 128 + signal.
+stop training after the current step with a checkpoint and the command that resumes, exit 128 + signal
+(time_limit: the same, exit 3).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def train_task(cfg: DictConfig) -> float | None:
         summary = train(cfg, out_dir, recipe=recipe)
     except Interrupted as stop:
         print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
-        sys.exit(128 + (stop.signum or 2))  # the shell convention for "killed by this signal"
+        sys.exit(stop.exit_code)  # 128 + signal (the shell's convention), or 3 for the time limit
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
         print("finetune: interrupted; stopped at once (a checkpoint written before is kept)", file=sys.stderr)
         sys.exit(130)

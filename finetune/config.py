@@ -126,6 +126,7 @@ class TrainConfig:
     best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
     min_delta: float = 0.0
+    time_limit: Optional[float] = None  # minutes: stop after the step that passes it, resumable (exit 3)
     deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
     resume: Optional[str] = None  # run dir or checkpoint file
     overwrite: bool = False  # run in a directory that already holds a run, replacing it

@@ -36,15 +36,20 @@ from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_ev
 log = logging.getLogger("finetune")
 
 
+TIME_LIMIT_EXIT = 3  # the exit code of a run stopped by its time_limit: a job script can requeue on it
+
+
 class Interrupted(Exception):
-    """The run stopped early (SIGINT/SIGTERM, or `stop_at_step`) after writing a checkpoint.
+    """The run stopped early (SIGINT/SIGTERM, its time_limit, or `stop_at_step`) after writing a checkpoint.
 
     `reason` says why and where; `out_dir` is what `resume=` takes to continue; `signum` is the signal
-    (None for `stop_at_step`), so a CLI can exit with 128 + signum."""
+    (None otherwise); `exit_code` what a CLI exits with: 128 + signum for a signal (the shell's
+    convention), TIME_LIMIT_EXIT for the time limit, 130 for stop_at_step."""
 
-    def __init__(self, reason: str, out_dir: Path, signum: int | None):
+    def __init__(self, reason: str, out_dir: Path, signum: int | None, exit_code: int | None = None):
         super().__init__(f"{reason}. Resume with: finetune train resume={out_dir} <the same overrides>")
         self.reason, self.out_dir, self.signum = reason, out_dir, signum
+        self.exit_code = exit_code if exit_code is not None else 128 + (signum or 2)
 
 
 class NonFiniteLoss(UserError):
@@ -274,8 +279,9 @@ class Run:
             os.replace(tmp, dest)
 
     def stopping(self, epoch_end: bool) -> bool:
-        """A signal arrived, or stop_at_step is reached (on an epoch's last step the epoch finishes first)."""
-        if self.stop.signum is not None:
+        """A signal arrived, the time limit passed, or stop_at_step is reached (on an epoch's last step the
+        epoch finishes first)."""
+        if self.stop.signum is not None or self.out_of_time():
             return True
         if epoch_end:
             return self.state.step == self.stop_at_step
@@ -285,10 +291,20 @@ class Run:
         if self._saved_at != self.state.step:
             self.save()
         self.report("interrupted")
-        signum, state = self.stop.signum, self.state
-        why = f"stopped by {signal.Signals(signum).name}" if signum else f"stopped at stop_at_step={self.stop_at_step}"
+        signum, state, code = self.stop.signum, self.state, None
+        if signum:
+            why = f"stopped by {signal.Signals(signum).name}"
+        elif self.out_of_time():
+            why, code = f"stopped by time_limit={self.cfg.time_limit:g} min", TIME_LIMIT_EXIT
+        else:
+            why = f"stopped at stop_at_step={self.stop_at_step}"
         return Interrupted(f"{why} after {state.step} of {self.plan.total_steps} steps (epoch {state.epoch}, "
-                           f"batch {state.batch}); checkpoint written to {self.ckpt_path}", self.out_dir, signum)
+                           f"batch {state.batch}); checkpoint written to {self.ckpt_path}", self.out_dir, signum, code)
+
+    def out_of_time(self) -> bool:
+        """This process has trained for longer than time_limit minutes (a resume starts a new budget)."""
+        limit = self.cfg.time_limit
+        return limit is not None and time.perf_counter() - self._run_t0 > limit * 60
 
     def epoch_seconds(self) -> float:
         """Training seconds of the epoch in progress, those before an interruption included."""
@@ -384,6 +400,8 @@ def _check_stopping_settings(cfg) -> None:
         raise UserError(f"best_metric: unknown metric '{cfg.best_metric}'; choose one of {', '.join(BEST_METRICS)}")
     if cfg.best_metric.startswith("live_") and cfg.ema_half_life is None:
         raise UserError(f"best_metric={cfg.best_metric} exists only with a weight average (set ema_half_life)")
+    if cfg.time_limit is not None and cfg.time_limit <= 0:
+        raise UserError(f"time_limit must be > 0 minutes (null: none), got {cfg.time_limit}")
     if cfg.patience < 0 or cfg.min_delta < 0:
         raise UserError(f"patience and min_delta must be >= 0, got {cfg.patience} and {cfg.min_delta}")
 

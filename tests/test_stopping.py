@@ -109,3 +109,19 @@ def test_accumulate_out_of_range_is_one_line(tmp_path, capsys):
         code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, f"hydra.run.dir={tmp_path / value}",
                               f"accumulate={value}")
         assert (code, lines) == (2, [f"finetune: error: {message}"])
+
+
+def test_a_time_limit_stops_like_a_signal_with_exit_3_and_the_run_resumes(tmp_path, capsys):
+    import re
+
+    run = tmp_path / "run"
+    code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, "epochs=3", f"hydra.run.dir={run}", "time_limit=1e-6")
+    assert code == 3  # a job script can requeue on it
+    assert re.fullmatch(rf"finetune: stopped by time_limit=1e-06 min after 1 of 9 steps \(epoch 0, batch 1\); "
+                        rf"checkpoint written to {re.escape(str(run))}/checkpoints/last.pt", lines[-2]), lines
+    assert lines[-1].startswith("finetune: resume with: finetune train ") and f"resume={run}" in lines[-1]
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert load(run / "checkpoints" / checkpoint.LAST)["step"] == 1
+    code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, "epochs=3", f"hydra.run.dir={run}", f"resume={run}")
+    assert code == 0, lines
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
