@@ -25,6 +25,7 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
         # the train task records its own failures; this catches one that escaped it (e.g. in Hydra's job set-up)
         if _is_multirun(config) and job_return.status == JobStatus.FAILED:
+            # JobReturn.return_value re-raises a failed job's exception; the attribute holds it
             mark_failed(Path(config.hydra.runtime.output_dir), job_return._return_value)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
