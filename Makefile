@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# the main job on the embedded default: EfficientNet-Lite0 ImageNet weights, synthetic data, offline
+# the main job on the embedded default: EfficientNet-Lite0 ImageNet weights, the embedded digits, offline
 run: $(VENV)/.installed
 	$(BIN)/finetune train
 
