@@ -76,8 +76,9 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's "Weights only load failed" is a pickle that asks for code (a global, a reduce call):
-        # refused, and torch's advice to retry with weights_only=False is not passed on
+        # a pickle that asks for a global (code) is refused as such: named by torch's safe loader, or
+        # found with pickletools where that loader stops earlier (protocol-4 framing); anything else is
+        # damage. torch's advice to retry with weights_only=False is never passed on
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         needs = unsafe.group(1) if unsafe else _pickled_code(path)
         if needs:

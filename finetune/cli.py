@@ -74,8 +74,9 @@ def _resume_command(out_dir: str) -> str:
     return shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
 
 
-def _recipe() -> dict | None:
-    """What this run's recipe set that the command line did not (finetune/recipe.py)."""
+def _recipe(cfg: DictConfig) -> dict | None:
+    """What this run's recipe set that the command line did not (finetune/recipe.py); `cfg` is the
+    config Hydra composed for it."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
@@ -83,7 +84,7 @@ def _recipe() -> dict | None:
 
     hydra_cfg = HydraConfig.get()
     return recipe.describe(hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task),
-                           lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides))
+                           lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides), cfg)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
@@ -100,7 +101,7 @@ def train_task(cfg: DictConfig) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     _share_cores(hydra_cfg)
     try:
-        recipe = _recipe()
+        recipe = _recipe(cfg)
         log.info("%s", line(recipe))
         summary = train(cfg, out_dir, recipe=recipe)
     except Interrupted as stop:
@@ -129,7 +130,7 @@ def inspect_task(cfg: DictConfig) -> dict | None:
     from finetune.inspect_run import inspect
 
     try:
-        return inspect(cfg, _recipe())
+        return inspect(cfg, _recipe(cfg))
     except UserError as err:
         _report_user_error(cfg, err)
 

@@ -57,9 +57,9 @@ def layer_depths(model: nn.Module, groups: Sequence[LayerGroup]) -> list[int]:
     return decay_depths([g.name for g in groups], *(ids or (None, None)))
 
 
-def spread_lrs(n: int, lr: float, spread, depths: Sequence[int] | None = None) -> list[float]:
+def spread_lrs(n: int, lr: float, spread, depths: Sequence[int]) -> list[float]:
     """Peak LR of each of n groups (input -> output); the last (head) group gets `lr`. `depths`: each
-    group's depth for layer_decay (decay_depths; default: counted by group names alone)."""
+    group's depth for layer_decay (decay_depths)."""
     kind = spread.kind
     if kind == "none":
         return [lr] * n
@@ -81,7 +81,7 @@ def spread_lrs(n: int, lr: float, spread, depths: Sequence[int] | None = None) -
     if kind == "layer_decay":  # timm / BEiT layer-wise decay, depth 0 = head
         if not 0 < spread.decay <= 1:
             raise UserError(f"lr_spread.decay must be in (0, 1], got {spread.decay}")
-        return [lr * spread.decay ** d for d in (depths if depths is not None else range(n - 1, -1, -1))]
+        return [lr * spread.decay ** d for d in depths]
     raise UserError(f"lr_spread.kind: unknown kind '{kind}'; choose one of {', '.join(SPREAD_KINDS)}")
 
 
