@@ -4,7 +4,8 @@ A checkpoint is a dict saved with torch.save; the model's state dict is under th
 Other keys: optimizer, scaler, epoch (epoch in progress), batch (batches done in it), step (global),
 steps_per_epoch, best_val_acc, rng, config (resolved), groups ([name, [param names]]), trace_file (the
 run's lr_trace.csv, which a resume continues), metrics and
-the running sums of the epoch in progress. Everything is plain tensors, numbers, strings and containers,
+the running sums of the epoch in progress; world_size, and under torchrun `ranks`: every rank's RNG
+state and epoch sums, so each rank resumes its own stream. Everything is plain tensors, numbers, strings and containers,
 so `torch.load(weights_only=True)` reads it.
 """
 

@@ -46,12 +46,24 @@ log = logging.getLogger("finetune")
 
 
 def _report_user_error(cfg: DictConfig, err: Exception) -> None:
-    """One line on stderr and exit 2; verbose=true prints the traceback above that line."""
+    """One line on stderr and exit 2; verbose=true prints the traceback above that line. Under torchrun
+    the other ranks' lines say which rank they come from (an unreadable image sits in one rank's shard)."""
     if cfg.get("verbose"):
         traceback.print_exception(err)
     message = " ".join(str(err).split("\n"))  # one line, even for a message that slipped a newline in
-    print(f"finetune: error: {message}", file=sys.stderr)
+    world = _world()
+    where = f"[rank {world.rank}] " if not world.main else ""
+    print(f"finetune: error: {where}{message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _world():
+    from finetune import distributed
+
+    try:
+        return distributed.from_env()
+    except UserError:
+        return distributed.SINGLE
 
 
 def hydra_quote(value: str) -> str:
@@ -67,11 +79,14 @@ def hydra_quote(value: str) -> str:
 
 def _resume_command(out_dir: str) -> str:
     """The command line that continues this run, ready to paste into a shell: its overrides, with resume=
-    pointing at its directory."""
+    pointing at its directory (under torchrun: with the same torchrun options, which finetune cannot see)."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "+resume="))]
-    return shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
+    command = shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
+    if _world().enabled:
+        return command.replace("finetune train", "torchrun <the same options> -m finetune train", 1)
+    return command
 
 
 def _recipe(cfg: DictConfig) -> dict | None:
@@ -99,13 +114,19 @@ def train_task(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out_dir = hydra_cfg.runtime.output_dir
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    _submitit_ranks()
+    world = _world()
+    if not world.main:
+        log.setLevel(logging.ERROR)  # rank 0 logs for the run; the others' warnings would repeat its own
     _share_cores(hydra_cfg)
     try:
+        out_dir = _join_processes(cfg, out_dir)
         recipe = _recipe(cfg)
         log.info("%s", line(recipe))
         summary = train(cfg, out_dir, recipe=recipe)
     except Interrupted as stop:
-        print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
+        if world.main:
+            print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
         sys.exit(stop.exit_code)  # 128 + signal (the shell's convention), or 3 for the time limit
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
         print("finetune: interrupted; stopped at once (a checkpoint written before is kept)", file=sys.stderr)
@@ -121,8 +142,40 @@ def train_task(cfg: DictConfig) -> float | None:
         reason = mark_failed(Path(out_dir), err)
         print(f"finetune: job {hydra_cfg.job.num} failed: {reason}", file=sys.stderr)
         return float("nan")  # sweepers (optuna) record a NaN objective as a failed trial
+    finally:
+        from finetune import distributed
+
+        distributed.close()
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise
+
+
+def _submitit_ranks() -> None:
+    """A submitit job of several tasks (hydra/launcher=slurm with tasks_per_node) is one distributed run,
+    a task per rank: submitit's own helper exports torchrun's variables from SLURM's. CUDA_VISIBLE_DEVICES
+    stays as SLURM set it, so LOCAL_RANK picks the GPU."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    try:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except (ImportError, RuntimeError):  # not installed, or not a submitit job after all
+        return
+
+
+def _join_processes(cfg: DictConfig, out_dir: str) -> str:
+    """Under torchrun: join the process group and take rank 0's run directory (each rank's Hydra would
+    name its own by the second it started); with one process, `out_dir` as it is."""
+    from finetune import distributed
+    from finetune.trainer import resolve_device
+
+    world = distributed.from_env()
+    if not world.enabled:
+        return out_dir
+    distributed.init(world, resolve_device(distributed.device_name(cfg.device, world)))
+    return distributed.broadcast(out_dir)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
@@ -239,19 +292,27 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    from finetune import overrides
+    from finetune import distributed, overrides
 
     problem = missing_plugin(rest)
     try:
         overrides.check(rest)
+        world = distributed.from_env()
     except UserError as err:
         problem = problem or str(err)
+        world = distributed.SINGLE
+    if not problem and world.enabled and any(a in ("-m", "--multirun") for a in rest):
+        problem = ("a sweep (-m) under torchrun would start every job in every process; sweep with a launcher "
+                   "whose jobs each run torchrun, or give each job several tasks (README: Multi-GPU)")
     if problem:
-        print(f"finetune: error: {problem}", file=sys.stderr)
+        if world.main:  # the same line from every process would say nothing more
+            print(f"finetune: error: {problem}", file=sys.stderr)
         sys.exit(2)
     register_configs()
     if command == "inspect":
         rest = INSPECT_OVERRIDES + rest
+    elif world.enabled and not world.main:  # rank 0 alone writes the run directory, Hydra's files included
+        rest = [a for a in rest if not a.startswith("hydra.run.dir=")] + INSPECT_OVERRIDES
     sys.argv = [f"finetune {command}"] + rest
     COMMANDS[command]()
     _exit_for_sweep()

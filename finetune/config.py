@@ -118,6 +118,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # null: on for CUDA
     compile: bool = False
+    # torchrun: BatchNorm in train mode normalises over the whole global batch (CUDA only)
+    sync_bn: bool = False
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None
     # EMA of the weights with this half-life in epochs; evaluation and the checkpoint's "ema" use it

@@ -153,10 +153,14 @@ def mix_seed(*values: int) -> int:
 
 class EpochSampler(Sampler):
     """Yields `(index, epoch)` keys: a permutation seeded by (seed, epoch), optionally skipping the samples of
-    the first `start_step` batches (resume mid-epoch). Runs in the main process, so workers cannot change it."""
+    the first `start_step` batches (resume mid-epoch). Runs in the main process, so workers cannot change it.
 
-    def __init__(self, size: int, seed: int, batch_size: int):
-        self.size, self.seed, self.batch_size = size, seed, batch_size
+    With `world` processes each rank takes its `batch_size` slice of every global batch of the same order
+    (rank r: samples [r*B, (r+1)*B) of batch s): one step of all ranks together sees exactly the batch
+    one process with batch_size x world would, and a resume skips whole global batches on every rank."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.batch_size, self.rank, self.world = size, seed, batch_size, rank, world
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -166,12 +170,36 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.randperm(self.size, generator=g).tolist()
 
+    def _indices(self) -> list[int]:
+        order, b = self.order(), self.batch_size
+        if self.world == 1:
+            return order[self.start_step * b :]
+        step = b * self.world  # the tail of fewer than a global batch is dropped on every rank alike
+        return [i for s in range(self.start_step, self.size // step)
+                for i in order[s * step + self.rank * b : s * step + (self.rank + 1) * b]]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order()[self.start_step * self.batch_size :]:
+        for index in self._indices():
             yield index, self.epoch
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start_step * self.batch_size)
+        if self.world == 1:
+            return max(0, self.size - self.start_step * self.batch_size)
+        return max(0, self.size // (self.batch_size * self.world) - self.start_step) * self.batch_size
+
+
+class _Shard(Sampler):
+    """Rank r's part of the validation set, indices r, r + world, ...: the ranks' parts are disjoint and
+    cover every image once, so metrics summed over ranks are those of one process."""
+
+    def __init__(self, size: int, rank: int, world: int):
+        self.indices = list(range(rank, size, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class TransformedDataset(Dataset):
@@ -254,6 +282,8 @@ class DataBundle:
     pin_memory: bool = False
     persistent_workers: bool = False
     skipped: int = 0  # unreadable images left out (data.skip_bad)
+    rank: int = 0  # this process among `world` (finetune/distributed.py); batch_size is per process
+    world: int = 1
     _train_sampler: Optional[EpochSampler] = field(default=None, init=False, repr=False)
     _train_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
     _val_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
@@ -270,6 +300,8 @@ class DataBundle:
     @property
     def steps_per_epoch(self) -> int:
         n = len(self.train)
+        if self.world > 1:  # the sampler drops the tail itself: every rank takes the same number of steps
+            return n // (self.batch_size * self.world)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Optional[Sampler], drop_last: bool):
@@ -290,14 +322,16 @@ class DataBundle:
     def train_loader(self, epoch: int, start_step: int = 0) -> DataLoader:
         """The shuffled, augmented loader for `epoch`; `start_step` skips that many batches (mid-epoch resume)."""
         if self._train_loader is None:
-            self._train_sampler = EpochSampler(len(self.train), self.seed, self.batch_size)
-            self._train_loader = self._loader(self.train, self.batch_size, self._train_sampler, self.drop_last)
+            self._train_sampler = EpochSampler(len(self.train), self.seed, self.batch_size, self.rank, self.world)
+            self._train_loader = self._loader(self.train, self.batch_size, self._train_sampler,
+                                              self.drop_last and self.world == 1)
         self._train_sampler.set_epoch(epoch, start_step)
         return self._train_loader
 
     def val_loader(self) -> DataLoader:
         if self._val_loader is None:
-            self._val_loader = self._loader(self.val, self.batch_size * 2, None, False)
+            shard = _Shard(len(self.val), self.rank, self.world) if self.world > 1 else None
+            self._val_loader = self._loader(self.val, self.batch_size * 2, shard, False)
         return self._val_loader
 
     def close(self) -> None:
@@ -317,9 +351,11 @@ def build_data(
     seed: int,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataBundle:
     """Datasets and loaders for `cfg` (a DataConfig), preprocessed like the pretrained weights (`preprocess`:
-    mean, std, input_size, interpolation, crop_pct)."""
+    mean, std, input_size, interpolation, crop_pct); with `world` processes, rank `rank`'s shards."""
     name = _dataset_name(cfg)
     _check_name(name)
     if int(batch_size) < 1:
@@ -345,6 +381,8 @@ def build_data(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers,
         skipped=skipped,
+        rank=rank,
+        world=world,
     )
 
 

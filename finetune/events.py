@@ -26,7 +26,8 @@ class Listener:
     def on_close(self, run) -> None: ...
 
 
-def _check_due(run) -> bool:
+def check_due(run) -> bool:
+    """Every CHECK_EVERY steps and at an epoch's last step (the same steps on every rank)."""
     return run.state.batch % CHECK_EVERY == 0 or run.state.batch == run.plan.steps_per_epoch
 
 
@@ -43,7 +44,7 @@ class LossCheck(Listener):
     """A NaN or infinite loss stops the run, naming the step and every group's LR."""
 
     def on_step_end(self, run) -> None:
-        if _check_due(run):
+        if check_due(run):
             run.check_losses()
 
 
@@ -51,16 +52,17 @@ class Progress(Listener):
     """The rich progress bar per epoch and the summary table at the end."""
 
     def __init__(self, run):
-        self.bar = EpochProgress(enabled=run.cfg.progress, group_names=[g.name for g in run.groups])
+        # one bar for a distributed run: rank 0's (its shard's loss; images/s of all ranks)
+        self.bar = EpochProgress(enabled=run.cfg.progress and run.world.main, group_names=[g.name for g in run.groups])
 
     def on_epoch_start(self, run) -> None:
         self.bar.start_epoch(run.state.epoch, run.plan.epochs, run.plan.steps_per_epoch, done=run.state.batch)
 
     def on_step_end(self, run) -> None:
-        if _check_due(run):
+        if check_due(run):
             seconds = time.perf_counter() - run._epoch_t0
             self.bar.update(run.state.batch, run.loss_sum.item() / run.seen, run.correct.item() / run.seen,
-                            (run.seen - run.seen_before) / seconds,
+                            (run.seen - run.seen_before) * run.world.size / seconds,
                             run.last_rows)
 
     def on_epoch_end(self, run) -> None:

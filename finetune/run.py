@@ -23,13 +23,14 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from finetune import checkpoint, freeze, report
+from finetune import checkpoint, distributed, freeze, report
 from finetune.errors import UserError, writing
-from finetune.events import BEST_METRICS, best_epoch, default_listeners
+from finetune.events import BEST_METRICS, best_epoch, check_due, default_listeners
 from finetune.groups import build_groups
 from finetune.plan import Plan
 from finetune.plan import warnings as plan_warnings
-from finetune.trace import TraceFile
+from finetune.distributed import World
+from finetune.trace import NoTrace, TraceFile
 from finetune.trace import read as read_trace
 from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_everything
 
@@ -116,29 +117,43 @@ def build_run(cfg):
 
 class Run:
     """Everything one run owns. Build it, then `fit()`; `stop_at_step` (library only) stops like a signal
-    once that many steps are done (at an epoch's end: after its evaluation)."""
+    once that many steps are done (at an epoch's end: after its evaluation).
 
-    def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None):
+    Under torchrun (`world`, by default read from the environment) every rank builds the same Run and
+    trains its shard of each batch; rank 0 alone writes the run directory. Whatever decides where the
+    loop goes (a signal, the time limit, a NaN) is agreed on by all ranks at the same step, so none is
+    left waiting in a collective the others never reach."""
+
+    def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
+                 world: World | None = None):
         from finetune import data as data_mod
 
         self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
+        self.world = world = world or distributed.from_env()
         if cfg.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
         _check_stopping_settings(cfg)
         _refuse_finished_dir(self.out_dir, cfg)
-        seed_everything(cfg.seed)
-        self.device = device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)  # the same on every rank: the replicas start equal
+        self.device = device = resolve_device(distributed.device_name(cfg.device, world))
+        distributed.init(world, device)
         self.amp_dtype = resolve_precision(cfg.precision, device)
         channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         # read the checkpoint first: a wrong path or an unsafe file fails before anything is built
         saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
 
         bundle, self.groups, _ = build_run(cfg)
-        self.model = bundle.model
+        self.model = _sync_batchnorm(bundle.model, cfg.sync_bn, device, world)
         self.data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
-                                        pin_memory=device.type == "cuda", persistent_workers=True)
+                                        pin_memory=device.type == "cuda", persistent_workers=True,
+                                        rank=world.rank, world=world.size)
         log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
                  len(self.data.classes), data_mod.image_size(cfg.data, bundle.preprocess))
+        if world.enabled:
+            _check_world_batch(len(self.data.train), cfg.batch_size, world)
+            log.info("distributed: %d processes (%s), batch_size %d per process: %d images per step", world.size,
+                     "nccl" if device.type == "cuda" else "gloo", cfg.batch_size,
+                     cfg.batch_size * world.size * cfg.accumulate)
         self.model.to(device)
         self.accumulate = _check_accumulate(cfg.accumulate, self.data.steps_per_epoch)
         # the plan counts optimizer steps; micro-batches left over at an epoch's end are not trained
@@ -151,23 +166,28 @@ class Run:
         self.config = _config_container(cfg)
         self.group_list = [[g.name, list(g.param_names)] for g in self.groups]
         self.state = RunState()
+        if world.enabled:  # a stream per rank from here on: dropout masks differ between the shards
+            torch.manual_seed(distributed.rank_seed(cfg.seed, world.rank))
         if saved is not None:  # last: restoring the RNG must follow everything that draws from it
-            self.state = _restore(saved, self.trainer, self.config, self.group_list, self.plan.steps_per_epoch)
+            self.state = _restore(saved, self.trainer, self.config, self.group_list, self.plan.steps_per_epoch,
+                                  world)
             log.info("resumed from %s at epoch %d, batch %d (step %d)", cfg.resume, self.state.epoch,
                      self.state.batch, self.state.step)
             if self.state.epoch >= self.plan.epochs:
                 log.warning("resume: the checkpoint already finished all %d epochs; nothing to train",
                             self.plan.epochs)
         self.ckpt_path = self.out_dir / "checkpoints" / checkpoint.LAST
-        self.trace = TraceFile(self.out_dir / "lr_trace.csv")
+        self.trace = TraceFile(self.out_dir / "lr_trace.csv") if world.main else NoTrace(self.out_dir / "lr_trace.csv")
         self._trace_before = _previous_trace(cfg.resume, saved) if saved else (None, None)
         self.last_rows: list[dict] = []  # the LR trace rows of the step just done
         self.listeners = default_listeners(self)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN/inf
         self.summary: dict | None = None
+        self.replicas: list[int] | None = None  # every rank's weight fingerprint at the last epoch's end
         self._saved_at: int | None = None  # the step of the last checkpoint written by this process
         self._epoch_t0: float | None = None  # perf_counter at the start of the epoch in progress
         self._run_t0, self._wall_before = time.perf_counter(), self.state.wall_seconds
+        self._late = False  # another rank passed the time limit
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -179,7 +199,8 @@ class Run:
 
     def fit(self) -> dict:
         """Train to the end of the plan; returns the summary (with final_val_acc)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         with _StopFlag() as self.stop, contextlib.ExitStack() as cleanup:
             cleanup.callback(self.emit, "on_close")  # also on errors: leave the terminal usable
             cleanup.callback(self.data.close)  # persistent loader workers end with the run
@@ -241,6 +262,8 @@ class Run:
         live_val_* the live model."""
         train_seconds = self.epoch_seconds()
         trainer, data = self.trainer, self.data
+        self.sync_buffers()
+        loss_sum, correct, seen, seen_before = self.epoch_totals()
         val_loss, val_acc = trainer.evaluate(data.val_loader(), average=trainer.ema is not None)
         if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
             raise _diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
@@ -249,14 +272,32 @@ class Run:
         if trainer.ema is not None:
             live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(data.val_loader())))
         return {
-            "epoch": self.state.epoch, "train_loss": self.loss_sum.item() / max(1, self.seen),
-            "train_acc": self.correct.item() / max(1, self.seen), "val_loss": val_loss, "val_acc": val_acc,
+            "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen),
+            "train_acc": correct / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
             "seconds": round(self.epoch_seconds(), 3),
-            "images_per_s": round(self.seen / max(train_seconds, 1e-9), 2), **live,
+            "images_per_s": round(seen / max(train_seconds, 1e-9), 2), **live,
         }
+
+    def epoch_totals(self) -> tuple[float, int, int, int]:
+        """The epoch's train loss sum, correct count, images seen and images seen before a resume, over
+        all ranks."""
+        if not self.world.enabled:
+            return self.loss_sum.item(), int(self.correct.item()), self.seen, self.seen_before
+        totals = torch.stack([self.loss_sum.double(), self.correct.double(),
+                              torch.tensor(float(self.seen), dtype=torch.float64, device=self.device),
+                              torch.tensor(float(self.seen_before), dtype=torch.float64, device=self.device)])
+        loss_sum, correct, seen, before = distributed.sum_(totals).tolist()
+        return loss_sum, int(correct), int(seen), int(before)
+
+    def sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics (of the weight average too) on every rank, before they are
+        evaluated or saved: each rank's last forward updated its own."""
+        distributed.sync_buffers(self.model, *([self.trainer.ema.model] if self.trainer.ema else []))
 
     def end_epoch(self, metrics: dict) -> None:
         state = self.state
+        if self.world.enabled:  # the replicas must hold the same weights: a freeze change that was not
+            self.replicas = distributed.check_replicas(self.model, f"after epoch {state.epoch}")  # all-reduced shows here
         state.metrics.append(metrics)
         state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
         state.epoch, state.batch = state.epoch + 1, 0
@@ -273,6 +314,8 @@ class Run:
 
     def copy_checkpoint(self, dest: Path) -> None:
         """The checkpoint just written, copied to `dest` atomically (a kill never leaves half a file)."""
+        if not self.world.main:
+            return
         tmp = dest.with_name(f".{dest.name}.tmp")
         with writing(dest):
             shutil.copyfile(self.ckpt_path, tmp)
@@ -280,8 +323,15 @@ class Run:
 
     def stopping(self, epoch_end: bool) -> bool:
         """A signal arrived, the time limit passed, or stop_at_step is reached (on an epoch's last step the
-        epoch finishes first)."""
-        if self.stop.signum is not None or self.out_of_time():
+        epoch finishes first). With several processes a signal or the time limit counts when any rank has
+        it, agreed every CHECK_EVERY steps and at epoch ends (one small collective, not one per step)."""
+        if self.world.enabled:
+            if epoch_end or check_due(self):
+                signum, late = distributed.max_([float(self.stop.signum or 0), float(self.out_of_time())], self.device)
+                if signum or late:
+                    self.stop.signum, self._late = int(signum) or None, bool(late)
+                    return True
+        elif self.stop.signum is not None or self.out_of_time():
             return True
         if epoch_end:
             return self.state.step == self.stop_at_step
@@ -291,10 +341,11 @@ class Run:
         if self._saved_at != self.state.step:
             self.save()
         self.report("interrupted")
+        distributed.barrier()  # no rank exits (and has torchrun stop the others) before rank 0 has written
         signum, state, code = self.stop.signum, self.state, None
         if signum:
             why = f"stopped by {signal.Signals(signum).name}"
-        elif self.out_of_time():
+        elif self.out_of_time() or self._late:
             why, code = f"stopped by time_limit={self.cfg.time_limit:g} min", TIME_LIMIT_EXIT
         else:
             why = f"stopped at stop_at_step={self.stop_at_step}"
@@ -313,29 +364,46 @@ class Run:
         return self._epoch_before + time.perf_counter() - self._epoch_t0
 
     def check_losses(self) -> None:
-        _check_finite(self.pending, self.plan, self.ckpt_path)
+        """Stop on a NaN/inf loss; with several processes every rank stops at the first bad step of any."""
+        bad = _first_bad(self.pending)
+        if self.world.enabled:  # the ranks hold the same pending steps, their own shard's losses
+            first = -distributed.max_([-float(bad[0]) if bad else -math.inf], self.device)[0]
+            bad = (int(first), dict(self.pending).get(int(first))) if math.isfinite(first) else None
         self.pending.clear()
+        if bad:
+            loss = bad[1].item() if bad[1] is not None and not bool(torch.isfinite(bad[1])) else "non-finite"
+            raise _diverged(f"loss became {loss} at step {bad[0]}", self.plan, bad[0], self.ckpt_path)
 
     def save(self) -> None:
         """Checkpoint the run as it stands, mid-epoch sums included; never a diverged model over the last
         good checkpoint (every pending loss, weight and buffer is checked first)."""
         self.check_losses()
         self.trace.flush()  # the trace file holds at least every step the checkpoint does
+        self.sync_buffers()
         state = self.state
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = self.loss_sum.item(), self.correct.item(), self.seen
         state.epoch_seconds = self.epoch_seconds()
         state.wall_seconds = self._wall_before + time.perf_counter() - self._run_t0
-        _check_finite_state(self.model, self.plan, state.step, self.ckpt_path)
-        trainer = self.trainer
+        _check_finite_state(self.model, self.plan, state.step, self.ckpt_path)  # the same on every rank
+        # each rank's own RNG stream (dropout) and epoch sums, so that every rank resumes exactly
+        ranks = distributed.gather({"rng": checkpoint.rng_state(),
+                                    "sums": [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen]})
+        self._saved_at = state.step
+        if self.world.main:
+            self._write_checkpoint(ranks)
+        distributed.barrier()  # a rank that stops next must not exit (torchrun then ends rank 0) mid-write
+
+    def _write_checkpoint(self, ranks: list[dict]) -> None:
+        state, trainer = self.state, self.trainer
         checkpoint.atomic_save({
             "format": checkpoint.FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
             "ema": trainer.ema.state_dict() if trainer.ema else None,
-            "rng": checkpoint.rng_state(), "config": self.config, "groups": self.group_list,
+            "rng": ranks[0]["rng"], "config": self.config, "groups": self.group_list,
             "steps_per_epoch": self.plan.steps_per_epoch, "trace_file": str(self.trace.path.resolve()),
+            "world_size": self.world.size, **({"ranks": ranks} if self.world.enabled else {}),
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, self.ckpt_path)
-        self._saved_at = state.step
 
     def report(self, status: str, plot: bool = True) -> dict:
         """metrics.csv, summary.json (status: running | interrupted | completed) and, with `plot`,
@@ -358,7 +426,12 @@ class Run:
             "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
             "finished_early": state.finished_early,
             "best_epoch": best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
+            "world_size": self.world.size,
+            "images_per_step": self.cfg.batch_size * self.accumulate * self.world.size,
+            **({"replica_fingerprints": self.replicas} if self.world.enabled else {}),
         }
+        if not self.world.main:
+            return summary
         report.write_json(out_dir / "summary.json", summary)
         if plot and state.step:  # at most ~4000 steps drawn: the plot of a long run stays quick
             rows = read_trace(self.trace.path, every=max(1, self.plan.total_steps // 4000))
@@ -433,17 +506,14 @@ def _mean(values):
     return round(sum(values) / len(values), 2) if values else None
 
 
-def _check_finite(pending: list[tuple[int, torch.Tensor]], plan: Plan, kept: Path | None = None) -> None:
-    """Stop on a NaN/inf loss, naming the first bad step and every group's LR there (GradScaler's skipped
-    fp16 overflow steps have finite losses, so they never land here)."""
+def _first_bad(pending: list[tuple[int, torch.Tensor]]) -> tuple[int, torch.Tensor] | None:
+    """The first (step, loss) whose loss is NaN or infinite, read back in one transfer (GradScaler's
+    skipped fp16 overflow steps have finite losses, so they never land here)."""
     if not pending:
-        return
+        return None
     losses = torch.stack([loss.float() for _, loss in pending])
     bad = (~torch.isfinite(losses)).nonzero()
-    if not len(bad):
-        return
-    step, loss = pending[int(bad[0])]
-    raise _diverged(f"loss became {loss.item()} at step {step}", plan, step, kept)
+    return pending[int(bad[0])] if len(bad) else None
 
 
 def _diverged(what: str, plan: Plan, step: int, kept: Path | None) -> NonFiniteLoss:
@@ -479,9 +549,15 @@ def _refuse_finished_dir(out_dir: Path, cfg) -> None:
                     "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")
 
 
-def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_per_epoch: int) -> RunState:
+def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_per_epoch: int,
+             world: World = distributed.SINGLE) -> RunState:
     """Load a checkpoint into a freshly built run after checking it continues the same run; returns the
     loop's state. Changed settings (epochs, lr...) are allowed and listed in a warning."""
+    saved_world = saved.get("world_size", 1)
+    if saved_world != world.size:
+        raise UserError(f"resume: the checkpoint's run had {saved_world} process(es), this one has {world.size}; "
+                        "an exact resume needs the same number (each holds its data shard and RNG stream); "
+                        "start it with the same torchrun --nnodes x --nproc_per_node")
     checkpoint.check_resumable(saved, config, groups, trainer.model.state_dict(), steps_per_epoch)
     changed = checkpoint.config_changes(saved["config"], config)
     if changed:
@@ -501,5 +577,30 @@ def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_pe
         trainer.ema.load_state_dict(saved["ema"])
     if saved.get("scaler") and trainer.scaler.is_enabled():
         trainer.scaler.load_state_dict(saved["scaler"])
-    checkpoint.set_rng_state(saved["rng"])
-    return RunState(**{k: saved[k] for k in RunState.__dataclass_fields__ if k in saved})
+    own = saved["ranks"][world.rank] if world.enabled else {"rng": saved["rng"]}
+    checkpoint.set_rng_state(own["rng"])
+    state = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__ if k in saved})
+    if world.enabled:  # the interrupted epoch's sums over this rank's shard
+        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = own["sums"]
+    return state
+
+
+def _sync_batchnorm(model: nn.Module, sync_bn: bool, device: torch.device, world: World) -> nn.Module:
+    """sync_bn=true: BatchNorm layers in train mode normalise with the statistics of the whole global
+    batch (every rank's shard), as one process would; those in eval mode (frozen groups, bn_eval) use
+    their running statistics and exchange nothing."""
+    if not sync_bn:
+        return model
+    if device.type != "cuda":
+        raise UserError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
+                        "on the CPU each process normalises its own shard")
+    if not world.enabled:
+        log.warning("sync_bn=true has no effect with one process")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _check_world_batch(images: int, batch_size: int, world: World) -> None:
+    if images < batch_size * world.size:
+        raise UserError(f"{images} train images are fewer than one step of {world.size} processes x "
+                        f"batch_size {batch_size}; lower batch_size (it is per process)")

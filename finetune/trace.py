@@ -79,3 +79,13 @@ def read(path: Path, every: int = 1) -> list[dict]:
                              "momentum": float(r["momentum"]) if r["momentum"] else None,
                              "trainable": int(r["trainable"])})
     return rows
+
+
+class NoTrace(TraceFile):
+    """What a rank other than 0 holds: rank 0 alone writes the run directory."""
+
+    def start(self, step: int = 0, previous: Path | None = None, saved_rows: Sequence[dict] | None = None) -> None:
+        pass
+
+    def write(self, rows: Sequence[dict]) -> None:
+        pass

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune import freeze
+from finetune import distributed, freeze
 from finetune.ema import WeightEMA, decay_for
 from finetune.errors import UserError
 from finetune.groups import LayerGroup
@@ -77,6 +77,7 @@ class Trainer:
         self.mask: list[bool] | None = None
         self.frozen_norms: list[nn.Module] = []
         self.forward = model
+        self.ddp: nn.parallel.DistributedDataParallel | None = None  # with several processes
         # head last: `_has_grads` scans it backwards and stops at the first gradient
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # last: the average references the model's tensors in their final layout
@@ -106,13 +107,20 @@ class Trainer:
         freeze.apply_trainable(self.model, self.groups, mask, self.train_bn)
         self.frozen_norms = freeze.frozen_norm_modules(self.model, self.groups, mask, self.train_bn,
                                                         self.bn_eval)
+        # several processes: DDP registers the parameters that require grad when it is built, so every
+        # freeze change builds it again (the same step on every rank; no gradient is pending here)
+        self.optimizer.zero_grad(set_to_none=True)
+        wrapped = distributed.wrap(self.model, self.device)
+        self.ddp = wrapped if wrapped is not self.model else None
         if self.compile:
             # AOTAutograd bakes which parameters need gradients into the compiled backward, so a new
             # pattern needs a new graph. Guards alone would add it next to the old ones, but every
             # mask brings a train and an eval graph and past dynamo's recompile limit (8: gradual
             # unfreezing of 6 groups) it silently runs eagerly; so start from an empty cache
             torch._dynamo.reset()
-            self.forward = torch.compile(self.model, backend=self.compile_backend)
+            self.forward = torch.compile(wrapped, backend=self.compile_backend)
+        else:
+            self.forward = wrapped
         return True
 
     def trainable_params(self) -> int:
@@ -139,11 +147,14 @@ class Trainer:
         BatchNorm's batch statistics). Returns the mean loss over their samples and the correct count."""
         apply(self.optimizer, self.plan, step)
         losses, correct, seen = [], 0, 0
-        for x, y in batches:
-            with self.autocast():
-                logits = self.forward(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-            self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()  # identity unless fp16
+        for i, (x, y) in enumerate(batches):
+            # DDP all-reduces in the last micro-batch's backward only: the earlier ones accumulate locally
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                with self.autocast():
+                    logits = self.forward(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+                self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()  # identity unless fp16
             logits = logits.detach()
             # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised
             losses.append((F.cross_entropy(logits.float(), y) if self.label_smoothing else loss.detach(), y.numel()))
@@ -168,7 +179,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader, average: bool = False) -> tuple[float, float]:
-        """(loss, accuracy) of the live model, or of the weight average with `average`."""
+        """(loss, accuracy) of the live model, or of the weight average with `average`; with several
+        processes, over every rank's shard of the loader's data."""
         forward = self.ema.model if average else self.forward
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
@@ -181,7 +193,9 @@ class Trainer:
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
             count += y.numel()
-        return loss_sum.item() / max(1, count), correct.item() / max(1, count)
+        loss_sum, correct, count = distributed.sum_(
+            torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(count), device=self.device)])).tolist()
+        return loss_sum / max(1, count), correct / max(1, count)
 
 
 def trace_rows(plan: Plan, optimizer, step: int, epoch: int, mask: list[bool]) -> list[dict]:
