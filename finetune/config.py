@@ -109,6 +109,7 @@ class TrainConfig:
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all
     epochs: int = 5
+    max_steps: Optional[int] = None  # end after this many optimizer steps (the plan spans them); null: epochs
     lr: float = 1e-3  # peak LR of the head group, under every recipe; lower groups per lr_spread
     head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head); recipes never set it
     batch_size: int = 32  # per micro-batch (and per process)
@@ -125,6 +126,7 @@ class TrainConfig:
     # EMA of the weights with this half-life in epochs; evaluation and the checkpoint's "ema" use it
     ema_half_life: Optional[float] = None
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    eval_every: int = 0  # also evaluate every N steps (0: only at epoch ends); evals.csv, best.pt
     best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
     min_delta: float = 0.0

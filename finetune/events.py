@@ -1,7 +1,8 @@
 """What attaches to a run's loop (finetune/run.py): each listener reacts to a few events and owns one
 concern. Events, in the order a run fires them: on_freeze_change (the trainable groups changed, already
-applied), on_epoch_start, on_step_end (the step is done and counted), on_epoch_end (metrics recorded,
-the epoch counted), on_end (the summary written), on_close (always, also after an error).
+applied), on_epoch_start, on_step_end (the step is done and counted), on_evaluation (eval_every: an
+evaluation inside the epoch, recorded in state.evals), on_epoch_end (metrics recorded, the epoch
+counted), on_end (the summary written), on_close (always, also after an error).
 
 The weight average is updated inside Trainer.step, not here: it is part of the step that benchmarks
 time, and an interruption between the optimizer step and its update would make resume inexact.
@@ -21,6 +22,7 @@ class Listener:
     def on_freeze_change(self, run) -> None: ...
     def on_epoch_start(self, run) -> None: ...
     def on_step_end(self, run) -> None: ...
+    def on_evaluation(self, run) -> None: ...
     def on_epoch_end(self, run) -> None: ...
     def on_end(self, run) -> None: ...
     def on_close(self, run) -> None: ...
@@ -28,7 +30,7 @@ class Listener:
 
 def check_due(run) -> bool:
     """Every CHECK_EVERY steps and at an epoch's last step (the same steps on every rank)."""
-    return run.state.batch % CHECK_EVERY == 0 or run.state.batch == run.plan.steps_per_epoch
+    return run.state.batch % CHECK_EVERY == 0 or run.state.batch == run.plan.steps_in(run.state.epoch)
 
 
 class LRTrace(Listener):
@@ -56,7 +58,7 @@ class Progress(Listener):
         self.bar = EpochProgress(enabled=run.cfg.progress and run.world.main, group_names=[g.name for g in run.groups])
 
     def on_epoch_start(self, run) -> None:
-        self.bar.start_epoch(run.state.epoch, run.plan.epochs, run.plan.steps_per_epoch, done=run.state.batch)
+        self.bar.start_epoch(run.state.epoch, run.plan.epochs, run.plan.steps_in(run.state.epoch), done=run.state.batch)
 
     def on_step_end(self, run) -> None:
         if check_due(run):
@@ -84,6 +86,15 @@ class Checkpoints(Listener):
 
     def on_epoch_end(self, run) -> None:
         run.save()
+
+
+class StepEvaluation(Listener):
+    """eval_every=N: an evaluation every N steps inside an epoch (an epoch's end evaluates anyway)."""
+
+    def on_step_end(self, run) -> None:
+        every, state = run.cfg.eval_every, run.state
+        if every and state.step % every == 0 and state.batch < run.plan.steps_in(state.epoch):
+            run.evaluate_midway()
 
 
 class Reports(Listener):
@@ -114,12 +125,23 @@ BEST = "best.pt"
 
 
 class BestCheckpoint(Listener):
-    """checkpoints/best.pt: a copy of the epoch-end checkpoint with the best `best_metric` so far."""
+    """checkpoints/best.pt: a copy of the checkpoint with the best `best_metric` so far, taken at epoch
+    ends, and with eval_every at every evaluation (a checkpoint is written for one inside an epoch)."""
+
+    def on_evaluation(self, run) -> None:
+        if self._best_is_last(run):
+            if run._saved_at != run.state.step:
+                run.save()
+            run.copy_checkpoint(run.ckpt_path.with_name(BEST))
 
     def on_epoch_end(self, run) -> None:
-        metrics = run.state.metrics
-        if best_epoch(metrics, run.cfg.best_metric) == len(metrics) - 1:
+        if self._best_is_last(run):
             run.copy_checkpoint(run.ckpt_path.with_name(BEST))
+
+    @staticmethod
+    def _best_is_last(run) -> bool:
+        rows = run.evaluations()
+        return best_epoch(rows, run.cfg.best_metric) == len(rows) - 1
 
 
 class EarlyStopping(Listener):
@@ -137,4 +159,5 @@ def default_listeners(run) -> list[Listener]:
     """In order: the trace first (the others read this step's rows), checkpoints after the checks, the
     best checkpoint after the epoch's own."""
     early = [EarlyStopping()] if run.cfg.patience else []  # before the checkpoint, which then records it
-    return [LRTrace(), LossCheck(), Progress(run), *early, Checkpoints(), BestCheckpoint(), Reports()]
+    return [LRTrace(), LossCheck(), Progress(run), *early, Checkpoints(), StepEvaluation(), BestCheckpoint(),
+            Reports()]

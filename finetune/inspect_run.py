@@ -41,8 +41,10 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
         return
     # piped output has no terminal width: do not squeeze the table into 80 columns
     console = console or Console(width=None if sys.stdout.isatty() else 200)
-    table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps = "
-                        f"{info['total_steps']} steps",
+    full = info["epochs"] * info["steps_per_epoch"]
+    cut = "" if info["total_steps"] == full else " (max_steps: the last epoch cut short)"
+    table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps"
+                        f"{' = ' if not cut else ', '}{info['total_steps']} steps{cut}",
                   caption=f"BatchNorm: {info['batchnorm']}")
     for col in ("group", "patterns", "params", "trains from", "lr start", "lr peak", "lr end", "wd", "schedule"):
         table.add_column(col, justify="right" if col.startswith(("params", "lr", "wd", "trains")) else "left")

@@ -36,10 +36,16 @@ class Plan:
     epochs: int
     steps_per_epoch: int
     counts: tuple[int, ...]  # trainable groups per epoch
+    max_steps: int | None = None  # the run ends after this many steps, inside its last epoch
 
     @property
     def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+        full = self.epochs * self.steps_per_epoch
+        return min(full, self.max_steps) if self.max_steps else full
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps of `epoch`: steps_per_epoch, fewer in a last epoch that max_steps cuts short."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
 
     def trainable(self, epoch: int) -> list[bool]:
         return freeze.trainable_mask(self.counts[min(epoch, self.epochs - 1)], len(self.groups))
@@ -102,8 +108,14 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
         raise UserError("the training set yields no batch: add data or lower batch_size")
     lr = _check_lr(cfg.lr, "lr")
     freeze.resolve_count(cfg.unfreeze, n)
-    counts = tuple(freeze.trainable_count(cfg.freeze, cfg.unfreeze, e, n) for e in range(cfg.epochs))
-    first = freeze.first_trainable_epochs(cfg.freeze, cfg.unfreeze, n, cfg.epochs)
+    max_steps = cfg.max_steps
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"max_steps must be >= 1 (null: epochs x steps per epoch), got {max_steps}")
+    # max_steps shortens the run: the epochs it reaches, the last one maybe partial; every schedule is
+    # laid over these steps (it ends where the run ends), freeze changes stay at their epochs
+    epochs = min(cfg.epochs, -(-max_steps // steps_per_epoch)) if max_steps else cfg.epochs
+    counts = tuple(freeze.trainable_count(cfg.freeze, cfg.unfreeze, e, n) for e in range(epochs))
+    first = freeze.first_trainable_epochs(cfg.freeze, cfg.unfreeze, n, epochs)
 
     per_group = _as_dict(cfg.per_group)
     for name, settings in per_group.items():
@@ -117,7 +129,7 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
     if cfg.head_lr is not None:
         lrs[-1] = _check_lr(cfg.head_lr, "head_lr")
     base_schedule = _as_dict(cfg.schedule)
-    total = cfg.epochs * steps_per_epoch
+    total = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
     plans = []
     for i, name in enumerate(group_names):
         own = per_group.get(name) or {}
@@ -144,7 +156,7 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
                 f"{(total - start) / steps_per_epoch:g} epochs group '{name}' trains"
             )
         plans.append(GroupPlan(name, group_lr, wd, sched, sched_cfg, first[i], start))
-    return Plan(tuple(plans), cfg.epochs, steps_per_epoch, counts)
+    return Plan(tuple(plans), epochs, steps_per_epoch, counts, total if total < epochs * steps_per_epoch else None)
 
 
 def warnings(cfg, plan: Plan, random_init: bool) -> list[str]:

@@ -12,6 +12,8 @@ from finetune.errors import writing
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
 # with a weight average (ema_half_life), val_* score the average and these the live model
 EMA_METRIC_FIELDS = ("live_val_loss", "live_val_acc")
+# evals.csv (eval_every): every evaluation, mid-epoch ones and the epoch ends'
+EVAL_FIELDS = ("step", "epoch", "val_loss", "val_acc")
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:

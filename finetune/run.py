@@ -74,6 +74,7 @@ class RunState:
     epoch_seen: int = 0
     epoch_seconds: float = 0.0  # training seconds spent on it before the interruption
     finished_early: str | None = None  # why early stopping ended the run (a resume then trains no more)
+    evals: list[dict] = field(default_factory=list)  # eval_every: {step, epoch, val_*} of every evaluation
 
 
 class _StopFlag:
@@ -130,8 +131,9 @@ class Run:
 
         self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
         self.world = world = world or distributed.from_env()
-        if cfg.checkpoint_every < 0:
-            raise UserError(f"checkpoint_every must be >= 0 (0: at epoch ends only), got {cfg.checkpoint_every}")
+        for key in ("checkpoint_every", "eval_every"):
+            if cfg[key] < 0:
+                raise UserError(f"{key} must be >= 0 (0: at epoch ends only), got {cfg[key]}")
         _check_stopping_settings(cfg)
         _refuse_finished_dir(self.out_dir, cfg)
         seed_everything(cfg.seed)  # the same on every rank: the replicas start equal
@@ -235,7 +237,7 @@ class Run:
     def train_epoch(self) -> None:
         state, k = self.state, self.accumulate
         loader = self.data.train_loader(state.epoch, start_step=state.batch * k)
-        for micro in _chunks(loader, k, self.plan.steps_per_epoch - state.batch):
+        for micro in _chunks(loader, k, self.plan.steps_in(state.epoch) - state.batch):
             micro = [self.trainer.to_device(x, y) for x, y in micro]
             try:
                 loss, ok = self.trainer.step_accumulated(micro, state.step)
@@ -261,9 +263,18 @@ class Run:
         """This epoch's metrics row; with EMA, val_* score the average (the weights the run delivers) and
         live_val_* the live model."""
         train_seconds = self.epoch_seconds()
+        loss_sum, correct, seen, _ = self.epoch_totals()
+        val = self.validate()
+        return {
+            "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
+            "val_loss": val["val_loss"], "val_acc": val["val_acc"], "seconds": round(self.epoch_seconds(), 3),
+            "images_per_s": round(seen / max(train_seconds, 1e-9), 2), **{k: v for k, v in val.items() if "live" in k},
+        }
+
+    def validate(self) -> dict:
+        """val_loss and val_acc (with EMA: of the average, and live_val_* of the live model)."""
         trainer, data = self.trainer, self.data
         self.sync_buffers()
-        loss_sum, correct, seen, seen_before = self.epoch_totals()
         val_loss, val_acc = trainer.evaluate(data.val_loader(), average=trainer.ema is not None)
         if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
             raise _diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
@@ -271,12 +282,27 @@ class Run:
         live = {}
         if trainer.ema is not None:
             live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(data.val_loader())))
-        return {
-            "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen),
-            "train_acc": correct / max(1, seen), "val_loss": val_loss, "val_acc": val_acc,
-            "seconds": round(self.epoch_seconds(), 3),
-            "images_per_s": round(seen / max(train_seconds, 1e-9), 2), **live,
-        }
+        return {"val_loss": val_loss, "val_acc": val_acc, **live}
+
+    def evaluate_midway(self) -> None:
+        """eval_every: an evaluation inside the epoch, recorded in evals.csv; training goes on as it was
+        (an evaluation draws no random number, so exact resume is unaffected) and its time does not count
+        as training time."""
+        t0 = time.perf_counter()
+        row = {"step": self.state.step, "epoch": self.state.epoch, **self.validate()}
+        freeze.set_train_mode(self.model, self.trainer.frozen_norms)
+        self.state.evals.append(row)
+        log.info("step %d: val loss %.3f val acc %.3f", row["step"], row["val_loss"], row["val_acc"])
+        if self._epoch_t0 is not None:
+            self._epoch_t0 += time.perf_counter() - t0
+        self.emit("on_evaluation")
+
+    def evaluations(self) -> list[dict]:
+        """What best.pt is chosen from: every evaluation with eval_every (for a val_* best_metric), else the
+        epochs' metrics."""
+        if self.cfg.eval_every and "val_" in self.cfg.best_metric:
+            return self.state.evals
+        return self.state.metrics
 
     def epoch_totals(self) -> tuple[float, int, int, int]:
         """The epoch's train loss sum, correct count, images seen and images seen before a resume, over
@@ -299,6 +325,9 @@ class Run:
         if self.world.enabled:  # the replicas must hold the same weights: a freeze change that was not
             self.replicas = distributed.check_replicas(self.model, f"after epoch {state.epoch}")  # all-reduced shows here
         state.metrics.append(metrics)
+        if self.cfg.eval_every:
+            state.evals.append({"step": state.step, "epoch": state.epoch,
+                                **{k: v for k, v in metrics.items() if "val_" in k}})
         state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
         state.epoch, state.batch = state.epoch + 1, 0
         self.loss_sum, self.correct, self.seen, self._epoch_t0 = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, None
@@ -335,7 +364,7 @@ class Run:
             return True
         if epoch_end:
             return self.state.step == self.stop_at_step
-        return self.state.step == self.stop_at_step and self.state.batch < self.plan.steps_per_epoch
+        return self.state.step == self.stop_at_step and self.state.batch < self.plan.steps_in(self.state.epoch)
 
     def stop_here(self) -> Interrupted:
         if self._saved_at != self.state.step:
@@ -411,8 +440,10 @@ class Run:
         lr_trace.csv is written as training goes (finetune/trace.py)."""
         state, out_dir, names = self.state, self.out_dir, [g.name for g in self.groups]
         self.trace.flush()
-        report.write_csv(out_dir / "metrics.csv", state.metrics,
-                         report.METRIC_FIELDS + (report.EMA_METRIC_FIELDS if self.trainer.ema else ()))
+        ema_fields = report.EMA_METRIC_FIELDS if self.trainer.ema else ()
+        report.write_csv(out_dir / "metrics.csv", state.metrics, report.METRIC_FIELDS + ema_fields)
+        if self.cfg.eval_every:
+            report.write_csv(out_dir / "evals.csv", state.evals, report.EVAL_FIELDS + ema_fields)
         summary = {
             "status": status,
             "best_val_acc": max((m["val_acc"] for m in state.metrics), default=None),
@@ -426,6 +457,8 @@ class Run:
             "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
             "finished_early": state.finished_early,
             "best_epoch": best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
+            **({"best_eval": _best_eval(state.evals, self.cfg.best_metric)}
+               if self.cfg.eval_every and state.evals and "val_" in self.cfg.best_metric else {}),
             "world_size": self.world.size,
             "images_per_step": self.cfg.batch_size * self.accumulate * self.world.size,
             **({"replica_fingerprints": self.replicas} if self.world.enabled else {}),
@@ -447,6 +480,11 @@ def _previous_trace(resume: str, saved: dict) -> tuple[Path | None, list | None]
     named = Path(saved["trace_file"]) if saved.get("trace_file") else None
     found = next((p for p in (beside, named) if p is not None and p.is_file()), beside)
     return found, saved.get("trace")
+
+
+def _best_eval(evals: list[dict], metric: str) -> dict:
+    row = evals[best_epoch(evals, metric)]
+    return {"step": row["step"], "epoch": row["epoch"], metric: row[metric]}
 
 
 def _check_accumulate(accumulate: int, micro_batches: int) -> int:

@@ -2,13 +2,16 @@
 respects, and deterministic=true. Validation scores are scripted so each case is exact."""
 
 import json
+import math
 
 import pytest
 import torch
+from helpers import read_csv
 from tiny_runs import QUIET, TINY, compose_cfg, run_cli
 from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
 from finetune import checkpoint
+from finetune.errors import UserError
 from finetune.events import best_epoch
 from finetune.train import Trainer, train
 
@@ -125,3 +128,38 @@ def test_a_time_limit_stops_like_a_signal_with_exit_3_and_the_run_resumes(tmp_pa
     code, lines = run_cli(capsys, "train", *TINY, *QUIET, *RUN, "epochs=3", f"hydra.run.dir={run}", f"resume={run}")
     assert code == 0, lines
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+
+
+def test_eval_every_records_every_evaluation_and_best_pt_can_be_mid_epoch(tmp_path, scripted):
+    # 3 steps an epoch, eval_every=2: step 2 (inside epoch 0), 3 (its end), 4 (inside epoch 1), 6 (its end)
+    scripted([(0.9, 0.5), (0.5, 0.6), (0.2, 0.9), (0.4, 0.7)])
+    summary = train(compose_cfg(*RUN, "epochs=2", "eval_every=2"), tmp_path / "run")
+    evals = [(int(r["step"]), int(r["epoch"]), float(r["val_acc"])) for r in read_csv(tmp_path / "run" / "evals.csv")]
+    assert evals == [(2, 0, 0.5), (3, 0, 0.6), (4, 1, 0.9), (6, 1, 0.7)]
+    best = load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert (best["step"], best["epoch"], best["batch"]) == (4, 1, 1)  # written for the evaluation at step 4
+    assert summary["best_eval"] == {"step": 4, "epoch": 1, "val_acc": 0.9}
+    assert [float(m["val_acc"]) for m in read_csv(tmp_path / "run" / "metrics.csv")] == [0.6, 0.7]
+
+
+def test_evaluations_inside_epochs_change_nothing_in_training(tmp_path):
+    plain = train(compose_cfg("epochs=2"), tmp_path / "plain")
+    often = train(compose_cfg("epochs=2", "eval_every=1"), tmp_path / "often")
+    a = load(tmp_path / "plain" / "checkpoints" / checkpoint.LAST)["model"]
+    b = load(tmp_path / "often" / "checkpoints" / checkpoint.LAST)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm back in train mode, no RNG drawn
+    assert plain["final_val_acc"] == often["final_val_acc"]
+    assert len(read_csv(tmp_path / "often" / "evals.csv")) == 6
+
+
+def test_max_steps_ends_inside_an_epoch_and_the_schedule_ends_with_it(tmp_path):
+    # 3 steps an epoch: epochs=3 max_steps=5 trains epoch 0 and 2 steps of epoch 1, then evaluates
+    summary = train(compose_cfg(*RUN, "epochs=3", "max_steps=5", "schedule=cosine", "schedule.warmup=0", "lr=0.01"), tmp_path / "run")
+    assert summary["epochs"] == 2 and summary["status"] == "completed"
+    trace = [r for r in read_csv(tmp_path / "run" / "lr_trace.csv") if r["group"] == "head"]
+    assert [int(r["step"]) for r in trace] == [0, 1, 2, 3, 4]
+    # cosine over the 5 steps the run has (not the 9 that epochs=3 would have)
+    assert float(trace[-1]["lr"]) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    assert load(tmp_path / "run" / "checkpoints" / checkpoint.LAST)["step"] == 5
+    with pytest.raises(UserError, match="max_steps must be >= 1"):
+        train(compose_cfg("max_steps=0"), tmp_path / "bad")
