@@ -24,11 +24,11 @@ from finetune.errors import UserError
 from finetune.train import train
 
 # resnet18 at 16 px, 64 images: 8 global micro-batches of 8, 4 optimizer steps an epoch; groups
-# unfreeze at epochs 1 and 2 (each a DDP rebuild); pretrained BatchNorm statistics throughout, so
+# unfreeze at epochs 1 and 2 (each a DDP rebuild); with a weight average; pretrained BatchNorm statistics throughout, so
 # that one process with the doubled batch normalises the same way
 RUN = ["model=resnet18", "model.weights=null", "data=synthetic", "data.image_size=16", "data.num_classes=2",
        "data.train_size=64", "data.val_size=10", "progress=false", "device=cpu", "experiment=none",
-       "freeze=gradual", "epochs=3", "freeze.bn_eval=true", "accumulate=2", "checkpoint_every=2"]
+       "freeze=gradual", "epochs=3", "freeze.bn_eval=true", "accumulate=2", "ema_half_life=1", "checkpoint_every=2"]
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
 
 
@@ -110,6 +110,8 @@ def test_sigterm_and_resume_under_torchrun_equal_the_straight_run_bit_for_bit(st
     resumed, reference = load(tmp_path / "run"), load(straight)
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
+    for name, tensor in reference["ema"]["model"].items():  # the weight average too
+        assert torch.equal(resumed["ema"]["model"][name], tensor), name
     for a, b in zip(resumed["optimizer"]["state"].values(), reference["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     drop = ("seconds", "images_per_s")
@@ -139,7 +141,7 @@ def test_what_does_not_work_across_processes_is_one_line(capsys, monkeypatch, tm
 def test_a_submitit_job_of_two_tasks_is_one_distributed_run(tmp_path):
     """hydra/launcher=submitit_local with tasks_per_node=2, as hydra/launcher=slurm runs a job per node."""
     out = subprocess.run([sys.executable, "-m", "finetune", "train", "-m", "hydra/launcher=submitit_local",
-                          "hydra.launcher.tasks_per_node=2", *RUN[:10], "epochs=1", "batch_size=4",
+                          "hydra.launcher.tasks_per_node=2", *RUN[:10], "epochs=1", "eval_every=2", "batch_size=4",
                           "hydra.sweep.dir=sweep"], cwd=tmp_path, capture_output=True, text=True, timeout=180,
                          env={**os.environ, **ONE_THREAD_ENV})
     assert out.returncode == 0, out.stderr[-3000:]
