@@ -31,6 +31,9 @@ commands:
   inspect   print the layer groups, what trains when and every group's LR plan; trains nothing
             (inspect.format=json for JSON)
   summarize DIR  rebuild a sweep's summary.csv, summary.md and summary.png (also of an unfinished one)
+  eval      score a trained model: finetune eval ckpt=RUN_DIR [split=val|train|test] [data.root=DIR] [tta=true]
+  predict   top-k classes per image: finetune predict ckpt=RUN_DIR input=DIR|FILE|GLOB [out=predictions.csv]
+  export    finetune export ckpt=RUN_DIR format=onnx|torchscript|safetensors [out=DIR]
 
 After the command, everything is Hydra: `finetune train --help` lists the config groups,
 `finetune train --cfg job` prints the composed config, `finetune train -m unfreeze=1,3,all` sweeps.
@@ -278,6 +281,24 @@ def _shell_completion(argv: list[str]) -> None:
     train_task()
 
 
+def model_command(command: str, args: list[str]) -> None:
+    """eval / predict / export: key=value arguments (not Hydra: they start from a checkpoint's config)."""
+    import importlib
+
+    module = importlib.import_module({"eval": "finetune.evaluate", "predict": "finetune.predict",
+                                      "export": "finetune.export"}[command])
+    if args and args[0] in ("-h", "--help"):
+        print(module.__doc__)
+        sys.exit(0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        module.run(args)
+    except UserError as err:
+        print(f"finetune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -289,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "summarize":
         summarize_command(rest)
+    if command in ("eval", "predict", "export"):
+        model_command(command, rest)
     if command not in COMMANDS:
         print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Sequence
 
@@ -65,3 +66,17 @@ class EpochProgress:
         self.console.print(table)
         self.console.print(f"best val acc {summary['best_val_acc']:.4f}, final {summary['final_val_acc']:.4f}, "
                            f"{summary['wall_seconds']:.1f} s")
+
+
+@contextlib.contextmanager
+def bar(total: int, what: str, enabled: bool = True):
+    """A one-line progress bar over `total` batches of long work (eval, predict, lr-find); yields the
+    function that advances it by one."""
+    if not enabled:
+        yield lambda: None
+        return
+    progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=Console(stderr=True), transient=True)
+    task = progress.add_task(what, total=total)
+    with progress:
+        yield lambda: progress.advance(task)

@@ -1,4 +1,4 @@
-"""What a run leaves in its directory: lr_trace.csv, metrics.csv, lr_trace.png, summary.json."""
+"""What a run and its evaluation leave on disk: CSV and JSON reports and their plots."""
 
 from __future__ import annotations
 
@@ -66,3 +66,57 @@ def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str],
 
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=2)
+
+
+def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> None:
+    """The confusion matrix, rows normalised to the true class (counts written in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(classes)
+    side = min(14, 2.5 + 0.55 * k)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (colour: share of the true class)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with writing(path):
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_images(path: Path, files: Sequence[str], captions: Sequence[str], columns: int = 4) -> None:
+    """A contact sheet of image files with a caption under each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = -(-len(files) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, file, caption in zip(axes.flat, files, captions):
+        with Image.open(file) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(caption, fontsize=8)
+    fig.tight_layout()
+    with writing(path):
+        fig.savefig(path, dpi=90)
+    plt.close(fig)

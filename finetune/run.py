@@ -10,6 +10,7 @@ reports always describe the same state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -149,8 +150,11 @@ class Run:
         self.data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
                                         pin_memory=device.type == "cuda", persistent_workers=True,
                                         rank=world.rank, world=world.size)
+        size = data_mod.image_size(cfg.data, bundle.preprocess)
         log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
-                 len(self.data.classes), data_mod.image_size(cfg.data, bundle.preprocess))
+                 len(self.data.classes), size)
+        # what eval / predict / export need to use the model without the training data
+        self.preprocess = {**dataclasses.asdict(bundle.preprocess), "input_size": size}
         if world.enabled:
             _check_world_batch(len(self.data.train), cfg.batch_size, world)
             log.info("distributed: %d processes (%s), batch_size %d per process: %d images per step", world.size,
@@ -431,6 +435,7 @@ class Run:
             "rng": ranks[0]["rng"], "config": self.config, "groups": self.group_list,
             "steps_per_epoch": self.plan.steps_per_epoch, "trace_file": str(self.trace.path.resolve()),
             "world_size": self.world.size, **({"ranks": ranks} if self.world.enabled else {}),
+            "classes": list(self.data.classes), "preprocess": self.preprocess,
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, self.ckpt_path)
 

@@ -14,6 +14,8 @@ val_acc.png (val accuracy per epoch, mean over seeds, one line per recipe).
 
 `--make-folds K DIR` writes K cross-validation folds of --data's train/ folder (the images the recipes
 may be tuned on) as ImageFolders DIR/fold<i>/{train,val}.
+`--train-per-class N` trains every recipe and seed on the same N train images per class (a seeded choice
+of the train/ folder, as symlinks under --out; val/ unchanged): the few-shot regime.
 `--make-digits DIR` writes the embedded 8x8 digits (a far-off domain; `data=digits`) as an ImageFolder:
 run the benchmark with --data DIR.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import random
 import shutil
 import statistics
 import sys
@@ -276,11 +279,31 @@ FOLD_SEED = 123  # the folds of the README's tuning runs
 
 def fold_of(files: list[str], k: int, seed: int = FOLD_SEED) -> dict[str, int]:
     """{file: fold} for one class: a seeded shuffle dealt round-robin into k folds (sizes differ by <= 1)."""
-    import random
-
     order = sorted(files)
     random.Random(seed).shuffle(order)
     return {f: i % k for i, f in enumerate(order)}
+
+
+def subset(data: Path, per_class: int, out: Path, seed: int = FOLD_SEED) -> Path:
+    """An ImageFolder at `out` with `per_class` train images of each class of `data` (the first of a
+    seeded shuffle: the same files for every recipe, seed and rerun) and `data`'s val/ as it is."""
+    source = data / "train"
+    for cls in sorted(p.name for p in source.iterdir() if p.is_dir()):
+        files = sorted(p.name for p in (source / cls).iterdir() if p.is_file())
+        if len(files) < per_class:
+            raise SystemExit(f"--train-per-class {per_class}: class {cls} has only {len(files)} train images")
+        random_order = files[:]
+        random.Random(seed).shuffle(random_order)
+        folder = out / "train" / cls
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for name in random_order[:per_class]:
+            (folder / name).symlink_to((source / cls / name).resolve())
+    val = out / "val"
+    if not val.exists():
+        val.symlink_to((data / "val").resolve())
+    return out
 
 
 def make_folds(data: Path, out: Path, k: int, seed: int = FOLD_SEED) -> None:
@@ -319,6 +342,8 @@ def parse_args(argv=None):
                    help=f"smoke test: {', '.join(QUICK_RECIPES)}, 1 seed, 2 epochs")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs in --out whose composed config is unchanged")
+    p.add_argument("--train-per-class", type=int, default=None, metavar="N",
+                   help="train on the same N images per class of --data's train/ (few-shot regime)")
     p.add_argument("--make-digits", type=Path, metavar="DIR", help="write the digits ImageFolder to DIR and exit")
     p.add_argument("--digits-train", type=int, default=30, metavar="N",
                    help="--make-digits: train images per class (default 30; at most 120 with 50 val)")
@@ -350,9 +375,11 @@ def main(argv=None) -> dict[str, RecipeStats]:
         return {}
     if not (args.data / "train").is_dir():
         raise SystemExit(f"--data {args.data}: no train/ folder (an ImageFolder root has train/ and val/)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.train_per_class:
+        args.data = subset(args.data, args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
     runs = [(recipe, seed) for recipe in args.recipes for seed in range(args.seeds)]
     configs = compose_configs(runs, args.data, args.epochs, args.set)
-    args.out.mkdir(parents=True, exist_ok=True)
     stats = run_all(configs, args.out, args.reuse)
     print_table(stats)
     n_train, n_val = count_images(args.data)

@@ -216,6 +216,10 @@ ELSEWHERE = {
     "finetune train hparams_search=optuna hydra.sweeper.n_trials=20": "test_sweep runs a 3-trial study",
     "finetune summarize multirun/2026-12-01/10-00-00": "test_sweep",
     "finetune train resume=outputs/2026-11-21/10-00-00": "test_resume",
+    "finetune eval ckpt=outputs/2026-11-21/10-00-00": "test_model_commands",
+    "finetune eval ckpt=outputs/2026-11-21/10-00-00 split=test tta=true": "test_model_commands",
+    "finetune predict ckpt=outputs/2026-11-21/10-00-00 input=photos/ out=predictions.csv": "test_model_commands",
+    "finetune export ckpt=outputs/2026-11-21/10-00-00 format=onnx": "test_model_commands",
 }
 
 

@@ -1,0 +1,124 @@
+"""After training: `finetune eval`, `predict` and `export` on a run trained on an ImageFolder, as a user
+types them. Eval agrees with the run's own last evaluation; predict agrees with eval image by image;
+every export reproduces the model's outputs (ONNX in onnxruntime)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tiny_runs import QUIET, run_cli
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+
+from finetune.data import synthetic_images
+
+CLASSES = ["cat", "dog", "owl"]
+
+
+def write_folder(root: Path, split: str, n: int, classes=CLASSES, seed_split: int = 0) -> None:
+    images, labels = synthetic_images(n, len(CLASSES), 32, seed_split)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        name = CLASSES[int(label)]
+        if name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / name / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A resnet18 (random init, 32 px) trained 2 epochs on 3 classes, with a weight average."""
+    from finetune import cli
+
+    root = tmp_path_factory.mktemp("cmds")
+    write_folder(root / "data", "train", 48, seed_split=0)
+    write_folder(root / "data", "val", 30, seed_split=1)
+    write_folder(root / "data", "test", 30, classes=["cat", "owl"], seed_split=2)  # fewer classes
+    try:
+        cli.main(["train", "model=resnet18", "model.weights=null", "data=imagefolder", f"data.root={root / 'data'}",
+                  "data.image_size=32", "batch_size=8", "epochs=2", "progress=false", "device=cpu",
+                  "ema_half_life=1", f"hydra.run.dir={root / 'run'}", *QUIET])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    return root
+
+
+def read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_agrees_with_the_runs_last_evaluation(trained, capsys):
+    run = trained / "run"
+    code, err = run_cli(capsys, "eval", f"ckpt={run}", "num_workers=0")
+    assert code == 0, err
+    result = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["weights"] == "average" and result["images"] == 30
+    assert result["accuracy"] == pytest.approx(summary["final_val_acc"], abs=1e-6)
+    assert result["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    matrix = torch.tensor(result["confusion_matrix"])
+    assert int(matrix.sum()) == 30 and float(matrix.diag().sum()) / 30 == pytest.approx(result["accuracy"])
+    for i, row in enumerate(result["per_class"]):  # recall = diagonal / row sum, support = row sum
+        assert row["support"] == int(matrix[i].sum())
+        assert row["recall"] == pytest.approx(float(matrix[i, i] / matrix[i].sum()))
+    assert "top5_accuracy" not in result  # 3 classes
+    losses = [float(r["loss"]) for r in read(run / "eval" / "val" / "top_losses.csv")]
+    assert losses == sorted(losses, reverse=True) and len(losses) == 16
+    for name in ("confusion_matrix.png", "confusion_matrix.csv", "per_class.csv", "top_losses.png"):
+        assert (run / "eval" / "val" / name).is_file()
+
+
+def test_eval_on_a_held_out_folder_with_fewer_classes_and_with_tta(trained, capsys):
+    run = trained / "run"
+    code, err = run_cli(capsys, "eval", f"ckpt={run}", "split=test", "tta=true", "average=false", "num_workers=0")
+    assert code == 0, err
+    result = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert result["tta"] and result["weights"] == "live"
+    support = {r["class"]: r["support"] for r in result["per_class"]}
+    assert support["dog"] == 0 and support["cat"] + support["owl"] == result["images"]
+    (trained / "data" / "test" / "fox").mkdir()
+    code, err = run_cli(capsys, "eval", f"ckpt={run}", "split=test")
+    assert code == 2 and "class folders the model does not know: ['fox']" in err[-1]
+    (trained / "data" / "test" / "fox").rmdir()
+
+
+def test_predict_agrees_with_eval_and_keeps_going_past_a_broken_file(trained, capsys, tmp_path):
+    run = trained / "run"
+    val = trained / "data" / "val"
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    code, err = run_cli(capsys, "predict", f"ckpt={run}", f"input={val}", f"out={tmp_path / 'p.csv'}", "top_k=2",
+                        "num_workers=0")
+    assert code == 0, err
+    rows = read(tmp_path / "p.csv")
+    assert len(rows) == 30 and list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert all(float(r["prob_1"]) >= float(r["prob_2"]) for r in rows)
+    # the predictions the run's last evaluation counted (the weight average, the eval transform)
+    correct = sum(Path(r["path"]).parent.name == r["class_1"] for r in rows)
+    assert correct / 30 == pytest.approx(json.loads((run / "summary.json").read_text())["final_val_acc"])
+    code, err = run_cli(capsys, "predict", f"ckpt={run}", f"input={tmp_path}/*.png", f"out={tmp_path / 'b.csv'}")
+    assert code == 0, err
+    (bad,) = read(tmp_path / "b.csv")
+    assert bad["error"] and bad["class_1"] == ""
+    code, err = run_cli(capsys, "predict", f"ckpt={run}", f"input={tmp_path / 'nothing'}")
+    assert code == 2 and err[-1] == f"finetune: error: predict: input={tmp_path / 'nothing'}: no such file or folder"
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "safetensors"])
+def test_every_export_reproduces_the_model(trained, capsys, fmt, tmp_path):
+    code, err = run_cli(capsys, "export", f"ckpt={trained / 'run'}", f"format={fmt}", f"out={tmp_path}")
+    assert code == 0, err
+    info = json.loads((tmp_path / "preprocess.json").read_text())
+    assert info["classes"] == CLASSES and info["input_size"] == 32 and info["weights"] == "average"
+    assert info["max_abs_diff"] is not None and info["max_abs_diff"] <= 1e-4  # checked (onnxruntime for ONNX)
+    assert (tmp_path / info["file"]).is_file()
+
+
+def test_bad_arguments_are_one_line(trained, capsys):
+    code, err = run_cli(capsys, "eval", f"ckpt={trained / 'run'}", "splt=val")
+    assert code == 2 and err == ["finetune: error: eval: unknown key 'splt'; did you mean split?"]
+    code, err = run_cli(capsys, "predict", "input=x")
+    assert code == 2 and err == ["finetune: error: predict: ckpt= is required"]
+    code, err = run_cli(capsys, "export", f"ckpt={trained / 'run'}", "format=tflite")
+    assert code == 2 and "format must be one of torchscript, onnx, safetensors" in err[-1]
