@@ -28,6 +28,8 @@ Fine-tune pretrained vision models: layer groups, freezing, per-group LR schedul
 
 commands:
   train     fine-tune as configured (e.g. finetune train model=resnet18 unfreeze=5)
+  lr-find   the LR range test, aware of layer groups: lr_find.png and the lr= to pass
+            (e.g. finetune lr-find model=resnet18 data=imagefolder data.root=DIR)
   inspect   print the layer groups, what trains when and every group's LR plan; trains nothing
             (inspect.format=json for JSON)
   summarize DIR  rebuild a sweep's summary.csv, summary.md and summary.png (also of an unfinished one)
@@ -182,6 +184,38 @@ def _join_processes(cfg: DictConfig, out_dir: str) -> str:
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def lr_find_task(cfg: DictConfig) -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune import lr_find
+    from finetune.run import Run
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run = Run(lr_find.provisional(cfg), out_dir)
+        if run.world.enabled:
+            raise UserError("lr-find runs in one process (start it without torchrun)")
+        try:
+            result = lr_find.find(run, cfg.lr_find)
+        finally:
+            run.data.close()
+        lr_find.write(result, out_dir)
+    except UserError as err:
+        _report_user_error(cfg, err)
+    print(f"finetune: suggested {result['override']} (valley; steepest descent at {result['steepest']:.3g}); "
+          f"plot {out_dir / 'lr_find.png'}\nfinetune: then: finetune train {' '.join(_task_overrides())} "
+          f"{result['override']}".rstrip(), file=sys.stderr)
+    return result
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+").startswith(("lr", "lr_find."))
+            or o.startswith("lr_spread")]
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def inspect_task(cfg: DictConfig) -> dict | None:
     from finetune.inspect_run import inspect
 
@@ -264,7 +298,8 @@ def _exit_for_sweep() -> None:
     print(f"finetune: all {total} jobs completed; summary in {sweep_dir}/summary.md", file=sys.stderr)
 
 
-COMMANDS = {"train": train_task, "inspect": inspect_task}
+COMMANDS = {"train": train_task, "inspect": inspect_task, "lr-find": lr_find_task}  # Hydra's
+ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "summarize"]
 
 
 def _shell_completion(argv: list[str]) -> None:
@@ -273,7 +308,7 @@ def _shell_completion(argv: list[str]) -> None:
     if line is not None:
         words = line.split()
         if len(words) == 1 or (len(words) == 2 and not line.endswith(" ")):
-            print(" ".join(COMMANDS))  # completing the command itself
+            print(" ".join(ALL_COMMANDS))  # completing the command itself
             return
         os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:]) + (" " if line.endswith(" ") else "")
     register_configs()

@@ -97,6 +97,19 @@ class InspectConfig:
 
 
 @dataclass
+class LRFindConfig:
+    """`finetune lr-find` and `lr=auto`: the LR range test (finetune/lr_find.py)."""
+
+    steps: int = 100  # optimizer steps of the sweep
+    start: float = 1e-7  # the swept group's first LR
+    end: float = 10.0  # its last LR (the sweep stops earlier once the loss diverges)
+    group: Optional[str] = None  # sweep this group alone (the others keep their LRs); null: every group
+    epoch: int = 0  # the freeze state of this epoch of the recipe (0: its first)
+    smooth: float = 0.98  # exponential smoothing of the loss (debiased)
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -105,12 +118,15 @@ class TrainConfig:
     lr_spread: LRSpreadConfig = field(default_factory=LRSpreadConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all
     epochs: int = 5
     max_steps: Optional[int] = None  # end after this many optimizer steps (the plan spans them); null: epochs
-    lr: float = 1e-3  # peak LR of the head group, under every recipe; lower groups per lr_spread
+    # peak LR of the head group, under every recipe; lower groups per lr_spread. `auto`: the LR finder's
+    # suggestion (a number, or auto: Any rather than float)
+    lr: Any = 1e-3
     head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head); recipes never set it
     batch_size: int = 32  # per micro-batch (and per process)
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation): the step sees batch_size x accumulate

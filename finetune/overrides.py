@@ -97,7 +97,24 @@ def check(args: Sequence[str]) -> None:
                 _check_type(key, value, schema)
 
 
+def _number_or_auto(value) -> bool:
+    try:
+        float(value)
+        return not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return value == "auto"
+
+
+# keys the schema types loosely (Any) because they take a word as well as a number
+LOOSE = {"lr": (_number_or_auto, "expected a number or auto (the LR finder's suggestion)")}
+
+
 def _check_type(key: str, value, schema: DictConfig) -> None:
+    if key in LOOSE:
+        ok, expected = LOOSE[key]
+        if not ok(value):
+            raise UserError(f"{key}={_text(value)}: {expected}")
+        return
     probe = schema.copy()
     try:
         OmegaConf.update(probe, key, value, merge=True, force_add=True)

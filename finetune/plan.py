@@ -91,11 +91,18 @@ def _as_dict(node) -> dict:
 
 
 def _check_lr(value, key: str) -> float:
+    if isinstance(value, str):  # lr takes `auto` too, so its YAML and CLI values may arrive as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{key}: expected a number, got {value!r}")
+        also = " or auto (the LR finder's suggestion)" if key == "lr" else ""
+        raise UserError(f"{key}: expected a number{also}, got {value!r}")
+    value = float(value)
     if value <= 0:
         raise UserError(f"{key} must be > 0, got {value}")
-    return float(value)
+    return value
 
 
 def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Sequence[int] | None = None) -> Plan:

@@ -120,3 +120,32 @@ def plot_images(path: Path, files: Sequence[str], captions: Sequence[str], colum
     with writing(path):
         fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_lr_find(path: Path, result: dict) -> None:
+    """The LR finder's smoothed loss (raw loss faint) against the swept LR, suggestions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(result["lrs"], result["losses"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
+    ax.plot(result["lrs"], result["smoothed"], color="tab:blue", label="smoothed loss")
+    for key, colour in (("valley", "tab:red"), ("steepest", "tab:orange")):
+        lr = result[key]
+        i = result["lrs"].index(lr)
+        ax.plot([lr], [result["smoothed"][i]], "o", color=colour, label=f"{key} {lr:.2g}")
+    ax.set_xscale("log")
+    low = min(result["smoothed"])
+    ax.set_ylim(top=max(result["smoothed"][0], low) * 1.3 + 1e-9, bottom=low - 0.1 * abs(low))
+    swept = "every group at its ratio to the head" if result["swept"] == "all" else f"group {result['swept']}"
+    ax.set_xlabel("learning rate (head)" if result["swept"] == "all" else f"learning rate ({result['swept']})")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"LR range test: {swept}; suggestion {result['override']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with writing(path):
+        fig.savefig(path, dpi=110)
+    plt.close(fig)

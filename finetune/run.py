@@ -127,10 +127,11 @@ class Run:
     left waiting in a collective the others never reach."""
 
     def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
-                 world: World | None = None):
+                 world: World | None = None, lr_auto: dict | None = None):
         from finetune import data as data_mod
 
         self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
+        self.lr_auto = lr_auto  # what lr=auto chose (summary.json)
         self.world = world = world or distributed.from_env()
         for key in ("checkpoint_every", "eval_every"):
             if cfg[key] < 0:
@@ -464,6 +465,7 @@ class Run:
             "best_epoch": best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
             **({"best_eval": _best_eval(state.evals, self.cfg.best_metric)}
                if self.cfg.eval_every and state.evals and "val_" in self.cfg.best_metric else {}),
+            **({"lr_auto": self.lr_auto} if self.lr_auto else {}),
             "world_size": self.world.size,
             "images_per_step": self.cfg.batch_size * self.accumulate * self.world.size,
             **({"replica_fingerprints": self.replicas} if self.world.enabled else {}),

@@ -21,5 +21,28 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     after its evaluation): it splits one plan over several runs (time-limited jobs; tests of exact
     resume), where a run with fewer `epochs` would follow a different schedule.
     `recipe` (what the recipe set, finetune.recipe.describe) is saved in summary.json.
+    `lr=auto` runs the LR finder first (lr_find.png in `out_dir`) and trains with its suggestion, which
+    summary.json keeps under lr_auto.
     """
-    return Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe).fit()
+    lr_auto = None
+    if str(cfg.lr) == "auto":
+        cfg, lr_auto = _auto_lr(cfg, Path(out_dir))
+    return Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe, lr_auto=lr_auto).fit()
+
+
+def _auto_lr(cfg, out_dir: Path):
+    """lr=auto: the LR finder's suggestion (finetune/lr_find.py) becomes lr; a resumed run keeps the LR
+    its checkpoint was trained with."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from finetune import checkpoint, lr_find
+
+    if cfg.resume:
+        chosen = {"lr": checkpoint.load_checkpoint(cfg.resume)[1]["config"]["lr"], "resumed": True}
+    else:
+        chosen = lr_find.choose(cfg, out_dir)
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.update(cfg, "lr", chosen["lr"])
+    return cfg, chosen

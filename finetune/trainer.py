@@ -141,11 +141,16 @@ class Trainer:
         the step used."""
         return self.step_accumulated([(x, y)], step)
 
-    def step_accumulated(self, batches, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_accumulated(self, batches, step: int, lrs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the gradients of several equal micro-batches (gradient accumulation):
         each backward adds its loss / len(batches), so the update is that of their concatenation (up to
-        BatchNorm's batch statistics). Returns the mean loss over their samples and the correct count."""
-        apply(self.optimizer, self.plan, step)
+        BatchNorm's batch statistics). Returns the mean loss over their samples and the correct count.
+        `lrs` (one per layer group; the LR finder) replaces the plan's LRs for this step."""
+        if lrs is None:
+            apply(self.optimizer, self.plan, step)
+        else:
+            for pg in self.optimizer.param_groups:
+                pg["lr"] = lrs[pg["group"]]
         losses, correct, seen = [], 0, 0
         for i, (x, y) in enumerate(batches):
             # DDP all-reduces in the last micro-batch's backward only: the earlier ones accumulate locally

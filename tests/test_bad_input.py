@@ -259,7 +259,7 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
                        "efficientnet_b0, efficientnet_lite0, mobilenet_v3_large, regnet_y_400mf, resnet18, resnet50, "
                        "swin_t, timm, torchvision, vit_b_16 (closest: resnet18, resnet50, densenet121)"),
     ("epochs=many", "epochs=many: Value 'many' of type 'str' could not be converted to Integer"),
-    ("lr=1e-3,abc", "lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("lr=1e-3,abc", "lr=abc: expected a number or auto (the LR finder's suggestion)"),
     ("device=gpu", "device=gpu: not a device; use auto, cpu, cuda or cuda:N"),
     ("checkpoint_every=-1", "checkpoint_every must be >= 0 (0: at epoch ends only), got -1"),
 ], ids=lambda v: v if "=" in v and len(v) < 24 else None)
