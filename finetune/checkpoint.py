@@ -29,7 +29,7 @@ from finetune.errors import UserError, writing
 FORMAT = "finetune-checkpoint/1"
 LAST = "last.pt"
 # config keys that do not change what a run computes: a resume may change them silently
-NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite", "time_limit")
+NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite", "time_limit", "logger")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

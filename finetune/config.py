@@ -150,6 +150,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
     resume: Optional[str] = None  # run dir or checkpoint file
     overwrite: bool = False  # run in a directory that already holds a run, replacing it
+    logger: str = "none"  # none | tensorboard (RUN_DIR/tensorboard, beside the CSV files)
     verbose: bool = False  # show tracebacks for user errors
     progress: bool = True
 

@@ -78,10 +78,12 @@ class Progress(Listener):
 
 
 class Checkpoints(Listener):
-    """checkpoints/last.pt at every epoch's end and every `checkpoint_every` steps."""
+    """checkpoints/last.pt at every epoch's end and every `checkpoint_every` steps (after an evaluation
+    at the same step, which it then holds)."""
 
     def on_step_end(self, run) -> None:
-        if run.cfg.checkpoint_every and run.state.step % run.cfg.checkpoint_every == 0:
+        every = run.cfg.checkpoint_every
+        if every and run.state.step % every == 0 and run._saved_at != run.state.step:
             run.save()
 
     def on_epoch_end(self, run) -> None:
@@ -95,6 +97,51 @@ class StepEvaluation(Listener):
         every, state = run.cfg.eval_every, run.state
         if every and state.step % every == 0 and state.batch < run.plan.steps_in(state.epoch):
             run.evaluate_midway()
+
+
+class TensorBoard(Listener):
+    """logger=tensorboard: every group's LR at every step, the train loss and accuracy every CHECK_EVERY
+    steps, every evaluation and the epochs' metrics, under RUN_DIR/tensorboard (rank 0). A resumed run
+    purges what the interrupted one wrote after its checkpoint, so the curves do not fork."""
+
+    def __init__(self, run):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from finetune.errors import UserError
+
+            raise UserError('logger=tensorboard needs the tensorboard package: pip install "finetune[tensorboard]"') from None
+        self.writer = SummaryWriter(log_dir=str(run.out_dir / "tensorboard"), purge_step=run.state.step or None)
+
+    def on_step_end(self, run) -> None:
+        step = run.last_step
+        for row in run.last_rows:
+            self.writer.add_scalar(f"lr/{row['group']}", row["lr"], step)
+        if check_due(run):
+            self.writer.add_scalar("train/loss", run.loss_sum.item() / max(1, run.seen), step)
+            self.writer.add_scalar("train/acc", run.correct.item() / max(1, run.seen), step)
+
+    # x is the index of the step last done, as in lr_trace.csv: an evaluation after 6 steps sits at 5,
+    # so that a resume from that checkpoint (purging x >= 6) keeps it
+    def on_evaluation(self, run) -> None:
+        row = run.state.evals[-1]
+        for key in ("val_loss", "val_acc"):
+            self.writer.add_scalar(f"val/{key[4:]}", row[key], row["step"] - 1)
+
+    def on_epoch_end(self, run) -> None:
+        metrics, step = run.state.metrics[-1], run.state.step - 1
+        for key, value in metrics.items():
+            if key != "epoch":
+                self.writer.add_scalar(f"epoch/{key}", value, step)
+        self.writer.add_scalar("val/loss", metrics["val_loss"], step)
+        self.writer.add_scalar("val/acc", metrics["val_acc"], step)
+        self.writer.flush()
+
+    def on_close(self, run) -> None:
+        self.writer.close()
+
+
+LOGGERS = ("none", "tensorboard")
 
 
 class Reports(Listener):
@@ -156,8 +203,10 @@ class EarlyStopping(Listener):
 
 
 def default_listeners(run) -> list[Listener]:
-    """In order: the trace first (the others read this step's rows), checkpoints after the checks, the
-    best checkpoint after the epoch's own."""
+    """In order: the trace first (the others read this step's rows), an evaluation inside the epoch
+    before the checkpoint of the same step (which then holds it), checkpoints after the checks, the best
+    checkpoint after the epoch's own."""
     early = [EarlyStopping()] if run.cfg.patience else []  # before the checkpoint, which then records it
-    return [LRTrace(), LossCheck(), Progress(run), *early, Checkpoints(), StepEvaluation(), BestCheckpoint(),
-            Reports()]
+    logger = [TensorBoard(run)] if run.cfg.logger == "tensorboard" and run.world.main else []
+    return [LRTrace(), LossCheck(), Progress(run), *early, StepEvaluation(), Checkpoints(), BestCheckpoint(),
+            Reports(), *logger]

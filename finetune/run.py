@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from finetune import checkpoint, distributed, freeze, report
 from finetune.errors import UserError, writing
-from finetune.events import BEST_METRICS, best_epoch, check_due, default_listeners
+from finetune.events import BEST_METRICS, LOGGERS, best_epoch, check_due, default_listeners
 from finetune.groups import build_groups
 from finetune.plan import Plan
 from finetune.plan import warnings as plan_warnings
@@ -136,7 +136,7 @@ class Run:
         for key in ("checkpoint_every", "eval_every"):
             if cfg[key] < 0:
                 raise UserError(f"{key} must be >= 0 (0: at epoch ends only), got {cfg[key]}")
-        _check_stopping_settings(cfg)
+        _check_settings(cfg)
         _refuse_finished_dir(self.out_dir, cfg)
         seed_everything(cfg.seed)  # the same on every rank: the replicas start equal
         self.device = device = resolve_device(distributed.device_name(cfg.device, world))
@@ -513,11 +513,13 @@ def _chunks(loader, k: int, steps: int):
         yield chunk
 
 
-def _check_stopping_settings(cfg) -> None:
+def _check_settings(cfg) -> None:
     if cfg.best_metric not in BEST_METRICS:
         raise UserError(f"best_metric: unknown metric '{cfg.best_metric}'; choose one of {', '.join(BEST_METRICS)}")
     if cfg.best_metric.startswith("live_") and cfg.ema_half_life is None:
         raise UserError(f"best_metric={cfg.best_metric} exists only with a weight average (set ema_half_life)")
+    if cfg.logger not in LOGGERS:
+        raise UserError(f"logger: unknown logger '{cfg.logger}'; choose one of {', '.join(LOGGERS)}")
     if cfg.time_limit is not None and cfg.time_limit <= 0:
         raise UserError(f"time_limit must be > 0 minutes (null: none), got {cfg.time_limit}")
     if cfg.patience < 0 or cfg.min_delta < 0:

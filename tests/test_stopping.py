@@ -163,3 +163,29 @@ def test_max_steps_ends_inside_an_epoch_and_the_schedule_ends_with_it(tmp_path):
     assert load(tmp_path / "run" / "checkpoints" / checkpoint.LAST)["step"] == 5
     with pytest.raises(UserError, match="max_steps must be >= 1"):
         train(compose_cfg("max_steps=0"), tmp_path / "bad")
+
+
+def test_tensorboard_logs_every_groups_lr_and_the_metrics_and_a_resume_does_not_fork(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune.run import Interrupted
+
+    run, tb = tmp_path / "run", ["epochs=2", "logger=tensorboard", "eval_every=2"]  # 3 steps an epoch
+    with pytest.raises(Interrupted):
+        train(compose_cfg(*tb), run, stop_at_step=2)
+    early = run / "checkpoints" / "early.pt"
+    early.write_bytes((run / "checkpoints" / checkpoint.LAST).read_bytes())
+    with pytest.raises(Interrupted):  # steps 2 and 3 logged, then resumed from step 2 again
+        train(compose_cfg(*tb, f"resume={run}"), run, stop_at_step=4)
+    train(compose_cfg(*tb, f"resume={early}"), run)
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"lr/stem", "lr/head", "train/loss", "val/acc", "epoch/val_acc"} <= set(tags)
+    head = [(e.step, e.value) for e in events.Scalars("lr/head")]
+    trace = [(int(r["step"]), float(r["lr"])) for r in read_csv(run / "lr_trace.csv") if r["group"] == "head"]
+    assert [s for s, _ in head] == list(range(6))  # once per step, none twice after the resume
+    assert [v for _, v in head] == pytest.approx([v for _, v in trace])
+    val = [(e.step, round(e.value, 6)) for e in events.Scalars("val/acc")]
+    evals = [(int(r["step"]) - 1, round(float(r["val_acc"]), 6)) for r in read_csv(run / "evals.csv")]
+    assert [int(r["step"]) for r in read_csv(run / "evals.csv")] == [2, 3, 4, 6]  # the one at step 2 kept
+    assert sorted(set(val)) == sorted(set(evals))
