@@ -161,7 +161,7 @@ def check_resumable(saved: Mapping, config: Mapping, groups: Sequence[tuple[str,
     """Refuse a resume that would not continue the checkpoint's run: another model or optimizer, other
     layer groups, other parameter shapes (e.g. data.num_classes) or another number of steps per epoch."""
     old_model, new_model = saved["config"].get("model", {}), config.get("model", {})
-    for key in ("name", "source"):
+    for key in ("name", "source", "_target_"):
         if old_model.get(key) != new_model.get(key):
             raise UserError(
                 f"resume: the checkpoint was trained with model.{key}={old_model.get(key)}, not "

@@ -21,6 +21,11 @@ class ModelConfig:
     groups: Optional[Any] = None  # explicit layer-group spec; null: the ready grouping for the model
     catch_all: Optional[str] = None  # group that takes every parameter no pattern matches
     drop_rate: float = 0.0  # dropout before the new head
+    # your own model class (finetune/targets.py): built by hydra.utils.instantiate with `args`; `head` is
+    # the module replaced by the new head (null: the last Linear)
+    _target_: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    head: Optional[str] = None
 
 
 @dataclass
@@ -35,6 +40,9 @@ class DataConfig:
     num_workers: int = -1  # -1: pick from the CPU count
     download: bool = True  # torchvision datasets
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing
+    # your own dataset (finetune/targets.py): called with split=train|val and `args`
+    _target_: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -58,10 +58,12 @@ TORCHVISION_DATASETS: dict[str, tuple[str, int, str]] = {
 
 
 def _dataset_name(cfg) -> str:
+    if cfg.get("_target_"):
+        return "custom"
     return str(cfg.name).strip().lower().replace("-", "_")
 
 
-BUILT_IN = ("digits", "synthetic", "imagefolder")
+BUILT_IN = ("digits", "synthetic", "imagefolder", "custom")
 
 
 def _check_name(name: str) -> None:
@@ -81,6 +83,10 @@ def num_classes(cfg) -> int:
         return len(_imagefolder_classes(_imagefolder_root(cfg)))
     if name == "digits":
         return len(DIGIT_CLASSES)
+    if name == "custom":
+        from finetune import targets
+
+        return len(targets.build_splits(cfg)[2])
     return TORCHVISION_DATASETS[name][1]
 
 
@@ -369,6 +375,10 @@ def build_data(
         classes = DIGIT_CLASSES
     elif name == "imagefolder":
         train_base, val_base, classes, skipped = _imagefolder_splits(cfg)
+    elif name == "custom":
+        from finetune import targets
+
+        train_base, val_base, classes = targets.build_splits(cfg)
     else:
         train_base, val_base, classes = _torchvision_splits(cfg, name)
     return DataBundle(

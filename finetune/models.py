@@ -95,8 +95,8 @@ def _last_layer(model: nn.Module) -> str:
     raise UserError(f"model: found no Linear or Conv2d layer to use as the head in {type(model).__name__}")
 
 
-def _replace_last_layer(model: nn.Module, num_classes: int, drop_rate: float) -> None:
-    path = _last_layer(model)
+def _replace_last_layer(model: nn.Module, num_classes: int, drop_rate: float, path: str | None = None) -> None:
+    path = path or _last_layer(model)
     old = model.get_submodule(path)
     if isinstance(old, nn.Linear):
         new: nn.Module = HeadLinear(old.in_features, num_classes, drop_rate)
@@ -463,6 +463,8 @@ def weights_kind(weights) -> tuple[str, str | None]:
 def build_model(cfg, num_classes: int) -> ModelBundle:
     """The model described by a ModelConfig-like `cfg`, with a fresh `num_classes` head, its group spec
     (cfg.groups if given, else the ready grouping) and its preprocessing."""
+    if getattr(cfg, "_target_", None):
+        return _build_target(cfg, int(num_classes))
     name, source = str(cfg.name), str(cfg.source).lower()
     drop_rate = float(getattr(cfg, "drop_rate", 0.0) or 0.0)
     if source not in SOURCES:
@@ -496,6 +498,24 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
     groups = getattr(cfg, "groups", None)
     spec = dict(normalize_spec(groups)) if groups is not None else ready_spec(model, name, source)
     return ModelBundle(model, spec, preprocess, head_group=list(spec)[-1])
+
+
+def _build_target(cfg, num_classes: int) -> ModelBundle:
+    """model._target_ (finetune/targets.py): the user's class, a fresh head at model.head, automatic
+    groups (or model.groups), ImageNet normalisation; model.weights may name a local file to load."""
+    from finetune import targets
+
+    model = targets.build_model(cfg)
+    path = targets.head_path(model, cfg.get("head"))
+    kind, value = weights_kind(cfg.get("weights"))
+    if kind == "file":  # the class's own weights otherwise (DEFAULT, or whatever its __init__ loads)
+        load_into(model, read_state_dict(value), value, optional=lambda k: _under(k, [path]))
+    elif kind == "pkg":
+        raise UserError("model.weights=pkg:... is for the built-in models; with model._target_ give a file")
+    _replace_last_layer(model, num_classes, float(cfg.get("drop_rate") or 0.0), path)
+    groups = cfg.get("groups")
+    spec = dict(normalize_spec(groups)) if groups is not None else auto_spec(model)
+    return ModelBundle(model, spec, RANDOM_INIT_PREPROCESS, head_group=list(spec)[-1])
 
 
 def ready_spec(model: nn.Module, name: str, source: str) -> dict[str, list[str]]:

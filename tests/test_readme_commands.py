@@ -219,6 +219,8 @@ ELSEWHERE = {
     "finetune lr-find model=resnet18 data=imagefolder data.root=../shared/data/hymenoptera": "test_lr_find",
     "finetune lr-find model=resnet18 lr_find.group=layer4 lr_find.epoch=1": "test_lr_find (one group alone)",
     "finetune train lr=auto": "test_lr_find (lr=auto trains as lr=<suggestion>)",
+    "finetune train model=custom model._target_=my_model.SmallNet ++model.args.width=32 model.head=fc "
+    "data=custom data._target_=my_model.Stripes data.image_size=32 experiment=none epochs=3": "test_targets",
     "finetune eval ckpt=outputs/2026-11-21/10-00-00": "test_model_commands",
     "finetune eval ckpt=outputs/2026-11-21/10-00-00 split=test tta=true": "test_model_commands",
     "finetune predict ckpt=outputs/2026-11-21/10-00-00 input=photos/ out=predictions.csv": "test_model_commands",
