@@ -6,7 +6,9 @@ benchmark (hours on 2 cores) continues where it stopped:
     python scripts/bench_regimes.py                      # every regime, every recipe, 3 seeds
     python scripts/bench_regimes.py --regimes dtd10,neu6_30 --recipes lp_ft,full
 
-Results: bench_out/regimes/<regime>/ (results.md, results.json, val_acc.png).
+Results: bench_out/regimes/<regime>/ (results.md, results.json, val_acc.png), or --out. To keep working
+on the code while it runs, run it from a snapshot: git worktree add /tmp/bench HEAD, then
+python /tmp/bench/scripts/bench_regimes.py --out $PWD/bench_out/regimes.
 """
 
 from __future__ import annotations
@@ -35,15 +37,17 @@ def main(argv=None) -> None:
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=OUT, help="results folder (one per regime inside)")
     args = p.parse_args(argv)
     for regime in args.regimes.split(","):
         if regime not in REGIMES:
             raise SystemExit(f"unknown regime {regime}; choose from {', '.join(REGIMES)}")
-        if regime == "digits" and not (OUT / "digits_data" / "train").is_dir():
-            bench_transfer.make_digits(OUT / "digits_data")
+        if regime == "digits" and not (args.out / "digits_data" / "train").is_dir():
+            bench_transfer.make_digits(args.out / "digits_data")
         extra = ["--recipes", args.recipes] if args.recipes else []
         print(f"== {regime}", flush=True)
-        bench_transfer.main([*REGIMES[regime], "--out", str(OUT / regime), "--seeds", str(args.seeds),
+        where = [a.replace(str(OUT), str(args.out)) for a in REGIMES[regime]]
+        bench_transfer.main([*where, "--out", str(args.out / regime), "--seeds", str(args.seeds),
                              "--reuse", *extra])
 
 

@@ -134,6 +134,18 @@ def _train_child(cfg, run_dir: Path) -> None:
     (run_dir / "bench_summary.json").write_text(json.dumps(summary))
 
 
+def same_run(old, new) -> bool:
+    """A finished run's config describes this run: every setting both configs have is equal. Keys only
+    the newer config has are settings added to finetune since, whose defaults keep what runs compute."""
+    from omegaconf import OmegaConf
+
+    from finetune.checkpoint import flatten
+
+    a = flatten(OmegaConf.to_container(old, resolve=True))
+    b = flatten(OmegaConf.to_container(new, resolve=True))
+    return all(a[k] == b[k] for k in a.keys() & b.keys()) and not (a.keys() - b.keys())
+
+
 def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResult:
     """Train one configuration in a fresh child process (or reuse a finished run whose config is
     identical). The child gives every byte back when it exits: one process training 18 models in a row
@@ -143,7 +155,7 @@ def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResul
 
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     done = run_dir / "bench_result.json"
-    if reuse and done.is_file() and (run_dir / "bench_config.yaml").read_text() == config_text:
+    if reuse and done.is_file() and same_run(OmegaConf.load(run_dir / "bench_config.yaml"), cfg):
         return RunResult(**json.loads(done.read_text()))
     if run_dir.exists():
         shutil.rmtree(run_dir)
