@@ -151,6 +151,7 @@ class TrainConfig:
     ema_half_life: Optional[float] = None
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     eval_every: int = 0  # also evaluate every N steps (0: only at epoch ends); evals.csv, best.pt
+    diag_every: int = -1  # per-group diagnostics every N steps (-1: 4 times an epoch; 0: off)
     best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
     min_delta: float = 0.0

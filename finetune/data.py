@@ -58,7 +58,7 @@ TORCHVISION_DATASETS: dict[str, tuple[str, int, str]] = {
 
 
 def _dataset_name(cfg) -> str:
-    if cfg.get("_target_"):
+    if getattr(cfg, "_target_", None):
         return "custom"
     return str(cfg.name).strip().lower().replace("-", "_")
 

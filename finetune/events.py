@@ -207,6 +207,11 @@ def default_listeners(run) -> list[Listener]:
     before the checkpoint of the same step (which then holds it), checkpoints after the checks, the best
     checkpoint after the epoch's own."""
     early = [EarlyStopping()] if run.cfg.patience else []  # before the checkpoint, which then records it
+    from finetune.diagnostics import Diagnostics, FreezeIntegrity, resolve_every
+
     logger = [TensorBoard(run)] if run.cfg.logger == "tensorboard" and run.world.main else []
-    return [LRTrace(), LossCheck(), Progress(run), *early, StepEvaluation(), Checkpoints(), BestCheckpoint(),
-            Reports(), *logger]
+    every = resolve_every(run.cfg.diag_every, run.plan.steps_per_epoch)
+    diag = [Diagnostics(run, every)] if every else []
+    # the integrity check first at an epoch's end: a changed frozen weight is never checkpointed
+    return [LRTrace(), LossCheck(), Progress(run), FreezeIntegrity(), *diag, *early, StepEvaluation(), Checkpoints(),
+            BestCheckpoint(), Reports(), *logger]

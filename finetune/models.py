@@ -506,14 +506,14 @@ def _build_target(cfg, num_classes: int) -> ModelBundle:
     from finetune import targets
 
     model = targets.build_model(cfg)
-    path = targets.head_path(model, cfg.get("head"))
-    kind, value = weights_kind(cfg.get("weights"))
+    path = targets.head_path(model, getattr(cfg, "head", None))
+    kind, value = weights_kind(getattr(cfg, "weights", None))
     if kind == "file":  # the class's own weights otherwise (DEFAULT, or whatever its __init__ loads)
         load_into(model, read_state_dict(value), value, optional=lambda k: _under(k, [path]))
     elif kind == "pkg":
         raise UserError("model.weights=pkg:... is for the built-in models; with model._target_ give a file")
-    _replace_last_layer(model, num_classes, float(cfg.get("drop_rate") or 0.0), path)
-    groups = cfg.get("groups")
+    _replace_last_layer(model, num_classes, float(getattr(cfg, "drop_rate", 0.0) or 0.0), path)
+    groups = getattr(cfg, "groups", None)
     spec = dict(normalize_spec(groups)) if groups is not None else auto_spec(model)
     return ModelBundle(model, spec, RANDOM_INIT_PREPROCESS, head_group=list(spec)[-1])
 

@@ -149,3 +149,83 @@ def plot_lr_find(path: Path, result: dict) -> None:
     with writing(path):
         fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _freeze_changes(rows: Sequence[dict]) -> list[int]:
+    """Steps at which some group's trainable flag differs from the row before."""
+    last, changes = {}, []
+    for r in rows:
+        if r["group"] in last and last[r["group"]] != r["trainable"] and (not changes or changes[-1] != r["step"]):
+            changes.append(r["step"])
+        last[r["group"]] = r["trainable"]
+    return changes
+
+
+def plot_diagnostics(path: Path, rows: Sequence[dict], group_names: Sequence[str]) -> None:
+    """Per group against the step: gradient norm, weight norm and update/weight ratio (log scales;
+    dotted while frozen), freeze changes marked, the usual band of update ratios shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    keys = (("grad_norm", "gradient norm"), ("weight_norm", "weight norm"), ("update_ratio", "||dW|| / ||W||"))
+    colours = plt.get_cmap("viridis")
+    for gi, name in enumerate(group_names):
+        mine = [r for r in rows if r["group"] == name]
+        colour = colours(gi / max(1, len(group_names) - 1))
+        for ax, (key, _) in zip(axes, keys):
+            steps = [r["step"] for r in mine]
+            on = [r[key] if r["trainable"] and r[key] > 0 else None for r in mine]
+            off = [r[key] if not r["trainable"] and r[key] > 0 else None for r in mine]
+            ax.plot(steps, on, color=colour, label=name if key == "grad_norm" else None, linewidth=1.2)
+            if key == "weight_norm":
+                ax.plot(steps, off, color=colour, linestyle=":", linewidth=1)
+    for ax, (_, label) in zip(axes, keys):
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        for step in _freeze_changes(rows):
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+    axes[2].axhspan(1e-4, 1e-2, color="green", alpha=0.07)
+    axes[2].axhline(1e-3, color="green", linewidth=0.8, alpha=0.5)
+    axes[0].legend(fontsize=7, ncol=3, loc="best")
+    axes[0].set_title("per-group diagnostics (dashed: freeze changes; green: the usual update ratios)")
+    axes[2].set_xlabel("step")
+    fig.tight_layout()
+    with writing(path):
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_activations(path: Path, rows: Sequence[dict], group_names: Sequence[str], bins: int,
+                     log10_range: tuple[float, float]) -> None:
+    """The "colourful dimension" plot per group: diagnostic steps on x, log10 |activation| on y, the
+    share of activations in each bin as colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    present = [n for n in group_names if any(r["group"] == n for r in rows)]
+    if not present:
+        return
+    fig, axes = plt.subplots(len(present), 1, figsize=(9, 1.6 * len(present) + 0.8), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], present):
+        mine = [r for r in rows if r["group"] == name]
+        hist = np.array([[r[f"b{i}"] for i in range(bins)] for r in mine], dtype=float)
+        hist = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+        steps = [r["step"] for r in mine]
+        ax.imshow(np.log1p(hist.T * 100), aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
+                  extent=(-0.5, len(steps) - 0.5, *log10_range))
+        ax.set_ylabel(name, fontsize=8)
+        ticks = np.linspace(0, len(steps) - 1, min(8, len(steps))).round().astype(int)
+        ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+    axes[0, 0].set_title("activations per group: log10 |a| (y) at each diagnostic step (x), share as colour")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    with writing(path):
+        fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -30,6 +30,7 @@ from finetune.events import BEST_METRICS, LOGGERS, best_epoch, check_due, defaul
 from finetune.groups import build_groups
 from finetune.plan import Plan
 from finetune.plan import warnings as plan_warnings
+from finetune.diagnostics import Diagnostics
 from finetune.distributed import World
 from finetune.trace import NoTrace, TraceFile
 from finetune.trace import read as read_trace
@@ -188,6 +189,7 @@ class Run:
         self._trace_before = _previous_trace(cfg.resume, saved) if saved else (None, None)
         self.last_rows: list[dict] = []  # the LR trace rows of the step just done
         self.listeners = default_listeners(self)
+        self.diagnostics = next((x for x in self.listeners if isinstance(x, Diagnostics)), None)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN/inf
         self.summary: dict | None = None
         self.replicas: list[int] | None = None  # every rank's weight fingerprint at the last epoch's end
@@ -242,10 +244,13 @@ class Run:
     def train_epoch(self) -> None:
         state, k = self.state, self.accumulate
         loader = self.data.train_loader(state.epoch, start_step=state.batch * k)
+        diag = self.diagnostics
         for micro in _chunks(loader, k, self.plan.steps_in(state.epoch) - state.batch):
             micro = [self.trainer.to_device(x, y) for x, y in micro]
+            probing = diag is not None and diag.due(self)
             try:
-                loss, ok = self.trainer.step_accumulated(micro, state.step)
+                with diag.activations() if probing else contextlib.nullcontext() as acts:
+                    loss, ok = self.trainer.step_accumulated(micro, state.step, probe=diag.probe() if probing else None)
             except ValueError as err:  # torch's BatchNorm on a batch of one image
                 if "Expected more than 1 value per channel" not in str(err):
                     raise
@@ -253,6 +258,8 @@ class Run:
                                 "mode needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
             images = sum(y.numel() for _, y in micro)
             self.last_step = state.step
+            if probing:
+                diag.record(self, self.trainer.diag_rows, acts.hists)
             self.pending.append((state.step, loss))
             self.loss_sum += loss * images
             self.correct += ok

@@ -37,7 +37,7 @@ def _instantiate(target: str, args, what: str, **extra):
 
 
 def build_model(cfg) -> nn.Module:
-    model = _instantiate(str(cfg._target_), cfg.get("args"), "model")
+    model = _instantiate(str(cfg._target_), getattr(cfg, "args", None), "model")
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_={cfg._target_} returned a {type(model).__name__}, not a torch nn.Module")
     return model
@@ -65,7 +65,7 @@ def build_splits(cfg):
     """(train dataset, val dataset, class names) from data._target_ (built once per target and args)."""
     import json
 
-    return _splits(str(cfg._target_), json.dumps(_plain(cfg.get("args")), sort_keys=True), int(cfg.num_classes))
+    return _splits(str(cfg._target_), json.dumps(_plain(getattr(cfg, "args", None)), sort_keys=True), int(cfg.num_classes))
 
 
 def _plain(args) -> dict:

@@ -1,4 +1,4 @@
-"""lr_trace.csv written as training goes: a row per group per step, appended and flushed with every
+"""lr_trace.csv (and the diagnostics' CSVs) written as training goes: a row per group per step, appended and flushed with every
 checkpoint, so neither memory nor checkpoints grow with the number of steps (150k steps x 15 groups are
 2.25M rows). A resumed run starts from the rows of the steps its checkpoint holds, copied from the old
 run's file (or the file itself, cut back, when it resumes in place)."""
@@ -31,8 +31,8 @@ class TraceFile:
     """The run's lr_trace.csv, open for appending. `start(step, previous, saved_rows)`: rows of earlier
     steps from `previous` (the resumed run's file) or, for checkpoints of before streaming, `saved_rows`."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, fields: Sequence[str] = FIELDS):
+        self.path, self.fields = path, tuple(fields)
         self._file = None
         self._writer = None
 
@@ -41,7 +41,7 @@ class TraceFile:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with writing(self.path):
             with open(tmp, "w", newline="") as out:
-                out.write(",".join(FIELDS) + "\r\n")
+                out.write(",".join(self.fields) + "\r\n")
                 if step and previous is not None and previous.is_file():
                     out.writelines(_rows_before(previous, step))
                 elif step and saved_rows:
@@ -51,7 +51,7 @@ class TraceFile:
                                 step, previous, step)
             os.replace(tmp, self.path)  # also over the old file when resuming in place: cut back to `step`
             self._file = open(self.path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=FIELDS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self.fields)
 
     def write(self, rows: Sequence[dict]) -> None:
         with writing(self.path):
@@ -79,6 +79,21 @@ def read(path: Path, every: int = 1) -> list[dict]:
                              "momentum": float(r["momentum"]) if r["momentum"] else None,
                              "trainable": int(r["trainable"])})
     return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Any of the streamed CSVs (diagnostics.csv, activations.csv) as dicts, numbers as numbers."""
+    def number(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    with open(path, newline="") as f:
+        return [{k: number(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 class NoTrace(TraceFile):

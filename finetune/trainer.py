@@ -78,6 +78,7 @@ class Trainer:
         self.frozen_norms: list[nn.Module] = []
         self.forward = model
         self.ddp: nn.parallel.DistributedDataParallel | None = None  # with several processes
+        self.diag_rows: list[dict] = []  # the last probed step's per-group diagnostics
         # head last: `_has_grads` scans it backwards and stops at the first gradient
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # last: the average references the model's tensors in their final layout
@@ -141,11 +142,16 @@ class Trainer:
         the step used."""
         return self.step_accumulated([(x, y)], step)
 
-    def step_accumulated(self, batches, step: int, lrs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_accumulated(self, batches, step: int, lrs: list[float] | None = None,
+                         probe=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the gradients of several equal micro-batches (gradient accumulation):
         each backward adds its loss / len(batches), so the update is that of their concatenation (up to
         BatchNorm's batch statistics). Returns the mean loss over their samples and the correct count.
-        `lrs` (one per layer group; the LR finder) replaces the plan's LRs for this step."""
+        `lrs` (one per layer group; the LR finder) replaces the plan's LRs for this step. `probe`
+        (finetune/diagnostics.py) measures gradients before the optimizer step and the update after it;
+        its rows are left in `self.diag_rows`."""
+        if probe is not None:
+            self.diag_rows = []
         if lrs is None:
             apply(self.optimizer, self.plan, step)
         else:
@@ -169,11 +175,19 @@ class Trainer:
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)  # skips grad=None itself
+            if probe is not None:  # the gradients as applied: unscaled (fp16) and clipped
+                scaled = self.scaler.is_enabled() and not self.grad_clip
+                probe.before_step(float(self.scaler.get_scale()) if scaled else 1.0)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if probe is not None:
+                self.diag_rows = probe.after_step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
+        if probe is not None and not self.diag_rows:  # nothing trained: norms of the weights alone
+            probe.before_step(1.0)
+            self.diag_rows = probe.after_step()
         if len(losses) == 1:
             return losses[0][0], correct
         return sum(loss * n for loss, n in losses) / seen, correct

@@ -25,6 +25,9 @@ On CPU the default is one thread when other processes already load the machine (
             bytes in torch's CPU allocator during the step, from torch.profiler(profile_memory=True)
             ("Total Allocated" of its memory events). Also: activation memory (bytes autograd
             saves for backward, parameters and the input excluded), frozen vs full.
+  diagnostics  finetune with its per-group diagnostics at the default frequency (a probed step: norms,
+            weights copied before the update, activation hooks; every 25th step, 4 an epoch of 100) vs
+            the same steps without.                                                  goal <= 1.02
   pipeline  real JPEG ImageFolder data (hymenoptera) through finetune's loader vs the same number of
             steps on an in-memory batch: throughput ratio (GPU goal >= 0.9; CPU: reported).
 
@@ -66,7 +69,9 @@ from finetune.trainer import Trainer, resolve_precision  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
 SIX_SCHEDULES = ["constant", "cosine", "one_cycle", "sgdr", "slanted_triangular", "step"]
-GOALS = {"overhead_ratio": 1.02, "frozen_ratio": 1.02, "groups_ratio": 1.01, "memory_ratio": 1.02}
+GOALS = {"overhead_ratio": 1.02, "frozen_ratio": 1.02, "groups_ratio": 1.01, "memory_ratio": 1.02,
+         "diagnostics_ratio": 1.02}
+DIAG_EVERY = 25  # the default, 4 diagnostic steps an epoch, for a 100-step epoch
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,26 @@ def in_memory_batch(s: Settings, device: torch.device, classes: int = 10, seed: 
     y = torch.randint(0, classes, (s.batch,), generator=g)
     fmt = torch.channels_last if s.channels_last else torch.contiguous_format
     return x.to(device, memory_format=fmt), y.to(device)
+
+
+def diagnosed_block(trainer: Trainer, x, y, probe: bool) -> Callable[[], object]:
+    """DIAG_EVERY training steps; with `probe`, the first runs the diagnostics as a run's due step does."""
+    from finetune.diagnostics import Activations, Probe, last_modules
+
+    params = dict(trainer.model.named_parameters())
+    groups = [[params[n] for n in g.param_names] for g in trainer.groups]
+    modules = last_modules(trainer.model, trainer.groups)
+    counter = itertools.count()
+
+    def block():
+        for k in range(DIAG_EVERY):
+            i = next(counter)
+            if probe and k == 0:
+                with Activations(modules):
+                    trainer.step_accumulated([(x, y)], i, probe=Probe(groups))
+            else:
+                trainer.step(x, y, i)
+    return block
 
 
 def finetune_step(trainer: Trainer, x, y) -> Callable[[], object]:
@@ -366,6 +391,15 @@ def measure_core(s: Settings, device: torch.device, log) -> dict:
         f"(plain loop both sides): {out['groups_optimizer_ratio']:.4f}; finetune's own code: "
         f"{ratio(ft_six, pl_six):.4f}")
     del six, plain, plain_six
+
+    # diagnostics: blocks of DIAG_EVERY steps, the first of each probed, against the same blocks unprobed
+    diag, _ = finetune_trainer(cfg, s, device)
+    probed, unprobed = interleaved([diagnosed_block(diag, x, y, True), diagnosed_block(diag, x, y, False)],
+                                   replace(s, steps=1, repeats=max(5, s.repeats // 2)), device)
+    out["diagnostics_ratio"] = ratio(probed, unprobed)
+    log(f"diagnostics  blocks of {DIAG_EVERY} steps, one probed: {spread(probed)} | none probed {spread(unprobed)} | "
+        f"ratio {out['diagnostics_ratio']:.4f}")
+    del diag
     out["images_per_s"] = {"finetune_full": s.batch / statistics.median(ft_full),
                            "plain_full": s.batch / statistics.median(pl_full),
                            "finetune_frozen": s.batch / statistics.median(ft_frozen)}

@@ -255,7 +255,7 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
     ("optimizer.nme=sgd", "unknown key 'optimizer.nme' (closest: optimizer.name, optimizer.eps, optimizer.beta2)"),
     ("freeze=gradul", "freeze=gradul: no such freeze config; choose one of fine_tune, fixed, gradual, milestones "
                       "(closest: gradual)"),
-    ("model=resnet19", "model=resnet19: no such model config; choose one of convnext_tiny, densenet121, "
+    ("model=resnet19", "model=resnet19: no such model config; choose one of convnext_tiny, custom, densenet121, "
                        "efficientnet_b0, efficientnet_lite0, mobilenet_v3_large, regnet_y_400mf, resnet18, resnet50, "
                        "swin_t, timm, torchvision, vit_b_16 (closest: resnet18, resnet50, densenet121)"),
     ("epochs=many", "epochs=many: Value 'many' of type 'str' could not be converted to Integer"),
@@ -317,8 +317,8 @@ def test_non_finite_batchnorm_statistics_are_never_checkpointed(tmp_path, capsys
 
     real = Trainer.step_accumulated  # what the run calls for each optimizer step
 
-    def step(self, batches, at):
-        out = real(self, batches, at)
+    def step(self, batches, at, **kw):
+        out = real(self, batches, at, **kw)
         if at == 4:  # epoch 1: a running statistic blows up while the loss looks fine
             self.model.bn1.running_var.fill_(float("inf"))
         return out

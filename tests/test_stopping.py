@@ -65,9 +65,9 @@ def test_deterministic_runs_with_deterministic_algorithms_and_restores_the_flags
     seen = []
     real = Trainer.step_accumulated  # what the run calls for each optimizer step
 
-    def step(self, batches, at):
+    def step(self, batches, at, **kw):
         seen.append(torch.are_deterministic_algorithms_enabled())
-        return real(self, batches, at)
+        return real(self, batches, at, **kw)
 
     monkeypatch.setattr(Trainer, "step_accumulated", step)
     train(compose_cfg(*RUN, "epochs=1", "deterministic=true"), tmp_path / "det")
