@@ -77,6 +77,7 @@ class ScheduleConfig:
     cut_frac: float = 0.1  # slanted triangular (ULMFiT)
     ratio: float = 32.0
     start_at_unfreeze: bool = True  # a group unfrozen later starts its schedule at its unfreeze step
+    end_at_freeze: bool = False  # a group frozen for good before the end ends its schedule there (freezeout)
 
 
 @dataclass
@@ -86,11 +87,13 @@ class LRSpreadConfig:
     factor: float = 2.6  # ulmfit: each lower group = the one above / factor
     decay: float = 0.75  # layer_decay: lr * decay ** depth (depth 0 = head)
     ratio: float = 0.1  # body: every group below the head at lr * ratio
+    ramp: float = 0.0  # epochs over which the spread grows from uniform (every group at lr) to its ratios
 
 
 @dataclass
 class FreezeConfig:
-    kind: str = "fixed"  # fixed | milestones | gradual | fine_tune
+    kind: str = "fixed"  # fixed | milestones | gradual | fine_tune | freezeout
+    t0: float = 0.5  # freezeout: the first group freezes after this share of the epochs, the others later
     milestones: Dict[int, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
     every: int = 1  # gradual: one more group every `every` epochs
     head_epochs: int = 1  # fine_tune: head only for this many epochs, then all groups
@@ -152,6 +155,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     eval_every: int = 0  # also evaluate every N steps (0: only at epoch ends); evals.csv, best.pt
     diag_every: int = -1  # per-group diagnostics every N steps (-1: 4 times an epoch; 0: off)
+    # the frozen-prefix feature cache (finetune/cache.py): used when the head alone trains above a frozen body
+    cache: bool = True
+    cache_views: Optional[int] = None  # K: augmentations repeat every K epochs, K views cached
+    cache_dir: Optional[str] = None  # memory-mapped feature files here (reused across runs); null: memory
+    cache_dtype: str = "fp32"  # fp32 | fp16 | bf16
+    head_init: str = "none"  # none | lbfgs: fit the new head on the cached features before training
     best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
     min_delta: float = 0.0

@@ -165,8 +165,10 @@ class EpochSampler(Sampler):
     (rank r: samples [r*B, (r+1)*B) of batch s): one step of all ranks together sees exactly the batch
     one process with batch_size x world would, and a resume skips whole global batches on every rank."""
 
-    def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
+                 views: int | None = None):
         self.size, self.seed, self.batch_size, self.rank, self.world = size, seed, batch_size, rank, world
+        self.views = views  # augmentations repeat every `views` epochs (the feature cache's cache_views)
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -185,8 +187,9 @@ class EpochSampler(Sampler):
                 for i in order[s * step + self.rank * b : s * step + (self.rank + 1) * b]]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        view = self.epoch % self.views if self.views else self.epoch
         for index in self._indices():
-            yield index, self.epoch
+            yield index, view
 
     def __len__(self) -> int:
         if self.world == 1:
@@ -290,6 +293,7 @@ class DataBundle:
     skipped: int = 0  # unreadable images left out (data.skip_bad)
     rank: int = 0  # this process among `world` (finetune/distributed.py); batch_size is per process
     world: int = 1
+    views: Optional[int] = None  # augmentations repeat every `views` epochs (cache_views)
     _train_sampler: Optional[EpochSampler] = field(default=None, init=False, repr=False)
     _train_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
     _val_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
@@ -328,11 +332,18 @@ class DataBundle:
     def train_loader(self, epoch: int, start_step: int = 0) -> DataLoader:
         """The shuffled, augmented loader for `epoch`; `start_step` skips that many batches (mid-epoch resume)."""
         if self._train_loader is None:
-            self._train_sampler = EpochSampler(len(self.train), self.seed, self.batch_size, self.rank, self.world)
+            self._train_sampler = self.train_sampler(epoch, start_step)
             self._train_loader = self._loader(self.train, self.batch_size, self._train_sampler,
                                               self.drop_last and self.world == 1)
         self._train_sampler.set_epoch(epoch, start_step)
         return self._train_loader
+
+    def train_sampler(self, epoch: int, start_step: int = 0) -> EpochSampler:
+        """The order `train_loader(epoch, start_step)` follows, for loaders of other datasets over the same
+        samples (the feature cache)."""
+        sampler = EpochSampler(len(self.train), self.seed, self.batch_size, self.rank, self.world, self.views)
+        sampler.set_epoch(epoch, start_step)
+        return sampler
 
     def val_loader(self) -> DataLoader:
         if self._val_loader is None:
@@ -359,6 +370,7 @@ def build_data(
     persistent_workers: bool = False,
     rank: int = 0,
     world: int = 1,
+    views: int | None = None,
 ) -> DataBundle:
     """Datasets and loaders for `cfg` (a DataConfig), preprocessed like the pretrained weights (`preprocess`:
     mean, std, input_size, interpolation, crop_pct); with `world` processes, rank `rank`'s shards."""
@@ -393,6 +405,7 @@ def build_data(
         skipped=skipped,
         rank=rank,
         world=world,
+        views=views,
     )
 
 

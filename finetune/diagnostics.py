@@ -43,9 +43,10 @@ def resolve_every(every: int, steps_per_epoch: int) -> int:
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of several tensors together (one fused kernel per dtype and device)."""
     if not tensors:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)])))
 
 
 class Probe:
@@ -65,7 +66,7 @@ class Probe:
         for g, grad, before in zip(self.groups, self.grad_norms, self.before):
             moved = [p for p in g if p.grad is not None] if before else []
             weight = _norm([p.detach() for p in g])
-            update = _norm([p.detach() - b for p, b in zip(moved, before)]) if before else 0.0
+            update = _norm(torch._foreach_sub([p.detach() for p in moved], before)) if before else 0.0
             rows.append({"grad_norm": grad, "weight_norm": weight,
                          "update_ratio": update / weight if weight > 0 else 0.0})
         self.before = []
@@ -172,7 +173,7 @@ class Diagnostics(Listener):
                 for n, on, r in zip(self.names, mask, probe_rows)]
         for i, r in enumerate(rows):
             # the ratio the group's peak LR would give: warmup and annealing are not a wrong LR
-            factor = run.plan.lr(i, step) / run.plan.groups[i].lr
+            factor = run.plan.lr(i, step) / run.plan.peak(i, step)
             if r["trainable"] and factor > 0.1 and r["update_ratio"] > 0:
                 self.ratios[i].append(r["update_ratio"] / factor)
         if self.csv is not None:

@@ -4,7 +4,9 @@ Epochs count from 0. `trainable_count(...)` says how many of the LAST groups tra
 `unfreeze` is the most groups that ever train: `fixed` trains that many throughout, `gradual` starts
 with the head and adds one group every `every` epochs up to it (ULMFiT), `fine_tune` trains the head
 alone for `head_epochs` and then that many (fastai); `milestones` starts with `unfreeze` groups and
-switches to the configured count at each milestone epoch.
+switches to the configured count at each milestone epoch (a lower count freezes groups again, bottom
+up: gradual freezing); `freezeout` (FreezeOut, Brock et al. 2017) trains them all and freezes them bottom
+up, group i of n after a share t0 + (1 - t0) i / (n - 1) of the epochs, the head never.
 `apply_trainable` flips requires_grad so autograd computes nothing below the lowest trainable group,
 and `frozen_norm_modules` lists the BatchNorm layers of frozen groups, which stay in eval mode so
 their running statistics do not move (with `bn_eval`, every BatchNorm layer: small batches of a few
@@ -21,7 +23,7 @@ import torch.nn as nn
 from finetune.errors import UserError
 from finetune.groups import LayerGroup
 
-FREEZE_KINDS = ("fixed", "milestones", "gradual", "fine_tune")
+FREEZE_KINDS = ("fixed", "milestones", "gradual", "fine_tune", "freezeout")
 
 
 def resolve_count(value, n_groups: int, key: str = "unfreeze") -> int:
@@ -56,10 +58,23 @@ def _milestones(freeze_cfg, n_groups: int) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def trainable_count(freeze_cfg, unfreeze, epoch: int, n_groups: int) -> int:
-    """How many of the last groups train during `epoch` (pure function of the config and the epoch)."""
+def freezeout_ends(t0: float, n_groups: int, epochs: int) -> list[int]:
+    """freezeout: the epoch at which each group stops training (the head: `epochs`, never)."""
+    if not 0.0 < t0 <= 1.0:
+        raise UserError(f"freeze.t0 must be in (0, 1], got {t0}")
+    if n_groups == 1:
+        return [epochs]
+    return [max(1, round(epochs * (t0 + (1 - t0) * i / (n_groups - 1)))) for i in range(n_groups - 1)] + [epochs]
+
+
+def trainable_count(freeze_cfg, unfreeze, epoch: int, n_groups: int, epochs: int | None = None) -> int:
+    """How many of the last groups train during `epoch` (pure function of the config and the epoch);
+    freezeout needs the run's `epochs`."""
     kind = freeze_cfg.kind
     base = resolve_count(unfreeze, n_groups)
+    if kind == "freezeout":
+        ends = freezeout_ends(float(freeze_cfg.t0), n_groups, epochs if epochs is not None else epoch + 1)
+        return min(base, sum(1 for end in ends if end > epoch))
     if kind == "fixed":
         return base
     if kind == "milestones":
@@ -79,6 +94,16 @@ def trainable_count(freeze_cfg, unfreeze, epoch: int, n_groups: int) -> int:
     raise UserError(f"freeze.kind: unknown kind '{kind}'; choose one of {', '.join(FREEZE_KINDS)}")
 
 
+def last_trainable_epochs(counts: Sequence[int], n_groups: int) -> list[int | None]:
+    """For each group, the last epoch in which it trains, from the per-epoch counts (None: never)."""
+    last: list[int | None] = [None] * n_groups
+    for epoch, count in enumerate(counts):
+        for i, on in enumerate(trainable_mask(count, n_groups)):
+            if on:
+                last[i] = epoch
+    return last
+
+
 def trainable_mask(count: int, n_groups: int) -> list[bool]:
     return [i >= n_groups - count for i in range(n_groups)]
 
@@ -87,7 +112,8 @@ def first_trainable_epochs(freeze_cfg, unfreeze, n_groups: int, epochs: int) -> 
     """For each group, the first epoch in which it trains (None: never within `epochs`)."""
     first: list[int | None] = [None] * n_groups
     for epoch in range(epochs):
-        for i, on in enumerate(trainable_mask(trainable_count(freeze_cfg, unfreeze, epoch, n_groups), n_groups)):
+        count = trainable_count(freeze_cfg, unfreeze, epoch, n_groups, epochs)
+        for i, on in enumerate(trainable_mask(count, n_groups)):
             if on and first[i] is None:
                 first[i] = epoch
     return first

@@ -28,6 +28,8 @@ class GroupPlan:
     schedule_cfg: dict  # as configured (for inspect)
     first_epoch: int | None  # first epoch it trains; None: never
     start_step: int  # step at which its schedule starts
+    end_step: int | None = None  # step at which it ends (schedule.end_at_freeze); None: the run's end
+    ramp_from: float | None = None  # lr_spread.ramp: its peak LR at step 0 (`lr`), growing to `lr` above
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Plan:
     steps_per_epoch: int
     counts: tuple[int, ...]  # trainable groups per epoch
     max_steps: int | None = None  # the run ends after this many steps, inside its last epoch
+    ramp_steps: int = 0  # lr_spread.ramp in steps
 
     @property
     def total_steps(self) -> int:
@@ -52,11 +55,21 @@ class Plan:
 
     def _local(self, g: int, step: int) -> tuple[int, int]:
         gp = self.groups[g]
-        return step - gp.start_step, self.total_steps - gp.start_step
+        end = self.total_steps if gp.end_step is None else min(gp.end_step, self.total_steps)
+        return min(step, end) - gp.start_step, end - gp.start_step
+
+    def peak(self, g: int, step: int) -> float:
+        """The group's peak LR at `step`: with lr_spread.ramp it moves log-linearly from `lr` (the spread
+        uniform) to the spread's own value over the ramp's steps."""
+        gp = self.groups[g]
+        if gp.ramp_from is None or step >= self.ramp_steps:
+            return gp.lr
+        frac = step / self.ramp_steps
+        return gp.ramp_from ** (1 - frac) * gp.lr ** frac
 
     def lr(self, g: int, step: int) -> float:
         t, total = self._local(g, step)
-        return self.groups[g].lr * schedules.lr_factor(self.groups[g].schedule, t, total)
+        return self.peak(g, step) * schedules.lr_factor(self.groups[g].schedule, t, total)
 
     def momentum(self, g: int, step: int) -> float | None:
         t, total = self._local(g, step)
@@ -121,8 +134,9 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
     # max_steps shortens the run: the epochs it reaches, the last one maybe partial; every schedule is
     # laid over these steps (it ends where the run ends), freeze changes stay at their epochs
     epochs = min(cfg.epochs, -(-max_steps // steps_per_epoch)) if max_steps else cfg.epochs
-    counts = tuple(freeze.trainable_count(cfg.freeze, cfg.unfreeze, e, n) for e in range(epochs))
+    counts = tuple(freeze.trainable_count(cfg.freeze, cfg.unfreeze, e, n, epochs) for e in range(epochs))
     first = freeze.first_trainable_epochs(cfg.freeze, cfg.unfreeze, n, epochs)
+    last = freeze.last_trainable_epochs(counts, n)
 
     per_group = _as_dict(cfg.per_group)
     for name, settings in per_group.items():
@@ -133,6 +147,9 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
             raise UserError(f"per_group.{name}: unknown key(s) {sorted(unknown)}; allowed {list(PER_GROUP_KEYS)}")
 
     lrs = spread_lrs(n, lr, cfg.lr_spread, depths if depths is not None else decay_depths(group_names))
+    ramp = float(getattr(cfg.lr_spread, "ramp", 0.0) or 0.0)
+    if ramp < 0:
+        raise UserError(f"lr_spread.ramp must be >= 0 epochs, got {ramp}")
     if cfg.head_lr is not None:
         lrs[-1] = _check_lr(cfg.head_lr, "head_lr")
     base_schedule = _as_dict(cfg.schedule)
@@ -157,13 +174,21 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
         key = f"per_group.{name}.schedule" if own.get("schedule") else "schedule"
         sched = schedules.from_config(sched_cfg, steps_per_epoch, key=key)
         start = first[i] * steps_per_epoch if (first[i] and sched.start_at_unfreeze) else 0
-        if sched.warmup >= total - start and sched.warmup > 0:
+        # end_at_freeze: a group that stops training before the run's end anneals by then (freezeout)
+        end = (last[i] + 1) * steps_per_epoch if sched.end_at_freeze and last[i] is not None else None
+        end = end if end is not None and end < total else None
+        span = (end if end is not None else total) - start
+        if sched.warmup >= span and sched.warmup > 0:
             raise UserError(
                 f"{key}.warmup ({sched_cfg['warmup']} epochs) is not shorter than the "
-                f"{(total - start) / steps_per_epoch:g} epochs group '{name}' trains"
+                f"{span / steps_per_epoch:g} epochs group '{name}' trains"
             )
-        plans.append(GroupPlan(name, group_lr, wd, sched, sched_cfg, first[i], start))
-    return Plan(tuple(plans), epochs, steps_per_epoch, counts, total if total < epochs * steps_per_epoch else None)
+        # the ramp moves the spread's LRs only: a group's own per_group LR and head_lr stay as set
+        from_spread = "lr" not in own and not (i == n - 1 and cfg.head_lr is not None)
+        ramp_from = lr if ramp and from_spread and group_lr != lr else None
+        plans.append(GroupPlan(name, group_lr, wd, sched, sched_cfg, first[i], start, end, ramp_from))
+    return Plan(tuple(plans), epochs, steps_per_epoch, counts, total if total < epochs * steps_per_epoch else None,
+                round(ramp * steps_per_epoch))
 
 
 def warnings(cfg, plan: Plan, random_init: bool) -> list[str]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from finetune import cache as cache_mod
 from finetune import checkpoint, distributed, freeze, report
 from finetune.errors import UserError, writing
 from finetune.events import BEST_METRICS, LOGGERS, best_epoch, check_due, default_listeners
@@ -151,7 +152,7 @@ class Run:
         self.model = _sync_batchnorm(bundle.model, cfg.sync_bn, device, world)
         self.data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
                                         pin_memory=device.type == "cuda", persistent_workers=True,
-                                        rank=world.rank, world=world.size)
+                                        rank=world.rank, world=world.size, views=cfg.cache_views)
         size = data_mod.image_size(cfg.data, bundle.preprocess)
         log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
                  len(self.data.classes), size)
@@ -171,6 +172,11 @@ class Run:
         for warning in plan_warnings(cfg, self.plan, random_init=cfg.model.weights is None):
             log.warning("%s", warning)
 
+        name, self.head = cache_mod.head_module(self.model, self.groups)
+        self.head_prefix = f"{name}."
+        self.cache, self.cached = cache_mod.FeatureCache(self), False
+        if cfg.head_init not in ("none", "lbfgs"):
+            raise UserError(f"head_init must be none or lbfgs, got {cfg.head_init}")
         self.config = _config_container(cfg)
         self.group_list = [[g.name, list(g.param_names)] for g in self.groups]
         self.state = RunState()
@@ -233,6 +239,10 @@ class Run:
         if len(state.trainable_params) <= state.epoch:
             state.trainable_params.append(trainer.trainable_params())
         freeze.set_train_mode(self.model, trainer.frozen_norms)
+        self.cached = self.cache.usable(self, state.epoch)
+        trainer.head_only = self.head if self.cached else None
+        if self.cfg.head_init == "lbfgs" and state.step == 0 and state.epoch == 0:
+            self._init_head()
         # per-epoch sums: tensors (no device sync per step); a resumed epoch starts from the saved ones
         self.loss_sum = torch.tensor(state.epoch_loss_sum, device=self.device)
         self.correct = torch.tensor(state.epoch_correct, device=self.device, dtype=torch.long)
@@ -243,7 +253,10 @@ class Run:
 
     def train_epoch(self) -> None:
         state, k = self.state, self.accumulate
-        loader = self.data.train_loader(state.epoch, start_step=state.batch * k)
+        if self.cached:
+            loader = self.cache.loader(self, state.epoch, state.batch * k)
+        else:
+            loader = self.data.train_loader(state.epoch, start_step=state.batch * k)
         diag = self.diagnostics
         for micro in _chunks(loader, k, self.plan.steps_in(state.epoch) - state.batch):
             micro = [self.trainer.to_device(x, y) for x, y in micro]
@@ -271,6 +284,15 @@ class Run:
                 raise self.stop_here()
         self.check_losses()
 
+    def _init_head(self) -> None:
+        """head_init=lbfgs: the new head fitted to convergence on the cached features of view 0."""
+        if not self.cached:
+            raise UserError(f"head_init=lbfgs fits the head on cached features, but the cache is off in epoch 0: "
+                            f"{cache_mod.reason_off(self, 0)}")
+        features = cache_mod.as_tensor(self.cache.views[0]).to(self.device)
+        loss = cache_mod.fit_head(self.head, features, self.cache.labels.to(self.device))
+        log.info("head_init=lbfgs: the head fitted on %d cached feature vectors, train loss %.4f", len(features), loss)
+
     def evaluate(self) -> dict:
         """This epoch's metrics row; with EMA, val_* score the average (the weights the run delivers) and
         live_val_* the live model."""
@@ -287,13 +309,17 @@ class Run:
         """val_loss and val_acc (with EMA: of the average, and live_val_* of the live model)."""
         trainer, data = self.trainer, self.data
         self.sync_buffers()
-        val_loss, val_acc = trainer.evaluate(data.val_loader(), average=trainer.ema is not None)
+        # a head-only epoch scores the head on the val set's cached features: the body did not change
+        loader, head = ((self.cache.val_loader(self), self.head_prefix[:-1]) if self.cached
+                        else (data.val_loader(), None))
+        val_loss, val_acc = trainer.evaluate(loader, average=trainer.ema is not None, head=head)
         if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
             raise _diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
                             self.state.step - 1, self.ckpt_path)
         live = {}
         if trainer.ema is not None:
-            live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(data.val_loader())))
+            loader = self.cache.val_loader(self) if self.cached else data.val_loader()
+            live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(loader, head=head)))
         return {"val_loss": val_loss, "val_acc": val_acc, **live}
 
     def evaluate_midway(self) -> None:

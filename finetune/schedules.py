@@ -46,6 +46,7 @@ class Schedule:
     cut_frac: float = 0.1
     ratio: float = 32.0
     start_at_unfreeze: bool = True
+    end_at_freeze: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -91,6 +92,7 @@ def from_config(cfg, steps_per_epoch: int, key: str = "schedule") -> Schedule:
         cut_frac=float(get("cut_frac", 0.1)),
         ratio=float(get("ratio", 32.0)),
         start_at_unfreeze=bool(get("start_at_unfreeze", True)),
+        end_at_freeze=bool(get("end_at_freeze", False)),
     )
 
 

@@ -79,6 +79,7 @@ class Trainer:
         self.forward = model
         self.ddp: nn.parallel.DistributedDataParallel | None = None  # with several processes
         self.diag_rows: list[dict] = []  # the last probed step's per-group diagnostics
+        self.head_only: nn.Module | None = None  # the feature cache's epochs: the head on cached features
         # head last: `_has_grads` scans it backwards and stops at the first gradient
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # last: the average references the model's tensors in their final layout
@@ -133,7 +134,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor):
-        x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        fmt = self.memory_format if x.dim() == 4 else torch.contiguous_format  # cached features are 2-D
+        x = x.to(self.device, non_blocking=True, memory_format=fmt)
         return x, y.to(self.device, non_blocking=True)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +165,7 @@ class Trainer:
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 with self.autocast():
-                    logits = self.forward(x)
+                    logits = (self.head_only or self.forward)(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
                 self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()  # identity unless fp16
             logits = logits.detach()
@@ -197,11 +199,16 @@ class Trainer:
         return any(p.grad is not None for p in reversed(self.params))
 
     @torch.no_grad()
-    def evaluate(self, loader, average: bool = False) -> tuple[float, float]:
+    def evaluate(self, loader, average: bool = False, head: str | None = None) -> tuple[float, float]:
         """(loss, accuracy) of the live model, or of the weight average with `average`; with several
-        processes, over every rank's shard of the loader's data."""
+        processes, over every rank's shard of the loader's data. `head` (a module name): the loader holds
+        that module's inputs (the feature cache) and only it runs."""
         forward = self.ema.model if average else self.forward
+        if head is not None:
+            forward = (self.ema.model if average else self.model).get_submodule(head)
         self.model.eval()
+        if self.ema is not None:
+            self.ema.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0

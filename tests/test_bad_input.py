@@ -253,8 +253,8 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
     ("unfreez=3", "unknown key 'unfreez' (closest: unfreeze, freeze)"),
     ("+unfreez=3", "unknown key 'unfreez' (closest: unfreeze, freeze)"),  # Hydra's own hint, refused too
     ("optimizer.nme=sgd", "unknown key 'optimizer.nme' (closest: optimizer.name, optimizer.eps, optimizer.beta2)"),
-    ("freeze=gradul", "freeze=gradul: no such freeze config; choose one of fine_tune, fixed, gradual, milestones "
-                      "(closest: gradual)"),
+    ("freeze=gradul", "freeze=gradul: no such freeze config; choose one of fine_tune, fixed, freezeout, gradual, "
+                      "milestones (closest: gradual)"),
     ("model=resnet19", "model=resnet19: no such model config; choose one of convnext_tiny, custom, densenet121, "
                        "efficientnet_b0, efficientnet_lite0, mobilenet_v3_large, regnet_y_400mf, resnet18, resnet50, "
                        "swin_t, timm, torchvision, vit_b_16 (closest: resnet18, resnet50, densenet121)"),
@@ -298,9 +298,9 @@ def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
     real = Trainer.evaluate
     calls = []
 
-    def evaluate(self, loader, average=False):
+    def evaluate(self, loader, average=False, **kw):
         calls.append(1)
-        loss, acc = real(self, loader, average)
+        loss, acc = real(self, loader, average, **kw)
         return (float("nan"), acc) if len(calls) == 2 else (loss, acc)
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)

@@ -23,7 +23,7 @@ def scripted(monkeypatch):
     """Trainer.evaluate returns (val_loss, val_acc) from a list, one pair per epoch."""
     def script(pairs):
         scores = iter(pairs)
-        monkeypatch.setattr(Trainer, "evaluate", lambda self, loader, average=False: next(scores))
+        monkeypatch.setattr(Trainer, "evaluate", lambda self, loader, average=False, **kw: next(scores))
     return script
 
 

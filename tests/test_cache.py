@@ -1,0 +1,103 @@
+"""The frozen-prefix feature cache: epochs on cached features give the losses and weights that
+recomputing the body gives; augmented views repeat; the log says why it is off; cache_dir is reused;
+head_init=lbfgs; an exact resume in a cached epoch."""
+
+import logging
+
+import pytest
+import torch
+from helpers import read_csv
+from tiny_runs import compose_cfg
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+
+from finetune import checkpoint
+from finetune.errors import UserError
+from finetune.run import Interrupted
+from finetune.train import train
+
+# lp_ft: epoch 0 trains the head alone (cached), epoch 1 everything (not); pretrained-style BN in eval
+LP = ["experiment=lp_ft", "epochs=2", "data.augment=false", "diag_every=0"]
+
+
+def weights(run):
+    return torch.load(run / "checkpoints" / checkpoint.LAST, weights_only=True)["model"]
+
+
+def assert_same_run(a, b, tol=1e-5):
+    for x, y in zip(read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert float(x[key]) == pytest.approx(float(y[key]), abs=tol), key
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=tol, msg=name)
+
+
+def test_cached_epochs_train_as_recomputing_the_body_does(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    train(compose_cfg(*LP), tmp_path / "cached")
+    assert "feature cache: on from epoch 0" in caplog.text
+    assert "feature cache: off in epoch 1: groups below the head train" in caplog.text
+    train(compose_cfg(*LP, "cache=false"), tmp_path / "plain")
+    assert_same_run(tmp_path / "cached", tmp_path / "plain")
+
+
+def test_augmented_views_repeat_and_are_cached(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    views = ["experiment=none", "unfreeze=1", "epochs=3", "data.augment=true", "cache_views=2", "diag_every=0"]
+    train(compose_cfg(*views), tmp_path / "cached")
+    assert "2 view(s)" in caplog.text
+    train(compose_cfg(*views, "cache=false"), tmp_path / "plain")  # the same augmentations, recomputed
+    assert_same_run(tmp_path / "cached", tmp_path / "plain")
+
+
+def test_the_log_says_why_the_cache_is_off(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    train(compose_cfg("experiment=none", "unfreeze=1", "epochs=1", "data.augment=true"), tmp_path / "a")
+    assert "feature cache: off in epoch 0: data.augment=true draws new crops every epoch" in caplog.text
+    train(compose_cfg(*LP, "freeze.train_bn=true", "epochs=1"), tmp_path / "b")
+    assert "off in epoch 0: BatchNorm parameters below the head train (freeze.train_bn)" in caplog.text
+    train(compose_cfg(*LP, "epochs=1", "model.drop_rate=0.3"), tmp_path / "c")  # dropout inside the head: fine
+    assert caplog.text.count("feature cache: on from epoch 0") == 1
+    with pytest.raises(UserError, match="cache_dtype must be one of"):
+        train(compose_cfg(*LP, "cache_dtype=int8"), tmp_path / "d")
+
+
+def test_cache_dir_is_reused_by_the_next_run(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    store = tmp_path / "features"
+    train(compose_cfg(*LP, f"cache_dir={store}", "cache_dtype=fp16"), tmp_path / "first")
+    assert len(list(store.glob("*/view0.npy"))) == 1
+    train(compose_cfg(*LP, f"cache_dir={store}", "cache_dtype=fp16"), tmp_path / "second")
+    assert "feature cache: reusing" in caplog.text
+    assert_same_run(tmp_path / "first", tmp_path / "second", tol=0)
+
+
+def test_head_init_fits_the_head_on_the_cached_features_first(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    fitted = train(compose_cfg(*LP, "head_init=lbfgs", "epochs=1"), tmp_path / "fitted")
+    plain = train(compose_cfg(*LP, "epochs=1"), tmp_path / "plain")
+    assert "head_init=lbfgs: the head fitted on 24 cached feature vectors" in caplog.text
+    assert fitted["final_val_loss"] < plain["final_val_loss"]
+    with pytest.raises(UserError, match="head_init=lbfgs fits the head on cached features, but the cache is off"):
+        train(compose_cfg(*LP, "head_init=lbfgs", "cache=false"), tmp_path / "off")
+
+
+def test_resume_inside_a_cached_epoch_is_exact(tmp_path):
+    cfg = ["experiment=none", "unfreeze=1", "epochs=2", "data.augment=false", "checkpoint_every=1"]
+    train(compose_cfg(*cfg), tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train(compose_cfg(*cfg), tmp_path / "run", stop_at_step=4)
+    train(compose_cfg(*cfg, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_body_that_trained_in_between_is_cached_again(tmp_path, caplog):
+    # head alone, then everything, then the head alone again (freezing back): the second cache is fresh
+    caplog.set_level(logging.INFO, logger="finetune")
+    again = ["experiment=none", "epochs=3", "data.augment=false", "freeze.kind=milestones", "freeze.bn_eval=true",
+             "++freeze.milestones={0: 1, 1: all, 2: 1}"]
+    train(compose_cfg(*again), tmp_path / "cached")
+    assert caplog.text.count("feature cache: 24 images x 1 view(s)") == 2
+    train(compose_cfg(*again, "cache=false"), tmp_path / "plain")
+    assert_same_run(tmp_path / "cached", tmp_path / "plain")
