@@ -30,7 +30,8 @@ FIELDS = ("step", "epoch", "group", "trainable", "grad_norm", "weight_norm", "up
 BINS = 40
 LOG10_RANGE = (-4.0, 2.0)  # activation magnitudes 1e-4 .. 1e2, log-spaced; outside: the end bins
 ACT_FIELDS = ("step", "epoch", "group", *[f"b{i}" for i in range(BINS)])
-RATIO_BAND = (1e-5, 1e-2)  # update ratios outside it get a warning; ~1e-3 is the usual
+RATIO_BAND = (1e-5, 1e-2)
+SAMPLE = 1 << 16  # activations histogrammed per group and diagnostic step, at most  # update ratios outside it get a warning; ~1e-3 is the usual
 
 
 def resolve_every(every: int, steps_per_epoch: int) -> int:
@@ -105,7 +106,10 @@ class Activations:
 
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor):
-                a = output.detach().float().abs().clamp_min(10 ** lo).log10().clamp(lo, hi - 1e-6)
+                flat = output.detach().flatten()
+                # a strided sample of at most SAMPLE values: the histogram's shape at a fraction of the cost
+                flat = flat[:: max(1, flat.numel() // SAMPLE)]
+                a = flat.float().abs().clamp_min(10 ** lo).log10().clamp(lo, hi - 1e-6)
                 h = torch.histc(a, bins=BINS, min=lo, max=hi).cpu()
                 self.hists[i] = h if self.hists[i] is None else self.hists[i] + h
         return hook
