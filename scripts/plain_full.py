@@ -15,50 +15,27 @@ Nothing from finetune but the weight loading.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision import datasets
-from torchvision import transforms as T
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from plain_head_only import LITE0, rgb_loader  # noqa: E402
+from bench_transfer import subset  # noqa: E402
+from plain_head_only import LITE0, image_folders, val_accuracy  # noqa: E402
 
 from finetune.models import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 
 
-def few_per_class(dataset: datasets.ImageFolder, n: int | None, seed: int = 123) -> None:
-    """Keep `n` train images per class (the same seeded choice for every LR and seed)."""
-    if not n:
-        return
-    by_class: dict[int, list] = {}
-    for sample in dataset.samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    kept = []
-    for samples in by_class.values():
-        samples = sorted(samples)
-        random.Random(seed).shuffle(samples)
-        kept += samples[:n]
-    dataset.samples = dataset.imgs = sorted(kept)
-    dataset.targets = [c for _, c in dataset.samples]
-
-
-def run(data: Path, seed: int, epochs: int, lr: float, size: int, per_class: int | None) -> list[float]:
+def run(data: Path, seed: int, epochs: int, lr: float, size: int) -> list[float]:
     torch.manual_seed(seed)
-    norm = T.Normalize([0.5] * 3, [0.5] * 3)
-    train_set = datasets.ImageFolder(data / "train", T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]), loader=rgb_loader)
-    few_per_class(train_set, per_class)
-    val_set = datasets.ImageFolder(data / "val", T.Compose(
-        [T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), norm]), loader=rgb_loader)
+    train_set, val_set = image_folders(data, size)
     train = torch.utils.data.DataLoader(train_set, 32, shuffle=True, num_workers=1, drop_last=len(train_set) > 32)
     val = torch.utils.data.DataLoader(val_set, 64, num_workers=1)
     model = build_model(LITE0, len(train_set.classes)).model
@@ -73,9 +50,7 @@ def run(data: Path, seed: int, epochs: int, lr: float, size: int, per_class: int
             optimizer.step()
             scheduler.step()
         model.eval()
-        with torch.no_grad():
-            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
-        accs.append(correct / len(val_set))
+        accs.append(val_accuracy(model, val))
     return accs
 
 
@@ -86,13 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--train-per-class", type=int, default=None)
+    p.add_argument("--train-per-class", type=int, default=None,
+                   help="the same N train images per class as bench_transfer.py --train-per-class N")
+    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "plain_full")
     args = p.parse_args(argv)
+    if args.train_per_class:  # the transfer benchmark's own seeded choice of files
+        args.data = subset(args.data.resolve(), args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
     means = {}
     for lr in (float(v) for v in args.lrs.split(",")):
         finals = []
         for seed in range(args.seeds):
-            accs = run(args.data, seed, args.epochs, lr, args.size, args.train_per_class)
+            accs = run(args.data, seed, args.epochs, lr, args.size)
             finals.append(accs[-1])
             print(f"lr {lr:g} seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in accs), flush=True)
         means[lr] = (statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0)

@@ -41,13 +41,24 @@ def rgb_loader(path: str):
     return datasets.folder.default_loader(path).convert("RGB")  # one hymenoptera image is palette mode
 
 
-def run(data: Path, seed: int, epochs: int, batch_size: int, lr: float, size: int) -> list[float]:
-    torch.manual_seed(seed)
+def image_folders(data: Path, size: int) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """(train, val) as the tutorial builds them: RandomResizedCrop + flip; Resize + CenterCrop."""
     norm = T.Normalize([0.5] * 3, [0.5] * 3)
     train_set = datasets.ImageFolder(data / "train", T.Compose(
         [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]), loader=rgb_loader)
     val_set = datasets.ImageFolder(data / "val", T.Compose(
         [T.Resize(size * 8 // 7), T.CenterCrop(size), T.ToTensor(), norm]), loader=rgb_loader)
+    return train_set, val_set
+
+
+@torch.no_grad()
+def val_accuracy(model: torch.nn.Module, val) -> float:
+    return sum((model(x).argmax(1) == y).sum().item() for x, y in val) / len(val.dataset)
+
+
+def run(data: Path, seed: int, epochs: int, batch_size: int, lr: float, size: int) -> list[float]:
+    torch.manual_seed(seed)
+    train_set, val_set = image_folders(data, size)
     train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, num_workers=2)
     val = torch.utils.data.DataLoader(val_set, 32, num_workers=2)
 
@@ -67,9 +78,7 @@ def run(data: Path, seed: int, epochs: int, batch_size: int, lr: float, size: in
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-        with torch.no_grad():
-            correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
-        accs.append(correct / len(val_set))
+        accs.append(val_accuracy(model, val))
     return accs
 
 
