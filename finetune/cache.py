@@ -57,8 +57,8 @@ def _stochastic(module: nn.Module) -> bool:
     return bool(p) and module.training
 
 
-def reason_off(run, epoch: int) -> str | None:
-    """Why the cache cannot serve `epoch` (None: it can); the model is in that epoch's modes."""
+def reason_off(run) -> str | None:
+    """Why the cache cannot serve the epoch the run is in (None: it can); the model is in its modes."""
     cfg, trainer, model = run.cfg, run.trainer, run.model
     if not cfg.cache:
         return "cache=false"
@@ -107,6 +107,21 @@ class _Features(Dataset):
         return row, int(self.labels[index])
 
 
+def _head_inputs(run, loader):
+    """(the head's input, flattened; labels on the CPU) per batch of `loader`, through the whole model
+    with a forward pre-hook on the head."""
+    captured = {}
+    hook = run.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
+    try:
+        for x, y in loader:
+            x, y = run.trainer.to_device(x, y)
+            with run.trainer.autocast():
+                run.model(x)
+            yield captured["x"].flatten(1), y.cpu()
+    finally:
+        hook.remove()
+
+
 def as_tensor(view) -> torch.Tensor:
     """One cached view as a float32 tensor (a copy when it is a memory-mapped file)."""
     return view.float() if isinstance(view, torch.Tensor) else torch.from_numpy(np.array(view, dtype=np.float32))
@@ -129,14 +144,14 @@ class FeatureCache:
         self.build_seconds = 0.0
 
     def usable(self, run, epoch: int) -> bool:
-        why = reason_off(run, epoch)
+        why = reason_off(run)
         if why is None and (self.views is None or self._key(run) != self.key):  # a body trained since: rebuild
             self.build(run)
-        message = f"feature cache: off in epoch {epoch}: {why}" if why else "feature cache: on"
-        if why not in self.said:
+        if why not in self.said:  # each reason (and "on") once
             self.said.add(why)
-            log.info("%s", message if why else f"feature cache: on from epoch {epoch} (the head alone trains "
-                     f"above a frozen body; built in {self.build_seconds:.1f} s)")
+            log.info("feature cache: %s", f"off in epoch {epoch}: {why}" if why else
+                     f"on from epoch {epoch} (the head alone trains above a frozen body; built in "
+                     f"{self.build_seconds:.1f} s)")
         return why is None
 
     def val_loader(self, run) -> DataLoader:
@@ -152,7 +167,7 @@ class FeatureCache:
     # ------------------------------------------------------------------------------------ building
 
     def _key(self, run) -> str:
-        from finetune.diagnostics import fingerprints
+        from finetune.checksum import fingerprints
 
         body = {n: p for n, p in run.model.state_dict().items() if not n.startswith(run.head_prefix)}
         parts = {"model": run.cfg.model.name, "source": run.cfg.model.source, "body": sum(fingerprints(body).values()),
@@ -165,12 +180,12 @@ class FeatureCache:
         from finetune.progress import bar
 
         t0 = time.perf_counter()
-        trainer, data = run.trainer, run.data
+        data = run.data
         k = run.cfg.cache_views or 1
         dtype = DTYPES[run.cfg.cache_dtype]
         n = len(data.train)
-        store = Path(run.cfg.cache_dir).expanduser() / self._key(run) if run.cfg.cache_dir else None
         self.key = self._key(run)
+        store = Path(run.cfg.cache_dir).expanduser() / self.key if run.cfg.cache_dir else None
         self.val = self._val_features(run, dtype)
         if store is not None and (store / "done").is_file():
             self.views = [np.load(store / f"view{v}.npy", mmap_mode="r") for v in range(k)]
@@ -178,29 +193,21 @@ class FeatureCache:
             self.build_seconds = time.perf_counter() - t0
             log.info("feature cache: reusing %s", store)
             return
-        captured = {}
-        hook = run.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
         views, labels = [], torch.empty(n, dtype=torch.long)
-        try:
-            with bar(k * -(-n // data.batch_size), "caching features", enabled=run.cfg.progress) as advance:
-                for v in range(k):
-                    loader = DataLoader(data.train, batch_size=data.batch_size * 2,
-                                        sampler=[(i, v) for i in range(n)], num_workers=data.num_workers)
-                    out, at = None, 0
-                    for x, y in loader:
-                        x, y = trainer.to_device(x, y)
-                        with trainer.autocast():
-                            run.model(x)
-                        feats = captured["x"].flatten(1).to(dtype).cpu()
-                        if out is None:
-                            out = self._allocate(store, v, (n, feats.shape[1]), dtype)
-                        out[at:at + len(feats)] = feats.float().numpy() if store is not None else feats
-                        labels[at:at + len(y)] = y.cpu()
-                        at += len(feats)
-                        advance()
-                    views.append(out)
-        finally:
-            hook.remove()
+        with bar(k * -(-n // (data.batch_size * 2)), "caching features", enabled=run.cfg.progress) as advance:
+            for v in range(k):
+                loader = DataLoader(data.train, batch_size=data.batch_size * 2,
+                                    sampler=[(i, v) for i in range(n)], num_workers=data.num_workers)
+                out, at = None, 0
+                for feats, y in _head_inputs(run, loader):
+                    feats = feats.to(dtype).cpu()
+                    if out is None:
+                        out = self._allocate(store, v, (n, feats.shape[1]), dtype)
+                    out[at:at + len(feats)] = feats.float().numpy() if store is not None else feats
+                    labels[at:at + len(y)] = y
+                    at += len(feats)
+                    advance()
+                views.append(out)
         if store is not None:
             np.save(store / "labels.npy", labels.numpy())
             for out in views:
@@ -216,20 +223,15 @@ class FeatureCache:
     def _val_features(self, run, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's input for every val image (eval transform; the model in eval mode, as evaluation
         runs it; the body is frozen, so it is the same for the weight average)."""
-        trainer, model = run.trainer, run.model
-        captured, feats, labels = {}, [], []
-        hook = run.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
+        model = run.model
+        feats, labels = [], []
         was = [m.training for m in model.modules()]
         model.eval()
         try:
-            for x, y in run.data.val_loader():
-                x, y = trainer.to_device(x, y)
-                with trainer.autocast():
-                    model(x)
-                feats.append(captured["x"].flatten(1).to(dtype).float().cpu())
-                labels.append(y.cpu())
+            for f, y in _head_inputs(run, run.data.val_loader()):
+                feats.append(f.to(dtype).float().cpu())
+                labels.append(y)
         finally:
-            hook.remove()
             for m, mode in zip(model.modules(), was):
                 m.training = mode
         return torch.cat(feats), torch.cat(labels)

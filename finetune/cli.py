@@ -188,18 +188,10 @@ def lr_find_task(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
     from finetune import lr_find
-    from finetune.run import Run
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run = Run(lr_find.provisional(cfg), out_dir)
-        if run.world.enabled:
-            raise UserError("lr-find runs in one process (start it without torchrun)")
-        try:
-            result = lr_find.find(run, cfg.lr_find)
-        finally:
-            run.data.close()
-        lr_find.write(result, out_dir)
+        result = lr_find.run_finder(cfg, out_dir, "lr-find runs in one process (start it without torchrun)")
     except UserError as err:
         _report_user_error(cfg, err)
     print(f"finetune: suggested {result['override']} (valley; steepest descent at {result['steepest']:.3g}); "

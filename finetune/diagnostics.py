@@ -21,8 +21,9 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
+from finetune.checksum import fingerprints
 from finetune.events import Listener
-from finetune.trace import TraceFile
+from finetune.trace import NoTrace, TraceFile
 
 log = logging.getLogger("finetune")
 
@@ -148,9 +149,10 @@ class Diagnostics(Listener):
         self.params = [[params[n] for n in g.param_names] for g in run.groups]
         self.names = names
         self.modules = last_modules(run.model, run.groups)
-        main = run.world.main
-        self.csv = TraceFile(run.out_dir / "diagnostics.csv", FIELDS) if main else None
-        self.act_csv = TraceFile(run.out_dir / "activations.csv", ACT_FIELDS) if main else None
+        self.main = run.world.main  # rank 0 alone writes the files
+        kind = TraceFile if self.main else NoTrace
+        self.csv = kind(run.out_dir / "diagnostics.csv", FIELDS)
+        self.act_csv = kind(run.out_dir / "activations.csv", ACT_FIELDS)
         self.ratios: dict[int, list[float]] = defaultdict(list)  # this epoch's update ratios per group
         self.warned: set[str] = set()
         self.started = False
@@ -180,14 +182,13 @@ class Diagnostics(Listener):
             factor = run.plan.lr(i, step) / run.plan.peak(i, step)
             if r["trainable"] and factor > 0.1 and r["update_ratio"] > 0:
                 self.ratios[i].append(r["update_ratio"] / factor)
-        if self.csv is not None:
-            self.csv.write(rows)
-            self.act_csv.write([{"step": step, "epoch": epoch, "group": n,
-                                 **{f"b{k}": int(v) for k, v in enumerate(h.tolist())}}
-                                for n, h in zip(self.names, hists) if h is not None])
+        self.csv.write(rows)
+        self.act_csv.write([{"step": step, "epoch": epoch, "group": n,
+                             **{f"b{k}": int(v) for k, v in enumerate(h.tolist())}}
+                            for n, h in zip(self.names, hists) if h is not None])
 
     def on_epoch_start(self, run) -> None:
-        if self.started or self.csv is None:
+        if self.started:
             return
         self.started = True  # rows of the steps the checkpoint holds come over from the resumed run's files
         self.csv.start(run.state.step, self.before.get("diagnostics"))
@@ -203,12 +204,11 @@ class Diagnostics(Listener):
                 self.warned.add(name)
                 log.warning("%s", line)
         self.ratios.clear()
-        if self.csv is not None:
-            self.csv.flush()
-            self.act_csv.flush()
+        self.csv.flush()
+        self.act_csv.flush()
 
     def on_end(self, run) -> None:
-        if self.csv is not None and self.started:
+        if self.main and self.started:
             self.plot(run)
 
     def plot(self, run) -> None:
@@ -222,23 +222,11 @@ class Diagnostics(Listener):
                                 LOG10_RANGE)
 
     def on_close(self, run) -> None:
-        if self.csv is not None:
-            self.csv.close()
-            self.act_csv.close()
+        self.csv.close()
+        self.act_csv.close()
 
 
 # ------------------------------------------------------------------------------------ freeze integrity
-
-
-def fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """An exact checksum of each tensor's bits (summed as integers on its device)."""
-    out = {}
-    for name, t in tensors.items():
-        bits = t.detach().contiguous().view(-1)
-        if bits.is_floating_point():
-            bits = bits.view(torch.int32) if bits.element_size() % 4 == 0 else bits.view(torch.int16)
-        out[name] = int(bits.to(torch.int64).sum())
-    return out
 
 
 class FreezeIntegrity(Listener):

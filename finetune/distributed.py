@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from finetune.checksum import bit_sum
 from finetune.errors import UserError
 
 
@@ -168,13 +169,8 @@ def sync_buffers(*modules: nn.Module) -> None:
 def fingerprint(module: nn.Module) -> int:
     """An exact checksum of every parameter's bits: replicas that differ in one bit almost surely differ
     here. The bits are summed as integers on the tensors' device, so it costs one pass over the weights."""
-    total = torch.zeros((), dtype=torch.int64)
-    for i, p in enumerate(module.parameters()):
-        bits = p.detach().contiguous().view(-1)
-        bits = bits.view(torch.int32) if bits.element_size() % 4 == 0 else bits.view(torch.int16)
-        # position-weighted so that swapped values change the sum too
-        total += ((bits.to(torch.int64) * (i % 1009 + 1)).sum()).cpu()
-    return int(total)
+    # position-weighted so that swapped tensors change the sum too
+    return int(sum(bit_sum(p).cpu() * (i % 1009 + 1) for i, p in enumerate(module.parameters())))
 
 
 def check_replicas(model: nn.Module, where: str) -> list[int]:

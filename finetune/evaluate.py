@@ -111,11 +111,7 @@ def score(saved: SavedModel, dataset: Dataset, batch_size: int, tta: bool = Fals
     probs, targets, names = [], [], []
     with bar(len(loader), "scoring", enabled=progress) as advance:
         for x, y, index in loader:
-            x = x.to(saved.device)
-            p = F.softmax(saved.model(x).float(), dim=1)
-            if tta:
-                p = (p + F.softmax(saved.model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
-            probs.append(p.cpu())
+            probs.append(saved.probabilities(x, tta).cpu())
             targets.append(y)
             names += [dataset.names[int(i)] for i in index]
             advance()

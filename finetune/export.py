@@ -76,15 +76,14 @@ def _to_onnx(saved: SavedModel, path: Path, example: torch.Tensor, check: torch.
 
 
 def _to_safetensors(saved: SavedModel, path: Path, check: torch.Tensor) -> torch.Tensor:
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file, save_file
 
-    from finetune import models
+    from finetune.saved import architecture
 
     state = {k: v.detach().contiguous().cpu() for k, v in saved.model.state_dict().items()}
     with writing(path):
         save_file(state, str(path), metadata={"format": "pt", "classes": json.dumps(saved.classes)})
-    fresh = models.build_model(OmegaConf.create({**saved.config["model"], "weights": None}), len(saved.classes)).model
+    fresh = architecture(saved.config, len(saved.classes)).model
     fresh.load_state_dict(load_file(str(path)))
     return fresh.eval()(check)
 

@@ -44,13 +44,17 @@ def group_lrs(peaks: list[float], swept: float, group: int | None) -> list[float
     return [swept if i == group else p for i, p in enumerate(peaks)]
 
 
-def smooth(losses: list[float], beta: float) -> list[float]:
-    """Exponential moving average of the losses, debiased (the first values are not pulled to 0)."""
-    out, avg = [], 0.0
-    for i, loss in enumerate(losses, 1):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta**i))
-    return out
+class Smoother:
+    """An exponential moving average of the losses, debiased (the first values are not pulled to 0),
+    one value at a time."""
+
+    def __init__(self, beta: float):
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def add(self, loss: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        return self.avg / (1 - self.beta**self.n)
 
 
 def steepest(lrs: list[float], losses: list[float]) -> int:
@@ -125,6 +129,7 @@ def find(run, settings) -> dict:
     lrs = sweep_lrs(settings.start, settings.end, settings.steps)
     snap = _snapshot(trainer)
     tried, losses, smoothed, set_lrs = [], [], [], []
+    smoother = Smoother(settings.smooth)
     try:
         trainer.mask = None  # apply the epoch's freeze state afresh (and restore the run's afterwards)
         trainer.set_epoch(settings.epoch)
@@ -143,7 +148,7 @@ def find(run, settings) -> dict:
                 set_lrs.append([on[g] for g in range(len(names))])
                 tried.append(lr)
                 losses.append(loss)
-                smoothed.append(smooth(losses, settings.smooth)[-1])
+                smoothed.append(smoother.add(loss))
                 best = min(best, smoothed[-1])
                 if smoothed[-1] > settings.diverge * best:
                     break
@@ -201,20 +206,27 @@ def provisional(cfg):
     return cfg
 
 
-def choose(cfg, out_dir: Path) -> dict:
-    """lr=auto: run the finder on a run of its own (built from the same config and seed, so the run
-    that then trains starts exactly as `lr=<suggestion>` would) and return what it found."""
+def run_finder(cfg, out_dir: Path, multi_process: str) -> dict:
+    """The range test on a run of its own, built from `cfg` (lr=auto replaced); lr_find.png and .csv
+    written to `out_dir`. `multi_process`: the error under torchrun (the finder uses one process)."""
     from finetune.run import Run
 
     finder = Run(provisional(cfg), out_dir)
     if finder.world.enabled:
-        raise UserError("lr=auto runs the LR finder, which uses one process: run `finetune lr-find` first "
-                        "and pass its lr= to torchrun")
+        raise UserError(multi_process)
     try:
         result = find(finder, cfg.lr_find)
     finally:
         finder.data.close()
     write(result, out_dir)
+    return result
+
+
+def choose(cfg, out_dir: Path) -> dict:
+    """lr=auto: run the finder on a run of its own (built from the same config and seed, so the run
+    that then trains starts exactly as `lr=<suggestion>` would) and return what it found."""
+    result = run_finder(cfg, out_dir, "lr=auto runs the LR finder, which uses one process: run `finetune lr-find` "
+                                      "first and pass its lr= to torchrun")
     log.info("lr=auto: the LR finder suggests lr=%.3g (valley; steepest descent at %.3g); lr_find.png in %s",
              result["suggestion"], result["steepest"], out_dir)
     return {"lr": float(f"{result['suggestion']:.3g}"), "valley": result["valley"], "steepest": result["steepest"],

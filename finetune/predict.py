@@ -10,13 +10,13 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import data as data_mod
-from finetune.errors import UserError, writing
+from finetune.errors import UserError
 from finetune.saved import load, parse_args
 
 
@@ -82,11 +82,7 @@ def run(argv: list[str]) -> Path:
     rows = []
     with bar(len(loader), "predicting", enabled=args.progress) as advance:
         for x, index, errors in loader:
-            x = x.to(saved.device)
-            p = F.softmax(saved.model(x).float(), dim=1)
-            if args.tta:
-                p = (p + F.softmax(saved.model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
-            top_p, top_i = p.topk(k, dim=1)
+            top_p, top_i = saved.probabilities(x, args.tta).topk(k, dim=1)
             for row_p, row_i, i, error in zip(top_p.tolist(), top_i.tolist(), index.tolist(), errors):
                 row = {"path": files[i], "error": error}
                 for rank, (prob, cls) in enumerate(zip(row_p, row_i), 1):
@@ -97,8 +93,7 @@ def run(argv: list[str]) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["path", *[f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "prob")], "error"]
-    with writing(out):
-        report.write_csv(out, rows, fields)
+    report.write_csv(out, rows, fields)
     bad = sum(1 for r in rows if r["error"])
     note = f"; {bad} could not be read (their rows say why)" if bad else ""
     print(f"finetune: predicted {len(rows) - bad} images with {saved.path} "

@@ -288,7 +288,7 @@ class Run:
         """head_init=lbfgs: the new head fitted to convergence on the cached features of view 0."""
         if not self.cached:
             raise UserError(f"head_init=lbfgs fits the head on cached features, but the cache is off in epoch 0: "
-                            f"{cache_mod.reason_off(self, 0)}")
+                            f"{cache_mod.reason_off(self)}")
         features = cache_mod.as_tensor(self.cache.views[0]).to(self.device)
         loss = cache_mod.fit_head(self.head, features, self.cache.labels.to(self.device))
         log.info("head_init=lbfgs: the head fitted on %d cached feature vectors, train loss %.4f", len(features), loss)
@@ -297,7 +297,7 @@ class Run:
         """This epoch's metrics row; with EMA, val_* score the average (the weights the run delivers) and
         live_val_* the live model."""
         train_seconds = self.epoch_seconds()
-        loss_sum, correct, seen, _ = self.epoch_totals()
+        loss_sum, correct, seen = self.epoch_totals()
         val = self.validate()
         return {
             "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
@@ -342,16 +342,14 @@ class Run:
             return self.state.evals
         return self.state.metrics
 
-    def epoch_totals(self) -> tuple[float, int, int, int]:
-        """The epoch's train loss sum, correct count, images seen and images seen before a resume, over
-        all ranks."""
+    def epoch_totals(self) -> tuple[float, int, int]:
+        """The epoch's train loss sum, correct count and images seen, over all ranks."""
         if not self.world.enabled:
-            return self.loss_sum.item(), int(self.correct.item()), self.seen, self.seen_before
+            return self.loss_sum.item(), int(self.correct.item()), self.seen
         totals = torch.stack([self.loss_sum.double(), self.correct.double(),
-                              torch.tensor(float(self.seen), dtype=torch.float64, device=self.device),
-                              torch.tensor(float(self.seen_before), dtype=torch.float64, device=self.device)])
-        loss_sum, correct, seen, before = distributed.sum_(totals).tolist()
-        return loss_sum, int(correct), int(seen), int(before)
+                              torch.tensor(float(self.seen), dtype=torch.float64, device=self.device)])
+        loss_sum, correct, seen = distributed.sum_(totals).tolist()
+        return loss_sum, int(correct), int(seen)
 
     def sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics (of the weight average too) on every rank, before they are

@@ -39,24 +39,40 @@ class SavedModel:
     def run_dir(self) -> Path:
         return self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
 
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Softmax probabilities of a batch on the model's device; with `tta` the mean over each image
+        and its mirror."""
+        x = x.to(self.device)
+        p = torch.softmax(self.model(x).float(), dim=1)
+        if tta:
+            p = (p + torch.softmax(self.model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
+        return p
+
+
+def architecture(config: dict, num_classes: int):
+    """The run's model (a models.ModelBundle) built from its config without weights: they come from the
+    checkpoint, so nothing is downloaded."""
+    from finetune import models
+
+    return models.build_model(OmegaConf.create({**config["model"], "weights": None}), num_classes)
+
 
 def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
     """The model of a run directory or checkpoint file; `average`: its weight average when it has one."""
-    from finetune import models
     from finetune.trainer import resolve_device
 
     path, saved = checkpoint.load_checkpoint(ckpt)
     config = saved["config"]
-    model_cfg = OmegaConf.create({**config["model"], "weights": None})  # the checkpoint has the weights
     head_shapes = [v.shape[0] for k, v in saved["model"].items() if k.endswith(".weight") and v.ndim >= 2]
     classes = saved.get("classes") or [str(i) for i in range(head_shapes[-1])]
-    bundle = models.build_model(model_cfg, len(classes))
+    bundle = architecture(config, len(classes))
     averaged = bool(average and saved.get("ema"))
     state = saved["ema"]["model"] if averaged else saved["model"]
     try:
         bundle.model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit model {model_cfg.name} ({checkpoint.first_line(e)})") from None
+        raise UserError(f"{path}: the weights do not fit model {config['model']['name']} ({checkpoint.first_line(e)})") from None
     if saved.get("preprocess"):
         preprocess = Preprocess(**{**saved["preprocess"], "mean": tuple(saved["preprocess"]["mean"]),
                                    "std": tuple(saved["preprocess"]["std"])})
@@ -65,7 +81,7 @@ def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
         size = config.get("data", {}).get("image_size")
         if size:
             preprocess.input_size = int(size)
-        log.warning("%s holds no preprocessing; using %s's defaults (%d px)", path, model_cfg.name,
+        log.warning("%s holds no preprocessing; using %s's defaults (%d px)", path, config['model']['name'],
                     preprocess.input_size)
     dev = resolve_device(device)
     return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev)

@@ -71,7 +71,8 @@ def test_suggestions_on_a_known_curve():
     assert lrs[lr_find.steepest(lrs, loss)] == pytest.approx(1e-2, rel=0.3)
     valley = lrs[lr_find.valley(loss)]
     assert 1e-4 < valley < 1e-1  # inside the fall, short of its bottom
-    assert lr_find.smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased
+    smoother = lr_find.Smoother(0.9)
+    assert [smoother.add(v) for v in (1.0, 1.0, 1.0)] == pytest.approx([1.0, 1.0, 1.0])  # debiased
 
 
 def test_lr_auto_trains_exactly_as_lr_set_to_its_suggestion(tmp_path):
