@@ -107,6 +107,27 @@ def _recipe(cfg: DictConfig) -> dict | None:
                            lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides), cfg)
 
 
+def _composer():
+    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
+    experiment=auto trains the recipe its probe chose with the user's overrides."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune import recipe
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] != "experiment"]
+
+    def compose_config(overrides):
+        return compose(hydra_cfg.job.config_name, overrides=overrides)
+
+    def compose_recipe(name: str):
+        cfg = compose_config([*overrides, f"experiment={name}"])
+        return cfg, recipe.describe(name, overrides, compose_config, cfg)
+
+    return compose_recipe
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def train_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -128,7 +149,7 @@ def train_task(cfg: DictConfig) -> float | None:
         out_dir = _join_processes(cfg, out_dir)
         recipe = _recipe(cfg)
         log.info("%s", line(recipe))
-        summary = train(cfg, out_dir, recipe=recipe)
+        summary = train(cfg, out_dir, recipe=recipe, compose=_composer())
     except Interrupted as stop:
         if world.main:
             print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
@@ -183,6 +204,27 @@ def _join_processes(cfg: DictConfig, out_dir: str) -> str:
     return distributed.broadcast(out_dir)
 
 
+def _composer():
+    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
+    experiment=auto trains the recipe its probe chose with the user's overrides."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune import recipe
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] != "experiment"]
+
+    def compose_config(overrides):
+        return compose(hydra_cfg.job.config_name, overrides=overrides)
+
+    def compose_recipe(name: str):
+        cfg = compose_config([*overrides, f"experiment={name}"])
+        return cfg, recipe.describe(name, overrides, compose_config, cfg)
+
+    return compose_recipe
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def lr_find_task(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
@@ -205,6 +247,27 @@ def _task_overrides() -> list[str]:
 
     return [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+").startswith(("lr", "lr_find."))
             or o.startswith("lr_spread")]
+
+
+def _composer():
+    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
+    experiment=auto trains the recipe its probe chose with the user's overrides."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune import recipe
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] != "experiment"]
+
+    def compose_config(overrides):
+        return compose(hydra_cfg.job.config_name, overrides=overrides)
+
+    def compose_recipe(name: str):
+        cfg = compose_config([*overrides, f"experiment={name}"])
+        return cfg, recipe.describe(name, overrides, compose_config, cfg)
+
+    return compose_recipe
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

@@ -121,6 +121,17 @@ class LRFindConfig:
 
 
 @dataclass
+class AutoConfig:
+    """experiment=auto: the probe that chooses the recipe before training (finetune/auto.py)."""
+
+    enabled: bool = False  # experiment=auto sets it
+    near: str = "lp_ft"  # the recipe when the pretrained top features fit the data
+    far: str = "full"  # the recipe when an earlier group's features fit it clearly better
+    budget: float = 0.15  # the probe's compute, at most this share of the run's
+    folds: int = 5  # cross-validation folds of the linear probes (within the train set)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +141,7 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
     # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all

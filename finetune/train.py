@@ -4,13 +4,18 @@ names are importable from here as well, where scripts and tests have always foun
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+from finetune.errors import UserError
+from finetune.recipe import line
 
 from finetune.run import Interrupted, NonFiniteLoss, Run, RunState, build_run  # noqa: F401
 from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_everything, trace_rows  # noqa: F401
 
 
-def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None) -> dict:
+def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
+          compose=None) -> dict:
     """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc).
 
     `cfg.resume` (a run directory or checkpoint file) continues that run exactly: same weights, optimizer
@@ -23,7 +28,19 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     `recipe` (what the recipe set, finetune.recipe.describe) is saved in summary.json.
     `lr=auto` runs the LR finder first (lr_find.png in `out_dir`) and trains with its suggestion, which
     summary.json keeps under lr_auto.
+    `experiment=auto` (cfg.auto.enabled) probes the data first and trains the recipe it chooses
+    (finetune/auto.py): `compose(recipe)` gives (the config under experiment=<recipe> with the same
+    overrides, what that recipe set); the CLI passes it. summary.json keeps the choice under recipe.auto.
     """
+    if cfg.auto.enabled:
+        if compose is None:
+            raise UserError("experiment=auto composes the recipe it chooses: run it with `finetune train`, or "
+                            "pass train(..., compose=...)")
+        from finetune import auto
+
+        (cfg, recipe), choice = auto.resolve(cfg, out_dir, compose)
+        recipe = {**(recipe or {"name": choice["recipe"], "set": {}}), "auto": choice}
+        logging.getLogger("finetune").info("%s", line(recipe))
     lr_auto = None
     if str(cfg.lr) == "auto":
         cfg, lr_auto = _auto_lr(cfg, Path(out_dir))

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-RECIPES = ("linear_probe", "full", "discriminative", "gradual", "fine_tune", "lp_ft")
+RECIPES = ("linear_probe", "full", "discriminative", "gradual", "fine_tune", "lp_ft", "freezeout", "auto")
 QUICK_RECIPES = ("linear_probe", "fine_tune")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 DEFAULT_OUT = ROOT / "bench_out" / "transfer"
@@ -49,6 +49,7 @@ class RunResult:
     val_acc: list[float]  # per epoch
     wall_seconds: float
     train_images_per_second: float | None = None
+    chose: str | None = None  # experiment=auto: the recipe its probe chose
 
     @property
     def final(self) -> float:
@@ -72,6 +73,12 @@ class RecipeStats:
     def std(self) -> float:
         # sample std over seeds (0 with a single seed)
         return statistics.stdev(self.finals) if len(self.finals) > 1 else 0.0
+
+    @property
+    def label(self) -> str:
+        """The recipe, and for auto what it chose in each seed."""
+        chosen = [r.chose for r in self.runs if r.chose]
+        return f"{self.recipe} ({', '.join(chosen)})" if chosen else self.recipe
 
     @property
     def wall(self) -> float:
@@ -125,11 +132,11 @@ def read_val_acc(run_dir: Path) -> list[float]:
         return [float(row["val_acc"]) for row in csv.DictReader(f)]
 
 
-def _train_child(cfg, run_dir: Path) -> None:
+def _train_child(cfg, run_dir: Path, compose) -> None:
     """Child-process body: train, then drop the checkpoint (~40 MB, not needed here)."""
     from finetune.train import train
 
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, compose=compose)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     (run_dir / "bench_summary.json").write_text(json.dumps(summary))
 
@@ -146,7 +153,7 @@ def same_run(old, new) -> bool:
     return all(a[k] == b[k] for k in a.keys() & b.keys()) and not (a.keys() - b.keys())
 
 
-def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResult:
+def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool, compose=None) -> RunResult:
     """Train one configuration in a fresh child process (or reuse a finished run whose config is
     identical). The child gives every byte back when it exits: one process training 18 models in a row
     grows (allocator caching, loader workers alive until garbage collection) on a machine that is short
@@ -162,7 +169,7 @@ def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResul
     run_dir.mkdir(parents=True)
     (run_dir / "bench_config.yaml").write_text(config_text)
     # fork: the parent has run no torch op (no thread pools to inherit) and the child may start loader workers
-    child = multiprocessing.get_context("fork").Process(target=_train_child, args=(cfg, run_dir))
+    child = multiprocessing.get_context("fork").Process(target=_train_child, args=(cfg, run_dir, compose))
     start = time.perf_counter()
     child.start()
     child.join()
@@ -170,12 +177,16 @@ def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResul
     if child.exitcode != 0:
         raise SystemExit(f"{recipe} seed {seed} failed (exit code {child.exitcode}); see above and {run_dir}")
     summary = json.loads((run_dir / "bench_summary.json").read_text())
-    result = RunResult(recipe, seed, read_val_acc(run_dir), round(wall, 1), summary.get("train_images_per_second"))
+    chose = ((summary.get("recipe") or {}).get("auto") or {}).get("recipe")
+    result = RunResult(recipe, seed, read_val_acc(run_dir), round(wall, 1), summary.get("train_images_per_second"),
+                       chose)
     done.write_text(json.dumps(result.__dict__, indent=2) + "\n")
     return result
 
 
-def run_all(configs: dict, out: Path, reuse: bool) -> dict[str, RecipeStats]:
+def run_all(configs: dict, out: Path, reuse: bool, compose=None) -> dict[str, RecipeStats]:
+    """Every (recipe, seed) run; `compose(recipe, seed)` gives a config (experiment=auto trains the recipe
+    its probe chose, composed the same way)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -186,7 +197,8 @@ def run_all(configs: dict, out: Path, reuse: bool) -> dict[str, RecipeStats]:
         task = bar.add_task("runs", total=len(configs))
         for (recipe, seed), cfg in configs.items():
             bar.update(task, description=f"{recipe} seed {seed}")
-            result = run_one(cfg, recipe, seed, out / "runs" / recipe / f"seed{seed}", reuse)
+            recompose = (lambda name, seed=seed: (compose(name, seed), None)) if compose else None
+            result = run_one(cfg, recipe, seed, out / "runs" / recipe / f"seed{seed}", reuse, recompose)
             stats.setdefault(recipe, RecipeStats(recipe)).runs.append(result)
             curve = " ".join(f"{a:.3f}" for a in result.val_acc)
             console.print(f"{time.strftime('%H:%M:%S')} {recipe:>15} seed {seed}: val acc per epoch {curve} "
@@ -202,7 +214,7 @@ def table_rows(stats: dict[str, RecipeStats]) -> list[tuple[str, ...]]:
     """(recipe, mean, std, per-seed finals, wall s per run), best mean first."""
     ordered = sorted(stats.values(), key=lambda s: -s.mean)
     return [
-        (s.recipe, f"{s.mean:.4f}", f"{s.std:.4f}", " ".join(f"{a:.3f}" for a in s.finals), f"{s.wall:.0f}")
+        (s.label, f"{s.mean:.4f}", f"{s.std:.4f}", " ".join(f"{a:.3f}" for a in s.finals), f"{s.wall:.0f}")
         for s in ordered
     ]
 
@@ -224,7 +236,7 @@ def markdown_report(stats: dict[str, RecipeStats], args, n_train: int, n_val: in
     seeds = len(next(iter(stats.values())).runs)
     extra = " ".join(f"--set {s}" for s in args.set) or "none"
     return (
-        f"## Transfer benchmark: {args.data.name}\n\n"
+        f"## Transfer benchmark: {args.name}\n\n"
         f"EfficientNet-Lite0 (offline ImageNet weights), {args.epochs} epochs, {seeds} seed(s), "
         f"{n_train} train / {n_val} val images; score = val accuracy after the last epoch "
         f"(std over seeds). Extra overrides: {extra}. CPU: {platform.processor() or platform.machine()}, "
@@ -388,17 +400,20 @@ def main(argv=None) -> dict[str, RecipeStats]:
     if not (args.data / "train").is_dir():
         raise SystemExit(f"--data {args.data}: no train/ folder (an ImageFolder root has train/ and val/)")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.name = args.data.name
     if args.train_per_class:
+        args.name = f"{args.data.name}, {args.train_per_class} train images per class"
         args.data = subset(args.data, args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
     runs = [(recipe, seed) for recipe in args.recipes for seed in range(args.seeds)]
     configs = compose_configs(runs, args.data, args.epochs, args.set)
-    stats = run_all(configs, args.out, args.reuse)
+    stats = run_all(configs, args.out, args.reuse,
+                    lambda name, seed: compose_configs([(name, seed)], args.data, args.epochs, args.set)[(name, seed)])
     print_table(stats)
     n_train, n_val = count_images(args.data)
     (args.out / "results.md").write_text(markdown_report(stats, args, n_train, n_val))
     (args.out / "results.json").write_text(json.dumps(
         {name: [r.__dict__ for r in s.runs] for name, s in stats.items()}, indent=2) + "\n")
-    plot_curves(stats, args.out / "val_acc.png", f"{args.data.name}: val accuracy per epoch")
+    plot_curves(stats, args.out / "val_acc.png", f"{args.name}: val accuracy per epoch")
     print(f"wrote {args.out / 'results.md'}, results.json and val_acc.png")
     return stats
 

@@ -1,0 +1,272 @@
+"""experiment=auto: a short probe of the data chooses the recipe before training starts.
+
+The probe is one forward pass of the pretrained model, in eval mode, over the train images (centre
+crops), with no training. It pools the output of every layer group and fits a linear probe on each
+(multinomial logistic regression to convergence, L-BFGS, k-fold cross-validation within the train set).
+How well each depth's features separate the classes says how far the data is from the pretraining:
+
+- The top features (the head's input) score best, or within noise of the best: the pretrained features
+  fit. Keep them: a probed head and a gentle body LR (`auto.near`, lp_ft).
+- An earlier group's features score clearly above the top's: the top layers encode pretraining-specific
+  features that fit this data worse than what lies under them (steel defects, upscaled digits). The top
+  must be re-learned: every group at one LR, BatchNorm on batch statistics (`auto.far`, full).
+
+"Clearly": by more than one standard error of the top probe's accuracy and at least 1 point. The probe
+never sees the val folder. It costs at most `auto.budget` of the run's compute (a forward pass is a
+third of a training step), fewer train images when the run is short.
+
+The choice, the reason and every group's probe accuracy are printed, saved in auto.json and kept in
+summary.json["recipe"]["auto"]. The run is then exactly `experiment=<choice>` with the same command
+line: your overrides win over the chosen recipe's values as under any recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from finetune.errors import UserError
+
+log = logging.getLogger("finetune")
+
+FORWARD_SHARE = 1 / 3  # a forward pass, against a training step's forward and backward passes
+MAX_IMAGES = 4000  # enough to rank linear probes; beyond it the probe only costs more
+
+
+@dataclass
+class Evidence:
+    """What the probe measured: (group, CV accuracy of a linear probe on its pooled output), bottom to
+    top; the last entry is the head's input."""
+
+    stages: list[tuple[str, float]]
+    images: int  # probed train images
+    classes: int
+    seconds: float = 0.0
+    budget_share: float = 0.0  # the probe's compute against the run's, in training-step units
+
+    @property
+    def top(self) -> tuple[str, float]:
+        return self.stages[-1]
+
+    @property
+    def best(self) -> tuple[str, float]:
+        return max(self.stages, key=lambda s: s[1])
+
+    @property
+    def noise(self) -> float:
+        """One standard error of the top probe's accuracy."""
+        p = self.top[1]
+        return math.sqrt(max(p * (1 - p), 1e-6) / max(self.images, 1))
+
+
+def decide(ev: Evidence, near: str, far: str) -> dict:
+    """{"recipe", "reason"}: `far` when an earlier group's probe beats the top's by more than its noise
+    (and 1 point), else `near`. A pure function of the evidence."""
+    (top_name, top), (best_name, best) = ev.top, ev.best
+    gap = best - top
+    margin = max(0.01, ev.noise)
+    if best_name != top_name and gap > margin:
+        reason = (f"a linear probe on {best_name}'s output scores {best:.3f}, above the top features' {top:.3f} "
+                  f"by {gap:.3f} (> {margin:.3f}): the top layers' pretrained features fit this data worse than "
+                  f"earlier ones and must be re-learned")
+        return {"recipe": far, "reason": reason}
+    reason = (f"the top features are the best linear features (probe {top:.3f}; best earlier group "
+              f"{_best_below(ev)}): keep them, train the body gently")
+    return {"recipe": near, "reason": reason}
+
+
+def _best_below(ev: Evidence) -> str:
+    below = ev.stages[:-1]
+    if not below:
+        return "none"
+    name, acc = max(below, key=lambda s: s[1])
+    return f"{name} {acc:.3f}"
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def group_outputs(model: nn.Module, groups) -> dict[str, str]:
+    """{module name: group} of the largest modules each holding parameters of one group only; a group's
+    output is the output of the last of its modules to run (a stage's whole block, residuals included)."""
+    owner = {p: g.name for g in groups for p in g.param_names}
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f"{m}.") for m in found):
+            continue
+        names = {f"{name}.{p}" for p, _ in module.named_parameters()}
+        mine = {owner.get(p) for p in names}
+        if names and len(mine) == 1 and None not in mine:
+            found[name] = mine.pop()
+    return found
+
+
+def _pooled(out) -> torch.Tensor | None:
+    """A module's output as one vector per image: the spatial (or token) mean; None when it is no tensor."""
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return None
+    out = out.detach().float()
+    return out.mean(tuple(range(2, out.dim()))) if out.dim() == 4 else (out.mean(1) if out.dim() == 3 else out)
+
+
+@torch.no_grad()
+def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, progress: bool = True):
+    """({group: pooled features} bottom to top, ending with "head input"; labels), model in eval mode."""
+    from finetune.progress import bar
+
+    modules = group_outputs(model, groups)
+    head_group = groups[-1].name
+    last: dict[str, torch.Tensor] = {}
+    feats: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    hooks = []
+    for name, module in model.named_modules():
+        if modules.get(name) not in (None, head_group):
+            group = modules[name]
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, g=group: last.__setitem__(g, _pooled(out))))
+    hooks.append(head.register_forward_pre_hook(lambda m, args: last.__setitem__("head input", args[0].detach().flatten(1).float())))
+    was = model.training
+    model.eval()
+    try:
+        with bar(len(loader), "auto: probing the data", enabled=progress) as advance:
+            for x, y in loader:
+                last.clear()
+                model(x.to(device))
+                for g, f in last.items():
+                    if f is not None:
+                        feats.setdefault(g, []).append(f.cpu())
+                labels.append(y)
+                advance()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    order = [g.name for g in groups if g.name in feats] + ["head input"]
+    return {g: torch.cat(feats[g]) for g in order}, torch.cat(labels)
+
+
+def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-3, seed: int = 0) -> float:
+    """k-fold accuracy of a multinomial logistic regression on standardised features (full-batch L-BFGS
+    to convergence); every image is scored once, by the fold that did not train on it."""
+    n, classes = len(y), int(y.max()) + 1
+    folds = max(2, min(folds, n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    correct = 0
+    for k in range(folds):
+        test = order[k::folds]
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[test] = False
+        train = mask.nonzero().squeeze(1)
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        xtr, xte = (x[train] - mean) / std, (x[test] - mean) / std
+        linear = nn.Linear(x.shape[1], classes)
+        opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=200, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(linear(xtr), y[train]) + l2 * linear.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            correct += int((linear(xte).argmax(1) == y[test]).sum())
+    return correct / n
+
+
+def probe_images(n: int, images_per_run: int, budget: float) -> int:
+    """How many train images the probe may forward: its cost (a third of a training step per image) at
+    most `budget` of the run's (`images_per_run` images through a training step), and MAX_IMAGES."""
+    return max(1, min(n, MAX_IMAGES, int(budget * images_per_run / FORWARD_SHARE)))
+
+
+def measure(cfg) -> Evidence:
+    """Build the model and the train set (centre crops) as the run will, forward, fit the probes."""
+    from omegaconf import OmegaConf
+
+    from finetune import cache as cache_mod
+    from finetune import data as data_mod
+    from finetune.run import build_run
+    from finetune.trainer import resolve_device, seed_everything
+
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    bundle, groups, _ = build_run(cfg)
+    model = bundle.model.to(device)
+    _, head = cache_mod.head_module(model, groups)
+    if head is None:
+        raise UserError("experiment=auto probes the features under the head, but no single module holds the "
+                        f"head group '{groups[-1].name}'; choose a recipe instead")
+    data_cfg = OmegaConf.merge(cfg.data, {"augment": False})
+    data = data_mod.build_data(data_cfg, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
+    n = len(data.train)
+    per_step = cfg.batch_size * cfg.accumulate
+    trained = min(cfg.epochs * n, cfg.max_steps * per_step) if cfg.max_steps else cfg.epochs * n
+    keep = probe_images(n, trained, cfg.auto.budget)
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values.tolist()
+    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=chosen,
+                                         num_workers=data.num_workers)
+    try:
+        feats, labels = stage_features(model, groups, head, loader, device, progress=bool(cfg.progress))
+    finally:
+        data.close()
+    stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
+    share = keep * FORWARD_SHARE / max(1, trained)
+    return Evidence(stages, keep, data.num_classes, round(time.perf_counter() - t0, 1), round(share, 4))
+
+
+def choose(cfg, out_dir: str | Path | None = None) -> dict:
+    """Probe, decide, say it (log and auto.json in `out_dir`): {"recipe", "reason", "probe": {...}}."""
+    from finetune import distributed
+
+    if not 0 < cfg.auto.budget <= 1:
+        raise UserError(f"auto.budget must be in (0, 1], got {cfg.auto.budget}")
+    world = distributed.from_env()
+    if world.enabled:  # rank 0 probes and every rank trains its choice: a tie broken differently would split them
+        from finetune.trainer import resolve_device
+
+        distributed.init(world, resolve_device(distributed.device_name(cfg.device, world)))
+        choice = choose_here(cfg) if world.main else None
+        choice = distributed.broadcast(choice)
+    else:
+        choice = choose_here(cfg)
+    log.info("auto: chose experiment=%s: %s (probe: %d images, %.0f s, %.1f%% of the run's compute)",
+             choice["recipe"], choice["reason"], choice["probe"]["images"], choice["probe"]["seconds"],
+             100 * choice["probe"]["budget_share"])
+    if out_dir is not None and world.main:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "auto.json").write_text(json.dumps(choice, indent=2) + "\n")
+    return choice
+
+
+def choose_here(cfg) -> dict:
+    ev = measure(cfg)
+    return {**decide(ev, cfg.auto.near, cfg.auto.far), "probe": asdict(ev)}
+
+
+def resolve(cfg, out_dir, compose: Callable[[str], tuple]):
+    """((the run's config under the chosen recipe, what that recipe set), the choice): `compose(recipe)`
+    composes the command line with experiment=<recipe> (the user's overrides kept)."""
+    from finetune.config import conf_dir
+
+    known = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml") if p.stem not in ("auto", "none"))
+    for key in ("near", "far"):
+        if cfg.auto[key] not in known:
+            raise UserError(f"auto.{key}: '{cfg.auto[key]}' is not a fixed recipe; choose one of {', '.join(known)}")
+    choice = choose(cfg, out_dir)
+    return compose(choice["recipe"]), choice
