@@ -109,6 +109,10 @@ def inspect(cfg, recipe=None) -> dict:
     info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
     info["recipe"] = recipe
     info["warnings"] = plan_warnings(cfg, plan, random_init)
+    if cfg.auto.enabled:  # the probe runs when training starts: inspect shows what it chooses between
+        info["warnings"].insert(0, f"experiment=auto chooses experiment={cfg.auto.near} or experiment={cfg.auto.far} "
+                                   "when training starts (a probe of the train images); this plan is the config "
+                                   "without a recipe: inspect either of those for its plan")
     if cfg.inspect.params:
         info["params"] = tensor_rows(bundle.model, groups, plan, cfg.optimizer.no_decay_norm_bias)
     if cfg.inspect.format != "json":

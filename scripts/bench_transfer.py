@@ -132,11 +132,11 @@ def read_val_acc(run_dir: Path) -> list[float]:
         return [float(row["val_acc"]) for row in csv.DictReader(f)]
 
 
-def _train_child(cfg, run_dir: Path, compose) -> None:
+def _train_child(cfg, run_dir: Path) -> None:
     """Child-process body: train, then drop the checkpoint (~40 MB, not needed here)."""
     from finetune.train import train
 
-    summary = train(cfg, run_dir, compose=compose)
+    summary = train(cfg, run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     (run_dir / "bench_summary.json").write_text(json.dumps(summary))
 
@@ -153,40 +153,71 @@ def same_run(old, new) -> bool:
     return all(a[k] == b[k] for k in a.keys() & b.keys()) and not (a.keys() - b.keys())
 
 
-def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool, compose=None) -> RunResult:
+def _probe_child(cfg, run_dir: Path) -> None:
+    from finetune import auto
+
+    auto.choose(cfg, run_dir)  # auto.json
+
+
+def _in_child(target, *args) -> float:
+    """Run target(*args) in a forked child; its wall seconds."""
+    # fork: the parent has run no torch op (no thread pools to inherit) and the child may start loader workers
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    start = time.perf_counter()
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"{target.__name__} of {args[-1]} failed (exit code {child.exitcode}); see above")
+    return time.perf_counter() - start
+
+
+def _fresh(run_dir: Path, cfg) -> None:
+    from omegaconf import OmegaConf
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "bench_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _finished(run_dir: Path, cfg, marker: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return (run_dir / marker).is_file() and same_run(OmegaConf.load(run_dir / "bench_config.yaml"), cfg)
+
+
+def run_auto(cfg, seed: int, out: Path, reuse: bool, compose) -> RunResult:
+    """experiment=auto: its probe (in a child), then the chosen recipe's run. `finetune train experiment=auto`
+    trains exactly experiment=<choice> (bit for bit: tests/test_auto.py), so that recipe's finished run
+    with the same seed is reused; the score is its score, the wall time its time plus the probe's."""
+    run_dir = out / "runs" / "auto" / f"seed{seed}"
+    if not (reuse and _finished(run_dir, cfg, "probe_seconds.txt")):
+        _fresh(run_dir, cfg)
+        (run_dir / "probe_seconds.txt").write_text(f"{_in_child(_probe_child, cfg, run_dir):.1f}\n")
+    chose = json.loads((run_dir / "auto.json").read_text())["recipe"]
+    trained = run_one(compose(chose, seed), chose, seed, out / "runs" / chose / f"seed{seed}", reuse)
+    wall = trained.wall_seconds + float((run_dir / "probe_seconds.txt").read_text())
+    return RunResult("auto", seed, trained.val_acc, round(wall, 1), trained.train_images_per_second, chose)
+
+
+def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResult:
     """Train one configuration in a fresh child process (or reuse a finished run whose config is
     identical). The child gives every byte back when it exits: one process training 18 models in a row
     grows (allocator caching, loader workers alive until garbage collection) on a machine that is short
     of memory."""
-    from omegaconf import OmegaConf
-
-    config_text = OmegaConf.to_yaml(cfg, resolve=True)
     done = run_dir / "bench_result.json"
-    if reuse and done.is_file() and same_run(OmegaConf.load(run_dir / "bench_config.yaml"), cfg):
+    if reuse and _finished(run_dir, cfg, done.name):
         return RunResult(**json.loads(done.read_text()))
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "bench_config.yaml").write_text(config_text)
-    # fork: the parent has run no torch op (no thread pools to inherit) and the child may start loader workers
-    child = multiprocessing.get_context("fork").Process(target=_train_child, args=(cfg, run_dir, compose))
-    start = time.perf_counter()
-    child.start()
-    child.join()
-    wall = time.perf_counter() - start  # model build, data, training and every epoch's evaluation
-    if child.exitcode != 0:
-        raise SystemExit(f"{recipe} seed {seed} failed (exit code {child.exitcode}); see above and {run_dir}")
+    _fresh(run_dir, cfg)
+    wall = _in_child(_train_child, cfg, run_dir)  # model build, data, training and every epoch's evaluation
     summary = json.loads((run_dir / "bench_summary.json").read_text())
-    chose = ((summary.get("recipe") or {}).get("auto") or {}).get("recipe")
-    result = RunResult(recipe, seed, read_val_acc(run_dir), round(wall, 1), summary.get("train_images_per_second"),
-                       chose)
+    result = RunResult(recipe, seed, read_val_acc(run_dir), round(wall, 1), summary.get("train_images_per_second"))
     done.write_text(json.dumps(result.__dict__, indent=2) + "\n")
     return result
 
 
 def run_all(configs: dict, out: Path, reuse: bool, compose=None) -> dict[str, RecipeStats]:
-    """Every (recipe, seed) run; `compose(recipe, seed)` gives a config (experiment=auto trains the recipe
-    its probe chose, composed the same way)."""
+    """Every (recipe, seed) run; `compose(recipe, seed)` composes a config (for the recipe auto chose)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -197,8 +228,10 @@ def run_all(configs: dict, out: Path, reuse: bool, compose=None) -> dict[str, Re
         task = bar.add_task("runs", total=len(configs))
         for (recipe, seed), cfg in configs.items():
             bar.update(task, description=f"{recipe} seed {seed}")
-            recompose = (lambda name, seed=seed: (compose(name, seed), None)) if compose else None
-            result = run_one(cfg, recipe, seed, out / "runs" / recipe / f"seed{seed}", reuse, recompose)
+            if recipe == "auto":
+                result = run_auto(cfg, seed, out, reuse, compose)
+            else:
+                result = run_one(cfg, recipe, seed, out / "runs" / recipe / f"seed{seed}", reuse)
             stats.setdefault(recipe, RecipeStats(recipe)).runs.append(result)
             curve = " ".join(f"{a:.3f}" for a in result.val_acc)
             console.print(f"{time.strftime('%H:%M:%S')} {recipe:>15} seed {seed}: val acc per epoch {curve} "

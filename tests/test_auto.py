@@ -1,0 +1,131 @@
+"""experiment=auto: the probe measures each group's features on the train images, the decision follows
+the evidence, the run trains exactly the chosen recipe with the user's overrides, and it says why."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from tiny_runs import QUIET, TINY, compose_cfg, run_cli
+from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+
+from finetune import auto, checkpoint
+from finetune.errors import UserError
+from finetune.groups import build_groups
+from finetune.train import train
+
+
+def evidence(*stages, images=200):
+    return auto.Evidence(list(stages), images=images, classes=2)
+
+
+def test_decision_follows_the_evidence():
+    # the top features are the best: near
+    assert auto.decide(evidence(("a", 0.70), ("b", 0.90), ("head input", 0.95)), "lp_ft", "full")["recipe"] == "lp_ft"
+    # an earlier group beats the top by 6 points, far above the top probe's noise (~0.02 at 200 images)
+    far = auto.decide(evidence(("a", 0.70), ("b", 0.95), ("head input", 0.89)), "lp_ft", "full")
+    assert far["recipe"] == "full" and "b's output scores 0.950, above the top features' 0.890" in far["reason"]
+    # a lead within the noise of the top probe is no evidence: 1.5 points at 200 images (noise 0.0218)
+    assert auto.decide(evidence(("b", 0.905), ("head input", 0.89)), "lp_ft", "full")["recipe"] == "lp_ft"
+    # ... but the same lead at 4000 images is (noise 0.005, margin 0.01)
+    assert auto.decide(evidence(("b", 0.905), ("head input", 0.89), images=4000), "lp_ft", "full")["recipe"] == "full"
+
+
+def test_probe_budget():
+    # 5 epochs of 1000 images: a forward pass of all 1000 is 1/15 of the run's compute
+    assert auto.probe_images(1000, 5000, 0.15) == 1000
+    # one epoch: 0.15 * 1000 / (1/3) = 450 images
+    assert auto.probe_images(1000, 1000, 0.15) == 450
+    assert auto.probe_images(10**6, 5 * 10**6, 0.15) == auto.MAX_IMAGES
+
+
+class TwoStage(nn.Module):
+    """stage a keeps the class signal; stage b overwrites it with noise; the head reads b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+        self.b = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = self.b(x) * 0 + torch.randn_like(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_probe_measures_every_group_and_finds_the_better_earlier_one():
+    torch.manual_seed(0)
+    model = TwoStage()
+    groups = build_groups(model, {"a": ["a\\."], "b": ["b\\."], "head": ["head\\."]})
+    assert auto.group_outputs(model, groups) == {"a": "a", "b": "b", "head": "head"}
+    y = torch.arange(64) % 2
+    x = torch.randn(64, 3, 4, 4) + 3 * y.view(-1, 1, 1, 1)  # the class shifts every pixel
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    feats, labels = auto.stage_features(model, groups, model.head, loader, "cpu", progress=False)
+    assert list(feats) == ["a", "b", "head input"] and torch.equal(labels, y)
+    assert feats["a"].shape == (64, 4) and feats["head input"].shape == (64, 4)
+    accs = {g: auto.cv_accuracy(f, labels) for g, f in feats.items()}
+    assert accs["a"] == 1.0 and accs["head input"] < 0.8  # the head's input is noise
+    ev = auto.Evidence(list(accs.items()), images=64, classes=2)
+    assert auto.decide(ev, "lp_ft", "full")["recipe"] == "full"
+    assert model.training  # the probe leaves the mode as it found it
+
+
+def test_group_outputs_are_whole_stages_of_a_real_model():
+    from finetune.run import build_run
+
+    bundle, groups, _ = build_run(compose_cfg())
+    outputs = auto.group_outputs(bundle.model, groups)
+    assert outputs == {"conv1": "stem", "bn1": "stem", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3",
+                       "layer4": "layer4", "fc": "head"}
+
+
+def test_auto_trains_exactly_the_chosen_recipe_with_the_users_overrides(capsys, tmp_path, monkeypatch):
+    far = evidence(("layer3", 0.99), ("layer4", 0.9), ("head input", 0.8))
+    monkeypatch.setattr(auto, "measure", lambda cfg: far)
+    code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "epochs=2", "lr=0.005", *QUIET,
+                        f"hydra.run.dir={tmp_path / 'auto'}")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    choice = summary["recipe"]["auto"]
+    assert choice["recipe"] == "full" and "layer3's output scores 0.990" in choice["reason"]
+    assert json.loads((tmp_path / "auto" / "auto.json").read_text()) == choice
+    assert summary["recipe"]["name"] == "full" and summary["recipe"]["set"]["schedule.kind"] == "cosine"
+    code, err = run_cli(capsys, "train", *TINY, "experiment=full", "epochs=2", "lr=0.005", *QUIET,
+                        f"hydra.run.dir={tmp_path / 'full'}")
+    assert code == 0, err
+    a = torch.load(tmp_path / "auto" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    b = torch.load(tmp_path / "full" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert a["config"] == b["config"] and a["config"]["lr"] == 0.005  # the override won over full's 1e-3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_real_probe_says_what_it_measured(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "epochs=1", "auto.near=linear_probe", *QUIET,
+                        f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    choice = json.loads((tmp_path / "auto.json").read_text())
+    probe = choice["probe"]
+    assert [g for g, _ in probe["stages"]] == ["stem", "layer1", "layer2", "layer3", "layer4", "head input"]
+    assert all(0 <= acc <= 1 for _, acc in probe["stages"])
+    # one epoch of 24 images: 0.15 x 24 x 3 = 10 images probed, 15 % of the run's compute
+    assert probe["images"] == 10 and probe["budget_share"] == pytest.approx(0.1389, abs=1e-4)
+    assert choice == {**auto.decide(auto.Evidence(**{**probe, "stages": [tuple(s) for s in probe["stages"]]}),
+                                    "linear_probe", "full"), "probe": probe}
+    assert json.loads((tmp_path / "summary.json").read_text())["recipe"]["name"] == choice["recipe"]
+
+
+def test_bad_auto_settings(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "auto.far=auto", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 2 and err[-1].startswith("finetune: error: auto.far: 'auto' is not a fixed recipe; choose one of ")
+    code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "auto.budget=0", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 2 and err[-1] == "finetune: error: auto.budget must be in (0, 1], got 0.0"
+    with pytest.raises(UserError, match="experiment=auto composes the recipe it chooses"):
+        train(compose_cfg("experiment=auto"), tmp_path / "lib")
+
+
+def test_inspect_says_what_auto_chooses_between(capsys, tmp_path):
+    code, err = run_cli(capsys, "inspect", *TINY, "experiment=auto", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    assert "warning: experiment=auto chooses experiment=lp_ft or experiment=full when training starts" in err[0]
