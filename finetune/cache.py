@@ -83,6 +83,8 @@ def reason_off(run) -> str | None:
             return f"{type(module).__name__} below the head is active"
     if float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:  # timm's functional dropout before the classifier
         return "the model's dropout before the head (drop_rate) is active"
+    if trainer.mix is not None:
+        return "data.mixup / data.cutmix mix images, not features"
     if cfg.data.augment and not cfg.cache_views:
         return "data.augment=true draws new crops every epoch (cache_views=K caches K augmented views)"
     if run.world.enabled:

@@ -21,6 +21,7 @@ class ModelConfig:
     groups: Optional[Any] = None  # explicit layer-group spec; null: the ready grouping for the model
     catch_all: Optional[str] = None  # group that takes every parameter no pattern matches
     drop_rate: float = 0.0  # dropout before the new head
+    drop_path_rate: float = 0.0  # stochastic depth (timm models): residual branches dropped at up to this rate
     # your own model class (finetune/targets.py): built by hydra.utils.instantiate with `args`; `head` is
     # the module replaced by the new head (null: the last Linear)
     _target_: Optional[str] = None
@@ -37,6 +38,13 @@ class DataConfig:
     val_size: int = 96  # synthetic only
     image_size: Optional[int] = None  # null: the model's pretrained input size
     augment: bool = True
+    # with augment, through timm's factory (finetune/data.py): an auto-augment policy (rand-m9-mstd0.5-inc1:
+    # RandAugment; original; augmix-m5-w4-d2) and random erasing (probability, random pixels)
+    auto_augment: Optional[str] = None
+    re_prob: float = 0.0
+    # batch mixing (torchvision's MixUp / CutMix; both: one of the two per batch): the Beta alpha, 0: off
+    mixup: float = 0.0
+    cutmix: float = 0.0
     num_workers: int = -1  # -1: pick from the CPU count
     download: bool = True  # torchvision datasets
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing

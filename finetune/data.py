@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import os
+import random
 import re
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -123,10 +124,16 @@ def eval_transform(size: int, preprocess) -> v2.Compose:
     )
 
 
-def train_transform(size: int, preprocess, augment: bool) -> v2.Compose:
-    """Random resized crop + horizontal flip, normalised like the pretrained weights; eval recipe if not augment."""
+def train_transform(size: int, preprocess, augment: bool, auto_augment: str | None = None,
+                    re_prob: float = 0.0) -> Callable:
+    """Random resized crop + horizontal flip, normalised like the pretrained weights; eval recipe if not augment.
+    `auto_augment` / `re_prob`: timm's train factory instead, with its policy and random erasing."""
     if not augment:
         return eval_transform(size, preprocess)
+    if not 0.0 <= re_prob <= 1.0:
+        raise UserError(f"data.re_prob: the random-erasing probability must be in [0, 1], got {re_prob}")
+    if auto_augment or re_prob:
+        return _timm_train_transform(size, preprocess, auto_augment, re_prob)
     interp = _interpolation(preprocess.interpolation)
     return v2.Compose(
         [
@@ -137,6 +144,29 @@ def train_transform(size: int, preprocess, augment: bool) -> v2.Compose:
             v2.Normalize(list(preprocess.mean), list(preprocess.std)),
         ]
     )
+
+
+def _timm_train_transform(size: int, preprocess, auto_augment: str | None, re_prob: float) -> Callable:
+    """timm's ImageNet train transform with finetune's crop scale and flip and no colour jitter (which timm
+    adds by default when there is no policy, and the default pipeline does not have)."""
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    try:
+        timm_transform = transforms_imagenet_train(size, scale=TRAIN_CROP_SCALE, hflip=0.5, color_jitter=None,
+                                         auto_augment=auto_augment or None, interpolation=preprocess.interpolation,
+                                         mean=tuple(preprocess.mean), std=tuple(preprocess.std), re_prob=re_prob,
+                                         re_mode="pixel")
+    except (AssertionError, KeyError, ValueError, IndexError) as e:  # timm's parsing of the policy string
+        raise UserError(f"data.auto_augment: timm cannot parse '{auto_augment}' ({type(e).__name__}: {e}); e.g. "
+                        "rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2") from None
+    return v2.Compose([_PIL(), timm_transform])
+
+
+class _PIL:
+    """Tensor images (synthetic, digits) as PIL images, which timm's policies operate on."""
+
+    def __call__(self, image):
+        return v2.functional.to_pil_image(image) if isinstance(image, torch.Tensor) else image
 
 
 # --------------------------------------------------------------------------------------- determinism
@@ -228,10 +258,19 @@ class TransformedDataset(Dataset):
         if isinstance(image, Image.Image) and image.mode != "RGB":
             image = to_rgb(image)  # grayscale (MNIST), palette and 16-bit images -> 8-bit RGB
         # v2 transforms draw from the global CPU generator; fork it so the main process's stream is left
-        # alone, and seed that generator alone: torch.manual_seed would reseed every CUDA device too
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
-            image = self.transform(image)
+        # alone, and seed that generator alone: torch.manual_seed would reseed every CUDA device too.
+        # timm's policies also draw from Python's and NumPy's global generators: seeded the same way.
+        key = mix_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(key)
+                random.seed(key)
+                np.random.seed(key % 2**32)
+                image = self.transform(image)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return image, int(label)
 
 
@@ -394,7 +433,8 @@ def build_data(
     else:
         train_base, val_base, classes = _torchvision_splits(cfg, name)
     return DataBundle(
-        train=TransformedDataset(train_base, train_transform(size, preprocess, bool(cfg.augment)), seed),
+        train=TransformedDataset(train_base, train_transform(size, preprocess, bool(cfg.augment), cfg.auto_augment,
+                                                             float(cfg.re_prob)), seed),
         val=TransformedDataset(val_base, eval_transform(size, preprocess), seed),
         classes=list(classes),
         batch_size=int(batch_size),

@@ -383,11 +383,13 @@ def _timm_pretrained_cfg(name: str, tag: str):
     return full, cfg
 
 
-def _timm_construct(name: str, tag: str | None, drop_rate: float) -> nn.Module:
+def _timm_construct(name: str, tag: str | None, drop_rate: float, drop_path_rate: float = 0.0) -> nn.Module:
     import timm
 
     # drop_rate only when asked for: 0 keeps the architecture's own default (and encoders lack the arg)
     kwargs = {"drop_rate": drop_rate} if drop_rate > 0 else {}
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
     if tag is None:
         return timm.create_model(name, pretrained=False, **kwargs)
     full, cfg = _timm_pretrained_cfg(name, tag)
@@ -430,7 +432,7 @@ def _timm_reset_head(model: nn.Module, num_classes: int, drop_rate: float) -> No
 class _Source:
     is_known: Callable[[str], bool]
     names: Callable[[], list[str]]  # for suggestions
-    construct: Callable[[str, str | None, float], nn.Module]  # name, weights name or None, drop_rate
+    construct: Callable[..., nn.Module]  # name, weights name or None, drop_rate (timm: drop_path_rate)
     preprocess: Callable[[nn.Module, str, str, str | None], Preprocess]
     heads: Callable[[nn.Module], list[str]]
     reset_head: Callable[[nn.Module, int, float], None]
@@ -481,6 +483,11 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
         raise UserError(f"model: num_classes must be at least 1, got {num_classes}")
     if not 0.0 <= drop_rate < 1.0:
         raise UserError(f"model.drop_rate: must be in [0, 1), got {drop_rate}")
+    drop_path = float(getattr(cfg, "drop_path_rate", 0.0) or 0.0)
+    if not 0.0 <= drop_path < 1.0:
+        raise UserError(f"model.drop_path_rate: must be in [0, 1), got {drop_path}")
+    if drop_path and source != "timm":
+        raise UserError("model.drop_path_rate: stochastic depth is set through timm's models only (model.source=timm)")
     src = SOURCES[source]
     if not src.is_known(name):
         raise _unknown_name(name, source, src.names())
@@ -488,7 +495,8 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
     entry = _packaged(value, name, source) if kind == "pkg" else None
     sd = read_state_dict(value) if kind == "file" else None  # fail on a bad file before building
 
-    model = src.construct(name, value if kind == "named" else None, drop_rate)
+    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    model = src.construct(name, value if kind == "named" else None, drop_rate, **extra)
     preprocess = entry.preprocess if entry else src.preprocess(model, name, kind, value)
     heads = src.heads(model)
     pending = None

@@ -167,7 +167,7 @@ class Run:
         self.accumulate = _check_accumulate(cfg.accumulate, self.data.steps_per_epoch)
         # the plan counts optimizer steps; micro-batches left over at an epoch's end are not trained
         self.trainer = Trainer.from_config(cfg, self.model, self.groups, self.data.steps_per_epoch // self.accumulate,
-                                           device, self.amp_dtype, channels_last)
+                                           device, self.amp_dtype, channels_last, num_classes=len(self.data.classes))
         self.plan, self.optimizer = self.trainer.plan, self.trainer.optimizer
         for warning in plan_warnings(cfg, self.plan, random_init=cfg.model.weights is None):
             log.warning("%s", warning)

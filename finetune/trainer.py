@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from finetune import distributed, freeze
 from finetune.ema import WeightEMA, decay_for
@@ -58,6 +59,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def batch_mix(cfg, num_classes: int):
+    """MixUp / CutMix from the data config (both: one of the two per batch), or None. torchvision's rather
+    than timm's Mixup: they draw from torch's global generator, which checkpoints save, so a resumed run
+    mixes exactly as the uninterrupted one (timm's draws from NumPy's)."""
+    alphas = {"mixup": float(cfg.mixup), "cutmix": float(cfg.cutmix)}
+    for key, alpha in alphas.items():
+        if alpha < 0:
+            raise UserError(f"data.{key}: the Beta distribution's alpha must be >= 0 (0: off), got {alpha}")
+    mixes = [kind(alpha=alpha, num_classes=num_classes) for kind, alpha in
+             ((v2.MixUp, alphas["mixup"]), (v2.CutMix, alphas["cutmix"])) if alpha > 0]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 class Trainer:
     """Model + groups + plan + ONE optimizer; knows how to train one step and evaluate."""
 
@@ -65,7 +81,7 @@ class Trainer:
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
                  bn_eval: bool = False, compile: bool = False, channels_last: bool = False,
                  label_smoothing: float = 0.0, grad_clip: float | None = None, compile_backend: str = "inductor",
-                 ema_decay: float | None = None):
+                 ema_decay: float | None = None, mix=None):
         self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
         self.device, self.amp_dtype, self.train_bn, self.bn_eval = device, amp_dtype, train_bn, bn_eval
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -73,6 +89,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.label_smoothing, self.grad_clip, self.compile = label_smoothing, grad_clip, compile
         self.compile_backend = compile_backend  # tests use a lighter one ("aot_eager") to compile fast
+        self.mix = mix  # (images, labels) -> (mixed images, soft labels): MixUp / CutMix, or None
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.mask: list[bool] | None = None
         self.frozen_norms: list[nn.Module] = []
@@ -88,7 +105,7 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg, model: nn.Module, groups: list[LayerGroup], steps_per_epoch: int,
                     device: torch.device, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> "Trainer":
+                    channels_last: bool = False, num_classes: int | None = None) -> "Trainer":
         """The plan, the ONE optimizer (every group, frozen ones too) and the Trainer, as configured."""
         plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch, layer_depths(model, groups))
         lrs = [plan.lr(i, 0) for i in range(len(groups))]
@@ -98,7 +115,8 @@ class Trainer:
         return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
                    bn_eval=cfg.freeze.bn_eval, compile=cfg.compile, channels_last=channels_last,
                    label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
-                   ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life is not None else None)
+                   ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life is not None else None,
+                   mix=batch_mix(cfg.data, num_classes) if num_classes else None)
 
     def set_epoch(self, epoch: int) -> bool:
         """Apply the plan's freeze state for `epoch`; True when it changed."""
@@ -164,13 +182,17 @@ class Trainer:
             # DDP all-reduces in the last micro-batch's backward only: the earlier ones accumulate locally
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                # mixing images, not cached features: the cache is off under MixUp / CutMix
+                x, target = self.mix(x, y) if self.mix is not None and self.head_only is None else (x, y)
                 with self.autocast():
                     logits = (self.head_only or self.forward)(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+                    loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
                 self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()  # identity unless fp16
             logits = logits.detach()
-            # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised
-            losses.append((F.cross_entropy(logits.float(), y) if self.label_smoothing else loss.detach(), y.numel()))
+            # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised (against
+            # the mixed labels when mixing); accuracy against the labels of the images as loaded
+            plain = self.label_smoothing or target is not y
+            losses.append((F.cross_entropy(logits.float(), target) if plain else loss.detach(), y.numel()))
             correct = correct + (logits.argmax(1) == y).sum()
             seen += y.numel()
         if self._has_grads():  # GradScaler.step asserts when no parameter got a gradient
