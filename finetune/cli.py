@@ -94,32 +94,32 @@ def _resume_command(out_dir: str) -> str:
     return command
 
 
-def _recipe(cfg: DictConfig) -> dict | None:
-    """What this run's recipe set that the command line did not (finetune/recipe.py); `cfg` is the
-    config Hydra composed for it."""
+def _compose_here():
+    """(Hydra's config of this job, compose(overrides) -> this app's config for other overrides)."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg, lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides)
+
+
+def _recipe(cfg: DictConfig) -> dict | None:
+    """What this run's recipe set that the command line did not (finetune/recipe.py); `cfg` is the
+    config Hydra composed for it."""
     from finetune import recipe
 
-    hydra_cfg = HydraConfig.get()
+    hydra_cfg, compose_config = _compose_here()
     return recipe.describe(hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task),
-                           lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides), cfg)
+                           compose_config, cfg)
 
 
 def _composer():
     """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
     experiment=auto trains the recipe its probe chose with the user's overrides."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
     from finetune import recipe
 
-    hydra_cfg = HydraConfig.get()
-    overrides = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] != "experiment"]
-
-    def compose_config(overrides):
-        return compose(hydra_cfg.job.config_name, overrides=overrides)
+    hydra_cfg, compose_config = _compose_here()
+    overrides = recipe.without_recipe(hydra_cfg.overrides.task)
 
     def compose_recipe(name: str):
         cfg = compose_config([*overrides, f"experiment={name}"])
@@ -204,27 +204,6 @@ def _join_processes(cfg: DictConfig, out_dir: str) -> str:
     return distributed.broadcast(out_dir)
 
 
-def _composer():
-    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
-    experiment=auto trains the recipe its probe chose with the user's overrides."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
-    from finetune import recipe
-
-    hydra_cfg = HydraConfig.get()
-    overrides = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] != "experiment"]
-
-    def compose_config(overrides):
-        return compose(hydra_cfg.job.config_name, overrides=overrides)
-
-    def compose_recipe(name: str):
-        cfg = compose_config([*overrides, f"experiment={name}"])
-        return cfg, recipe.describe(name, overrides, compose_config, cfg)
-
-    return compose_recipe
-
-
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def lr_find_task(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
@@ -247,27 +226,6 @@ def _task_overrides() -> list[str]:
 
     return [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+").startswith(("lr", "lr_find."))
             or o.startswith("lr_spread")]
-
-
-def _composer():
-    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
-    experiment=auto trains the recipe its probe chose with the user's overrides."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
-    from finetune import recipe
-
-    hydra_cfg = HydraConfig.get()
-    overrides = [o for o in hydra_cfg.overrides.task if o.lstrip("+~").split("=", 1)[0] != "experiment"]
-
-    def compose_config(overrides):
-        return compose(hydra_cfg.job.config_name, overrides=overrides)
-
-    def compose_recipe(name: str):
-        cfg = compose_config([*overrides, f"experiment={name}"])
-        return cfg, recipe.describe(name, overrides, compose_config, cfg)
-
-    return compose_recipe
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

@@ -37,13 +37,18 @@ def recipe_settings(cfg: DictConfig, base: DictConfig) -> dict[str, Any]:
             if full.get(k, _MISSING) != plain.get(k, _MISSING)}
 
 
+def without_recipe(overrides: Sequence[str]) -> list[str]:
+    """The overrides less any experiment= choice."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "experiment"]
+
+
 def describe(name: str | None, overrides: Sequence[str], compose, cfg: DictConfig | None = None) -> dict | None:
     """{"name", "set"} for recipe `name` (None or none: no recipe); `compose(overrides)` composes a config
     (Hydra's compose inside the app's context; the test helpers' outside it). `cfg`: the config already
     composed with the recipe and the overrides (the CLI's), so only the one without it is composed here."""
     if name in (None, NO_RECIPE):
         return None
-    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "experiment"]
+    overrides = without_recipe(overrides)
     if cfg is None:
         cfg = compose([*overrides, f"experiment={name}"])
     return {"name": name, "set": recipe_settings(cfg, compose([*overrides, f"experiment={NO_RECIPE}"]))}
