@@ -32,6 +32,15 @@ REGIMES = {
 }
 
 
+def regime_args(regime: str, out: Path) -> list[str]:
+    """bench_transfer's data arguments of `regime`, its derived data (digits) under `out`, made if need be."""
+    if regime not in REGIMES:
+        raise SystemExit(f"unknown regime {regime}; choose from {', '.join(REGIMES)}")
+    if regime == "digits" and not (out / "digits_data" / "train").is_dir():
+        bench_transfer.make_digits(out / "digits_data")
+    return [a.replace(str(OUT), str(out)) for a in REGIMES[regime]]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--regimes", default=",".join(REGIMES))
@@ -40,13 +49,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=OUT, help="results folder (one per regime inside)")
     args = p.parse_args(argv)
     for regime in args.regimes.split(","):
-        if regime not in REGIMES:
-            raise SystemExit(f"unknown regime {regime}; choose from {', '.join(REGIMES)}")
-        if regime == "digits" and not (args.out / "digits_data" / "train").is_dir():
-            bench_transfer.make_digits(args.out / "digits_data")
+        where = regime_args(regime, args.out)
         extra = ["--recipes", args.recipes] if args.recipes else []
         print(f"== {regime}", flush=True)
-        where = [a.replace(str(OUT), str(args.out)) for a in REGIMES[regime]]
         bench_transfer.main([*where, "--out", str(args.out / regime), "--seeds", str(args.seeds),
                              "--reuse", *extra])
 

@@ -163,6 +163,11 @@ def check_hymenoptera(info):  # 245 train images, batch 32: 7 full steps
     lp_ft_body_and_head(info)
 
 
+def check_auto(info):  # the probe chooses when training starts: inspect says between which two
+    assert info["recipe"]["name"] == "auto" and info["steps_per_epoch"] == 37  # neu6: 1200 train images
+    assert info["warnings"][0].startswith("experiment=auto chooses experiment=lp_ft or experiment=full when")
+
+
 def check_groups(expected):
     def check(info):
         assert names(info) == expected
@@ -196,6 +201,7 @@ CHECKS = {
     "finetune train lr=1e-3 lr_spread.kind=layer_decay lr_spread.decay=0.7 head_lr=1e-2": check_layer_decay,
     "finetune train -m unfreeze=1,3,all experiment=full": by_job(check_full, "unfreeze"),
     "finetune train data=imagefolder data.root=../shared/data/hymenoptera": check_hymenoptera,
+    "finetune train experiment=auto data=imagefolder data.root=../shared/data/neu6": check_auto,
     "finetune train model=torchvision model.name=regnet_y_400mf":
         check_groups(["stem", "stage1", "stage2", "stage3", "stage4", "head"]),
     "finetune train model=timm model.name=convnext_tiny":
@@ -219,6 +225,9 @@ ELSEWHERE = {
     "finetune lr-find model=resnet18 data=imagefolder data.root=../shared/data/hymenoptera": "test_lr_find",
     "finetune lr-find model=resnet18 lr_find.group=layer4 lr_find.epoch=1": "test_lr_find (one group alone)",
     "finetune train lr=auto": "test_lr_find (lr=auto trains as lr=<suggestion>)",
+    "finetune train data.auto_augment=rand-m9-mstd0.5-inc1 data.re_prob=0.25 model.drop_path_rate=0.1":
+        "test_augment (timm's policy and erasing, seeded; stochastic depth in timm's blocks)",
+    "finetune train experiment=full data.mixup=0.2 data.cutmix=1.0": "test_augment (mixes, resumes exactly)",
     "finetune train model=custom model._target_=my_model.SmallNet ++model.args.width=32 model.head=fc "
     "data=custom data._target_=my_model.Stripes data.image_size=32 experiment=none epochs=3": "test_targets",
     "finetune eval ckpt=outputs/2026-11-21/10-00-00": "test_model_commands",
