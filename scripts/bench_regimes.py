@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--model", default="efficientnet_lite0", help="a conf/model preset (efficientnet_lite1, ...)")
     p.add_argument("--out", type=Path, default=OUT, help="results folder (one per regime inside)")
     args = p.parse_args(argv)
     for regime in args.regimes.split(","):
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
         extra = ["--recipes", args.recipes] if args.recipes else []
         print(f"== {regime}", flush=True)
         bench_transfer.main([*where, "--out", str(args.out / regime), "--seeds", str(args.seeds),
-                             "--reuse", *extra])
+                             "--model", args.model, "--reuse", *extra])
 
 
 if __name__ == "__main__":

@@ -92,11 +92,12 @@ class RecipeStats:
 # --------------------------------------------------------------------------------------- configs
 
 
-def overrides_for(recipe: str, seed: int, data: Path, epochs: int, extra: list[str]) -> list[str]:
+def overrides_for(recipe: str, seed: int, data: Path, epochs: int, extra: list[str],
+                  model: str = "efficientnet_lite0") -> list[str]:
     """Hydra overrides of one run; `extra` (user --set values) comes last, so it wins."""
     return [
         f"experiment={recipe}",
-        "model=efficientnet_lite0",
+        f"model={model}",
         "data=imagefolder",
         f"data.root={data}",
         f"epochs={epochs}",
@@ -108,7 +109,8 @@ def overrides_for(recipe: str, seed: int, data: Path, epochs: int, extra: list[s
     ]
 
 
-def compose_configs(runs: list[tuple[str, int]], data: Path, epochs: int, extra: list[str]) -> dict:
+def compose_configs(runs: list[tuple[str, int]], data: Path, epochs: int, extra: list[str],
+                    model: str = "efficientnet_lite0") -> dict:
     """{(recipe, seed): composed config} from the repo's conf/, as the CLI would compose it."""
     from hydra import compose, initialize_config_dir
 
@@ -117,7 +119,7 @@ def compose_configs(runs: list[tuple[str, int]], data: Path, epochs: int, extra:
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return {
-            (recipe, seed): compose("train", overrides=overrides_for(recipe, seed, data, epochs, extra))
+            (recipe, seed): compose("train", overrides=overrides_for(recipe, seed, data, epochs, extra, model))
             for recipe, seed in runs
         }
 
@@ -270,7 +272,7 @@ def markdown_report(stats: dict[str, RecipeStats], args, n_train: int, n_val: in
     extra = " ".join(f"--set {s}" for s in args.set) or "none"
     return (
         f"## Transfer benchmark: {args.name}\n\n"
-        f"EfficientNet-Lite0 (offline ImageNet weights), {args.epochs} epochs, {seeds} seed(s), "
+        f"model={args.model} (offline ImageNet weights), {args.epochs} epochs, {seeds} seed(s), "
         f"{n_train} train / {n_val} val images; score = val accuracy after the last epoch "
         f"(std over seeds). Extra overrides: {extra}. CPU: {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads.\n\n"
@@ -393,6 +395,8 @@ def parse_args(argv=None):
     p.add_argument("--recipes", default=None, help=f"comma-separated subset of {','.join(RECIPES)}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...); default 3")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of every recipe; default 5")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="a conf/model preset: efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every run (repeatable)")
     p.add_argument("--quick", action="store_true",
@@ -438,9 +442,9 @@ def main(argv=None) -> dict[str, RecipeStats]:
         args.name = f"{args.data.name}, {args.train_per_class} train images per class"
         args.data = subset(args.data, args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
     runs = [(recipe, seed) for recipe in args.recipes for seed in range(args.seeds)]
-    configs = compose_configs(runs, args.data, args.epochs, args.set)
-    stats = run_all(configs, args.out, args.reuse,
-                    lambda name, seed: compose_configs([(name, seed)], args.data, args.epochs, args.set)[(name, seed)])
+    configs = compose_configs(runs, args.data, args.epochs, args.set, args.model)
+    stats = run_all(configs, args.out, args.reuse, lambda name, seed: compose_configs(
+        [(name, seed)], args.data, args.epochs, args.set, args.model)[(name, seed)])
     print_table(stats)
     n_train, n_val = count_images(args.data)
     (args.out / "results.md").write_text(markdown_report(stats, args, n_train, n_val))
