@@ -121,7 +121,8 @@ def _pooled(out) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, progress: bool = True):
+def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, progress: bool = True,
+                   channels_last: bool = False):
     """({group: pooled features} bottom to top, ending with "head input"; labels), model in eval mode."""
     from finetune.progress import bar
 
@@ -143,7 +144,7 @@ def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, pr
         with bar(len(loader), "auto: probing the data", enabled=progress) as advance:
             for x, y in loader:
                 last.clear()
-                model(x.to(device))
+                model(x.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format))
                 for g, f in last.items():
                     if f is not None:
                         feats.setdefault(g, []).append(f.cpu())
@@ -207,7 +208,8 @@ def measure(cfg) -> Evidence:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     bundle, groups, _ = build_run(cfg)
-    model = bundle.model.to(device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    model = bundle.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     _, head = cache_mod.head_module(model, groups)
     if head is None:
         raise UserError("experiment=auto probes the features under the head, but no single module holds the "
@@ -222,7 +224,8 @@ def measure(cfg) -> Evidence:
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=chosen,
                                          num_workers=data.num_workers)
     try:
-        feats, labels = stage_features(model, groups, head, loader, device, progress=bool(cfg.progress))
+        feats, labels = stage_features(model, groups, head, loader, device, progress=bool(cfg.progress),
+                                       channels_last=channels_last)
     finally:
         data.close()
     stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
