@@ -242,6 +242,17 @@ def run_all(configs: dict, out: Path, reuse: bool, compose=None) -> dict[str, Re
     return stats
 
 
+def finished(configs: dict, out: Path) -> dict[str, RecipeStats]:
+    """The recipes of `configs` whose every seed has a finished run in `out` with the same config."""
+    stats: dict[str, RecipeStats] = {}
+    for recipe in dict.fromkeys(r for r, _ in configs):
+        dirs = {seed: out / "runs" / recipe / f"seed{seed}" for r, seed in configs if r == recipe}
+        if all(_finished(d, configs[recipe, seed], "bench_result.json") for seed, d in dirs.items()):
+            stats[recipe] = RecipeStats(recipe, [RunResult(**json.loads((d / "bench_result.json").read_text()))
+                                                 for d in dirs.values()])
+    return stats
+
+
 # ----------------------------------------------------------------------------------------- reports
 
 
@@ -445,6 +456,9 @@ def main(argv=None) -> dict[str, RecipeStats]:
     configs = compose_configs(runs, args.data, args.epochs, args.set, args.model)
     stats = run_all(configs, args.out, args.reuse, lambda name, seed: compose_configs(
         [(name, seed)], args.data, args.epochs, args.set, args.model)[(name, seed)])
+    # the report covers every recipe finished in --out for these seeds, not only this invocation's
+    others = [(r, seed) for r in RECIPES if r not in stats and r != "auto" for seed in range(args.seeds)]
+    stats.update(finished(compose_configs(others, args.data, args.epochs, args.set, args.model), args.out))
     print_table(stats)
     n_train, n_val = count_images(args.data)
     (args.out / "results.md").write_text(markdown_report(stats, args, n_train, n_val))
