@@ -109,7 +109,7 @@ def report(out: Path, regimes: list[str]) -> str:
         raise SystemExit(f"no results under {out}: run the benchmark first")
     cols = list(data)
     order = [r for r in bench_transfer.RECIPES if any(r in data[c] for c in cols)]
-    best = {c: max(data[c], key=lambda r: statistics.fmean(finals(data[c][r]))) for c in cols}
+    best = {c: max(statistics.fmean(finals(runs)) for runs in data[c].values()) for c in cols}
     lines = ["| recipe | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for recipe in order:
         cells = []
@@ -119,7 +119,7 @@ def report(out: Path, regimes: list[str]) -> str:
                 continue
             m, sd = mean_std(finals(data[c][recipe]))
             cell = f"{m:.3f} ± {sd:.3f}"
-            cell = f"**{cell}**" if best[c] == recipe else cell
+            cell = f"**{cell}**" if m >= best[c] - 1e-9 else cell  # ties: all of them
             chose = [run.get("chose") for run in data[c][recipe] if run.get("chose")]
             cells.append(cell + (f" ({', '.join(dict.fromkeys(chose))})" if chose else ""))
         name = f"{recipe} (default)" if recipe == DEFAULT else recipe

@@ -165,6 +165,28 @@ def test_benchmark_table_scores_the_last_epoch_best_mean_first():
     assert md.splitlines()[2].startswith("| b | 0.8500 |")
 
 
+def test_regime_verdict_counts_standard_errors(tmp_path):
+    import bench_regimes
+
+    def runs(*finals, chose=None):
+        return [{"val_acc": [0.1, f], "chose": chose} for f in finals]
+
+    # full leads lp_ft by 0.02 with stds 0.01: the standard error of the gap is 0.0082, 2.4 of them
+    regime = {"lp_ft": runs(0.95, 0.96, 0.97), "full": runs(0.97, 0.98, 0.99), "auto": runs(0.97, 0.98, 0.99, chose="full")}
+    assert bench_regimes.verdict(regime) == "**loses** to full by 0.0200 (2.4 standard errors)"
+    assert bench_regimes.verdict(regime, "auto") == "holds"
+    # within one standard error is a tie: the default holds
+    assert bench_regimes.verdict({"lp_ft": runs(0.95, 0.96, 0.97), "full": runs(0.955, 0.965, 0.975)}) == "holds"
+    for name, data in (("a", regime), ("b", {"lp_ft": runs(0.9, 0.9, 0.9)})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    table = bench_regimes.report(tmp_path, ["a", "b", "missing"])
+    assert table.splitlines()[0] == "| recipe | a | b |"
+    assert "| full | **0.980 ± 0.010** |  |" in table and "| auto | **0.980 ± 0.010** (full) |  |" in table
+    assert "| default (lp_ft) | **loses** to full by 0.0200 (2.4 standard errors) | holds |" in table
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
 def test_benchmark_composes_like_the_cli(tmp_path):
     configs = bench_transfer.compose_configs([("gradual", 2)], tmp_path, 3, ["batch_size=8"])
     cfg = configs[("gradual", 2)]
