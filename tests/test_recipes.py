@@ -230,6 +230,27 @@ def test_bench_transfer_quick_end_to_end(tmp_path):
     assert not (out / "runs" / "fine_tune" / "seed0" / "checkpoints").exists()
 
 
+def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
+    """auto trains exactly its choice (test_auto), so the benchmark reuses that recipe's run for the seed."""
+    data = tiny_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--out", str(out), "--seeds", "1", "--epochs", "1", "--reuse",
+            "--set", "data.image_size=32", "--set", "batch_size=4", "--set", "data.num_workers=0",
+            "--set", "auto.near=linear_probe", "--set", "auto.far=linear_probe"]
+    stats = bench_transfer.main([*args, "--recipes", "linear_probe,auto"])
+    (probe,) = stats["auto"].runs
+    (trained,) = stats["linear_probe"].runs
+    assert probe.chose == "linear_probe" and probe.val_acc == trained.val_acc
+    assert probe.wall_seconds > trained.wall_seconds  # the probe's time on top
+    choice = json.loads((out / "runs" / "auto" / "seed0" / "auto.json").read_text())
+    # one epoch of 8 images: 15 % of the compute is 3.6 forward passes
+    assert choice["recipe"] == "linear_probe" and choice["probe"]["images"] == 3
+    assert stats["auto"].label == "auto (linear_probe)"
+    # an invocation for another recipe reports every finished fixed recipe too
+    again = bench_transfer.main([*args, "--recipes", "full"])
+    assert set(again) == {"full", "linear_probe"} and again["linear_probe"].finals == stats["linear_probe"].finals
+
+
 def test_make_folds_partitions_each_class_of_train_only(tmp_path):
     data = tiny_image_folder(tmp_path / "data", per_class=(7, 2))
     bench_transfer.make_folds(data, tmp_path / "folds", 3)
