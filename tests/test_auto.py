@@ -129,3 +129,22 @@ def test_inspect_says_what_auto_chooses_between(capsys, tmp_path):
     code, err = run_cli(capsys, "inspect", *TINY, "experiment=auto", *QUIET, f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     assert "warning: experiment=auto chooses experiment=lp_ft or experiment=full when training starts" in err[0]
+
+
+def test_an_interrupted_auto_run_resumes_exactly(tmp_path):
+    """The probe runs again on resume (deterministic: the same images, weights and folds), chooses the same
+    recipe, and the run continues bit for bit."""
+    from finetune.train import Interrupted
+
+    def composer(*extra):
+        return lambda name: (compose_cfg(f"experiment={name}", "epochs=2", *extra), None)
+
+    straight = train(compose_cfg("experiment=auto", "epochs=2"), tmp_path / "straight", compose=composer())
+    with pytest.raises(Interrupted):
+        train(compose_cfg("experiment=auto", "epochs=2"), tmp_path / "first", stop_at_step=3, compose=composer())
+    resumed = train(compose_cfg("experiment=auto", "epochs=2", f"resume={tmp_path / 'first'}"), tmp_path / "second",
+                    compose=composer(f"resume={tmp_path / 'first'}"))
+    assert resumed["recipe"]["auto"]["recipe"] == straight["recipe"]["auto"]["recipe"]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    b = torch.load(tmp_path / "second" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
