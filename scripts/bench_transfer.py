@@ -277,6 +277,7 @@ def markdown_table(stats: dict[str, RecipeStats]) -> str:
 def markdown_report(stats: dict[str, RecipeStats], args, n_train: int, n_val: int) -> str:
     import platform
 
+    import timm
     import torch
 
     seeds = len(next(iter(stats.values())).runs)
@@ -286,7 +287,8 @@ def markdown_report(stats: dict[str, RecipeStats], args, n_train: int, n_val: in
         f"model={args.model} (offline ImageNet weights), {args.epochs} epochs, {seeds} seed(s), "
         f"{n_train} train / {n_val} val images; score = val accuracy after the last epoch "
         f"(std over seeds). Extra overrides: {extra}. CPU: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads.\n\n"
+        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}, timm {timm.__version__} (runs repeat "
+        f"bit for bit on the same versions, not across them).\n\n"
         f"{markdown_table(stats)}\n\n![val accuracy per epoch](val_acc.png)\n"
     )
 

@@ -43,6 +43,17 @@ def test_diag_every_and_off(tmp_path):
         resolve_every(-2, 10)
 
 
+def test_training_is_the_same_bit_for_bit_with_diagnostics_on_or_off(tmp_path):
+    """Probing every step (BatchNorm in train mode, AdamW, dropout) changes nothing the run computes."""
+    plan = ["experiment=full", "epochs=2", "model.drop_rate=0.2"]
+    on = train(compose_cfg(*plan, "diag_every=1"), tmp_path / "on")
+    off = train(compose_cfg(*plan, "diag_every=0"), tmp_path / "off")
+    a = torch.load(tmp_path / "on" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    b = torch.load(tmp_path / "off" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # BatchNorm statistics too
+    assert on["final_val_acc"] == off["final_val_acc"]
+
+
 def test_the_update_ratio_warning_names_the_group_and_an_lr():
     lines = ratio_warnings({"layer4": [0.05, 0.2], "layer3": [1e-3, 2e-3], "stem": [1e-7]},
                            {"layer4": 0.01, "layer3": 0.01, "stem": 1e-4}, epoch=2)
