@@ -159,7 +159,32 @@ def _timm_train_transform(size: int, preprocess, auto_augment: str | None, re_pr
     except (AssertionError, KeyError, ValueError, IndexError) as e:  # timm's parsing of the policy string
         raise UserError(f"data.auto_augment: timm cannot parse '{auto_augment}' ({type(e).__name__}: {e}); e.g. "
                         "rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2") from None
+    for op in _policy_ops(timm_transform):
+        if getattr(op, "aug_fn", None) is _timm_posterize():
+            op.aug_fn = _posterize_at_least_1_bit
     return v2.Compose([_PIL(), timm_transform])
+
+
+def _timm_posterize():
+    from timm.data import auto_augment
+
+    return auto_augment.posterize
+
+
+def _policy_ops(transform) -> list:
+    """The AugmentOps of timm's policies inside `transform` (RandAugment, AugMix: .ops; AutoAugment: .policy)."""
+    found = []
+    for t in getattr(transform, "transforms", []):
+        found += list(getattr(t, "ops", []) or [])
+        for sub in getattr(t, "policy", []) or []:
+            found += list(sub)
+    return found
+
+
+def _posterize_at_least_1_bit(img, bits_to_keep, **kwargs):
+    """timm's posterize at full magnitude keeps 0 bits, which Pillow (>= 11) refuses with an error in the
+    middle of training; 1 bit is the strongest posterize Pillow does."""
+    return _timm_posterize()(img, max(1, int(bits_to_keep)), **kwargs)
 
 
 class _PIL:
