@@ -154,8 +154,11 @@ def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, pr
         for h in hooks:
             h.remove()
         model.train(was)
-    order = [g.name for g in groups if g.name in feats] + ["head input"]
-    return {g: torch.cat(feats[g]) for g in order}, torch.cat(labels)
+    out = {g.name: torch.cat(feats[g.name]) for g in groups if g.name in feats}
+    top = torch.cat(feats["head input"])
+    # a group whose pooled output is the head's input itself (EfficientNet's neck) is no earlier stage
+    out = {g: f for g, f in out.items() if not (f.shape == top.shape and torch.equal(f, top))}
+    return {**out, "head input": top}, torch.cat(labels)
 
 
 def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-3, seed: int = 0) -> float:

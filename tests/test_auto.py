@@ -107,7 +107,8 @@ def test_the_real_probe_says_what_it_measured(capsys, tmp_path):
     assert code == 0, err
     choice = json.loads((tmp_path / "auto.json").read_text())
     probe = choice["probe"]
-    assert [g for g, _ in probe["stages"]] == ["stem", "layer1", "layer2", "layer3", "layer4", "head input"]
+    # layer4's pooled output is the head's input itself: one stage, not two
+    assert [g for g, _ in probe["stages"]] == ["stem", "layer1", "layer2", "layer3", "head input"]
     assert all(0 <= acc <= 1 for _, acc in probe["stages"])
     # one epoch of 24 images: 0.15 x 24 x 3 = 10 images probed, 15 % of the run's compute
     assert probe["images"] == 10 and probe["budget_share"] == pytest.approx(0.1389, abs=1e-4)
