@@ -32,7 +32,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from finetune.errors import UserError
 
@@ -162,8 +161,10 @@ def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, pr
 
 
 def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-3, seed: int = 0) -> float:
-    """k-fold accuracy of a multinomial logistic regression on standardised features (full-batch L-BFGS
-    to convergence); every image is scored once, by the fold that did not train on it."""
+    """k-fold accuracy of a multinomial logistic regression on standardised features (the feature cache's
+    L-BFGS fit to convergence); every image is scored once, by the fold that did not train on it."""
+    from finetune.cache import fit_head
+
     n, classes = len(y), int(y.max()) + 1
     folds = max(2, min(folds, n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -176,17 +177,8 @@ def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e
         mean, std = x[train].mean(0), x[train].std(0) + 1e-6
         xtr, xte = (x[train] - mean) / std, (x[test] - mean) / std
         linear = nn.Linear(x.shape[1], classes)
-        opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=200, history_size=20,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(linear(xtr), y[train]) + l2 * linear.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
         with torch.enable_grad():
-            opt.step(closure)
+            fit_head(linear, xtr, y[train], l2=l2, steps=200)
         with torch.no_grad():
             correct += int((linear(xte).argmax(1) == y[test]).sum())
     return correct / n
