@@ -304,7 +304,9 @@ def plot_curves(stats: dict[str, RecipeStats], path: Path, title: str) -> None:
     for s in sorted(stats.values(), key=lambda s: -s.mean):
         curve = s.curve()
         colour = colours(RECIPES.index(s.recipe) if s.recipe in RECIPES else len(RECIPES))  # same in every plot
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", color=colour, label=f"{s.recipe} ({s.mean:.3f})")
+        # auto repeats the run of the recipe it chose: dashed, so the line under it stays visible
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", color=colour, label=f"{s.label} ({s.mean:.3f})",
+                linestyle="--" if s.recipe == "auto" else "-", markersize=4 if s.recipe == "auto" else 6)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val accuracy (mean over seeds)")
     ax.set_title(title)
