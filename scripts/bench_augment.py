@@ -12,7 +12,6 @@ std over seeds, and each option's change against `none` in the same regime, with
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -46,7 +45,7 @@ def main(argv=None) -> dict:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         p.error(f"unknown option(s) {unknown}; choose from {', '.join(OPTIONS)}")
-    finals: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, str], bench_transfer.RecipeStats] = {}
     for regime in args.regimes.split(","):
         where = bench_regimes.regime_args(regime, args.out)
         for option in options:
@@ -54,26 +53,25 @@ def main(argv=None) -> dict:
             sets = [a for s in OPTIONS[option] for a in ("--set", s)]
             stats = bench_transfer.main([*where, "--recipes", args.recipe, "--seeds", str(args.seeds), "--reuse",
                                          "--out", str(args.out / regime / option), *sets])
-            finals[regime, option] = stats[args.recipe].finals
-    table = report(finals, args.regimes.split(","), options, args.recipe)
+            results[regime, option] = stats[args.recipe]
+    table = report(results, args.regimes.split(","), options, args.recipe)
     print(table)
     (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps({f"{r}/{o}": v for (r, o), v in finals.items()}, indent=2))
-    return finals
+    bench_transfer.save_results({f"{r}/{o}": s for (r, o), s in results.items()}, args.out / "results.json")
+    return results
 
 
-def report(finals: dict, regimes: list[str], options: list[str], recipe: str) -> str:
+def report(results: dict, regimes: list[str], options: list[str], recipe: str) -> str:
     """Markdown: option x regime, mean ± std and the mean paired change against none."""
     lines = [f"recipe `{recipe}`, val accuracy after the last epoch, mean ± std over seeds (change against none, "
              "seeds paired)", "", "| option | " + " | ".join(regimes) + " |", "|---|" + "---:|" * len(regimes)]
     for option in options:
         cells = []
         for regime in regimes:
-            accs, base = finals[regime, option], finals[regime, "none"]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            cell = f"{statistics.fmean(accs):.4f} ± {std:.4f}"
+            s, base = results[regime, option], results[regime, "none"]
+            cell = f"{s.mean:.4f} ± {s.std:.4f}"
             if option != "none":
-                cell += f" ({statistics.fmean(a - b for a, b in zip(accs, base)):+.4f})"
+                cell += f" ({statistics.fmean(a - b for a, b in zip(s.finals, base.finals)):+.4f})"
             cells.append(cell)
         lines.append(f"| {option} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -5,9 +5,12 @@ benchmark (hours on 2 cores) continues where it stopped:
 
     python scripts/bench_regimes.py                      # every regime, every recipe, 3 seeds
     python scripts/bench_regimes.py --regimes dtd10,neu6_30 --recipes lp_ft,full
+    python scripts/bench_regimes.py --plain              # the two plain baselines, every regime
 
-Results: bench_out/regimes/<regime>/ (results.md, results.json, val_acc.png), or --out; `--report` writes
-summary.md (recipe x regime, and where the default loses) and summary.png from whatever has finished. To keep working
+Results: bench_out/regimes/<regime>/ (results.md, results.json, val_acc.png), or --out. `--report` merges
+whatever has finished there into the committed record, docs/regimes/ (<regime>.json, a recipe's newer
+runs replacing its older), and writes from the record each regime's table (<regime>.md) and plot, and
+summary.md (recipe x regime, and where the default loses) and summary.png. To keep working
 on the code while it runs, run it from a snapshot: git worktree add /tmp/bench HEAD, then
 python /tmp/bench/scripts/bench_regimes.py --out $PWD/bench_out/regimes.
 """
@@ -15,10 +18,9 @@ python /tmp/bench/scripts/bench_regimes.py --out $PWD/bench_out/regimes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,74 +28,135 @@ import bench_transfer  # noqa: E402
 
 DATA = bench_transfer.ROOT.parent / "shared" / "data"
 OUT = bench_transfer.ROOT / "bench_out" / "regimes"
-# regime -> bench_transfer arguments (data, train images per class, image size)
+DOCS = bench_transfer.ROOT / "docs" / "regimes"  # the committed record: every regime's runs, tables, plots
+
+
+@dataclass(frozen=True)
+class Regime:
+    folder: str  # under DATA; "digits": the embedded digits, written under --out
+    per_class: int | None = None  # train images per class (--train-per-class)
+    size: int | None = None  # input size, when not the model's 224
+
+
 REGIMES = {
-    "hymenoptera": ["--data", str(DATA / "hymenoptera")],
-    "digits": ["--data", str(OUT / "digits_data"), "--set", "data.image_size=96"],
-    "dtd10": ["--data", str(DATA / "dtd10")],
-    "neu6_30": ["--data", str(DATA / "neu6"), "--train-per-class", "30"],
-    "neu6_200": ["--data", str(DATA / "neu6")],
+    "hymenoptera": Regime("hymenoptera"),
+    "digits": Regime("digits", size=96),
+    "dtd10": Regime("dtd10"),
+    "neu6_30": Regime("neu6", per_class=30),
+    "neu6_200": Regime("neu6"),
 }
 
 
-def regime_args(regime: str, out: Path) -> list[str]:
-    """bench_transfer's data arguments of `regime`, its derived data (digits) under `out`, made if need be."""
+def regime_data(regime: str, out: Path) -> Path:
+    """The ImageFolder of `regime`; its derived data (digits) under `out`, made if need be."""
     if regime not in REGIMES:
         raise SystemExit(f"unknown regime {regime}; choose from {', '.join(REGIMES)}")
-    if regime == "digits" and not (out / "digits_data" / "train").is_dir():
+    if REGIMES[regime].folder != "digits":
+        return DATA / REGIMES[regime].folder
+    if not (out / "digits_data" / "train").is_dir():
         bench_transfer.make_digits(out / "digits_data")
-    return [a.replace(str(OUT), str(out)) for a in REGIMES[regime]]
+    return out / "digits_data"
+
+
+def regime_args(regime: str, out: Path) -> list[str]:
+    """bench_transfer's data arguments of `regime`."""
+    data, r = regime_data(regime, out), REGIMES[regime]
+    return (["--data", str(data)] + (["--train-per-class", str(r.per_class)] if r.per_class else [])
+            + (["--set", f"data.image_size={r.size}"] if r.size else []))
+
+
+def plain_args(regime: str, out: Path) -> list[str]:
+    """The plain baselines' data arguments of `regime` (the same images, the same input size)."""
+    data, r = regime_data(regime, out), REGIMES[regime]
+    return (["--data", str(data)] + (["--train-per-class", str(r.per_class)] if r.per_class else [])
+            + ["--size", str(r.size or 224)])
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
+    p.add_argument("--plain", action="store_true",
+                   help="the two plain baselines (scripts/plain_head_only.py, plain_full.py) instead of the recipes")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--model", default="efficientnet_lite0", help="a conf/model preset (efficientnet_lite1, ...)")
     p.add_argument("--out", type=Path, default=OUT, help="results folder (one per regime inside)")
-    p.add_argument("--report", action="store_true", help="only write summary.md and summary.png from finished runs")
+    p.add_argument("--report", action="store_true",
+                   help="only merge the finished runs in --out into --docs and write its tables and plots")
+    p.add_argument("--docs", type=Path, default=DOCS,
+                   help="the record --report keeps: <regime>.json, .md and _val_acc.png, summary.md and .png")
     args = p.parse_args(argv)
+    regimes = args.regimes.split(",")
+    for regime in regimes:
+        regime_data(regime, args.out)  # an unknown regime fails before hours of runs
     if args.report:
-        print(report(args.out, args.regimes.split(",")))
+        print(report(args.out, regimes, args.docs))
         return
-    for regime in args.regimes.split(","):
-        where = regime_args(regime, args.out)
-        extra = ["--recipes", args.recipes] if args.recipes else []
+    if args.plain and args.model != "efficientnet_lite0":
+        p.error("--plain: the plain baselines train EfficientNet-Lite0 only")
+    for regime in regimes:
         print(f"== {regime}", flush=True)
-        bench_transfer.main([*where, "--out", str(args.out / regime), "--seeds", str(args.seeds),
-                             "--model", args.model, "--reuse", *extra])
+        if args.plain:
+            import plain_full
+            import plain_head_only
+
+            common = [*plain_args(regime, args.out), "--seeds", str(args.seeds), "--epochs", str(args.epochs)]
+            plain_head_only.main([*common, "--out", str(args.out / regime / "plain_head_only")])
+            plain_full.main([*common, "--out", str(args.out / regime / "plain_full")])
+            continue
+        extra = ["--recipes", args.recipes] if args.recipes else []
+        bench_transfer.main([*regime_args(regime, args.out), "--out", str(args.out / regime), "--seeds",
+                             str(args.seeds), "--epochs", str(args.epochs), "--model", args.model, "--reuse", *extra])
 
 
 DEFAULT = "lp_ft"  # conf/train.yaml's recipe
+Results = dict[str, bench_transfer.RecipeStats]
 
 
-def load(out: Path, regimes: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """{regime: {recipe: [run, ...]}} of the regimes with results in `out`."""
-    return {r: json.loads((out / r / "results.json").read_text()) for r in regimes
-            if (out / r / "results.json").is_file()}
+def load(out: Path, regimes: list[str]) -> dict[str, Results]:
+    """{regime: {recipe: stats}}: the recipes' and the plain baselines' finished results in `out`."""
+    data = {}
+    for regime in regimes:
+        files = [out / regime / "results.json", *(out / regime / name / "results.json" for name in bench_transfer.PLAIN)]
+        found = [bench_transfer.load_results(f) for f in files if f.is_file()]
+        if found:
+            data[regime] = {name: s for results in found for name, s in results.items()}
+    return data
 
 
-def finals(runs: list[dict]) -> list[float]:
-    return [run["val_acc"][-1] for run in runs]
+def record(new: dict[str, Results], docs: Path, regimes: list[str]) -> dict[str, Results]:
+    """Merge `new` into the record in `docs` (a recipe's newer runs replace its older ones) and write each
+    regime's <regime>.json, .md and _val_acc.png; the whole record of `regimes`."""
+    docs.mkdir(parents=True, exist_ok=True)
+    merged = {}
+    for regime in regimes:
+        kept = docs / f"{regime}.json"
+        results = bench_transfer.load_results(kept) if kept.is_file() else {}
+        results.update(new.get(regime, {}))
+        if not results:
+            continue
+        merged[regime] = results
+        bench_transfer.save_results(results, kept)
+        plot = f"{regime}_val_acc.png"
+        (docs / f"{regime}.md").write_text(
+            f"## {regime}\n\n{bench_transfer.markdown_table(results)}\n\n![val accuracy per epoch]({plot})\n")
+        bench_transfer.plot_curves(results, docs / plot, f"{regime}: val accuracy per epoch")
+    return merged
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def verdict(results: dict[str, list[dict]], recipe: str = DEFAULT) -> str:
-    """Whether `recipe`'s mean is at least every other's up to one standard error of the difference."""
+def verdict(results: Results, recipe: str = DEFAULT) -> str:
+    """Whether `recipe`'s mean is at least every other's (plain baselines included) up to one standard
+    error of the difference."""
     if recipe not in results:
         return "not run"
-    mine = finals(results[recipe])
+    mine = results[recipe]
     worst = None
-    for other, runs in results.items():
+    for other, theirs in results.items():
         if other == recipe:
             continue
-        theirs = finals(runs)
-        gap = statistics.fmean(theirs) - statistics.fmean(mine)
-        se = math.sqrt(mean_std(mine)[1] ** 2 / len(mine) + mean_std(theirs)[1] ** 2 / len(theirs))
+        gap = theirs.mean - mine.mean
+        se = math.hypot(mine.sem, theirs.sem)
         if gap > se and (worst is None or gap - se > worst[1] - worst[2]):
             worst = (other, gap, se)
     if worst is None:
@@ -101,26 +164,27 @@ def verdict(results: dict[str, list[dict]], recipe: str = DEFAULT) -> str:
     return f"**loses** to {worst[0]} by {worst[1]:.4f} ({worst[1] / max(worst[2], 1e-9):.1f} standard errors)"
 
 
-def report(out: Path, regimes: list[str]) -> str:
-    """summary.md and summary.png in `out`: recipe x regime, mean ± std over seeds, the best of each
-    regime in bold, what auto chose, and whether the default holds in each regime."""
-    data = load(out, regimes)
+def report(out: Path, regimes: list[str], docs: Path = DOCS) -> str:
+    """The finished runs in `out` merged into the record in `docs`, and from the record: summary.md and
+    summary.png (recipe x regime, mean ± std over seeds, the best of each regime in bold, what auto
+    chose, whether the default and auto hold in each regime), each regime's table and plot."""
+    data = record(load(out, regimes), docs, regimes)
     if not data:
-        raise SystemExit(f"no results under {out}: run the benchmark first")
+        raise SystemExit(f"no results under {out} or {docs}: run the benchmark first")
     cols = list(data)
-    order = [r for r in bench_transfer.RECIPES if any(r in data[c] for c in cols)]
-    best = {c: max(statistics.fmean(finals(runs)) for runs in data[c].values()) for c in cols}
+    order = [r for r in bench_transfer.RECIPES + bench_transfer.PLAIN if any(r in data[c] for c in cols)]
+    best = {c: max(s.mean for s in data[c].values()) for c in cols}
     lines = ["| recipe | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for recipe in order:
         cells = []
         for c in cols:
-            if recipe not in data[c]:
+            s = data[c].get(recipe)
+            if s is None:
                 cells.append("")
                 continue
-            m, sd = mean_std(finals(data[c][recipe]))
-            cell = f"{m:.3f} ± {sd:.3f}"
-            cell = f"**{cell}**" if m >= best[c] - 1e-9 else cell  # ties: all of them
-            chose = [run.get("chose") for run in data[c][recipe] if run.get("chose")]
+            cell = f"{s.mean:.3f} ± {s.std:.3f}"
+            cell = f"**{cell}**" if s.mean >= best[c] - 1e-9 else cell  # ties: all of them
+            chose = [run.chose for run in s.runs if run.chose]
             cells.append(cell + (f" ({', '.join(dict.fromkeys(chose))})" if chose else ""))
         name = f"{recipe} (default)" if recipe == DEFAULT else recipe
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -128,8 +192,8 @@ def report(out: Path, regimes: list[str]) -> str:
               f"| default ({DEFAULT}) | " + " | ".join(verdict(data[c]) for c in cols) + " |",
               "| auto | " + " | ".join(verdict(data[c], "auto") for c in cols) + " |"]
     table = "\n".join(lines)
-    (out / "summary.md").write_text(table + "\n")
-    plot(data, cols, order, out / "summary.png")
+    (docs / "summary.md").write_text(table + "\n")
+    plot(data, cols, order, docs / "summary.png")
     return table
 
 
@@ -146,12 +210,11 @@ def plot(data: dict, cols: list[str], order: list[str], path: Path) -> None:
         xs, ms, sds = [], [], []
         for j, c in enumerate(cols):
             if recipe in data[c]:
-                m, sd = mean_std(finals(data[c][recipe]))
                 xs.append(j + (i - (len(order) - 1) / 2) * width)
-                ms.append(m)
-                sds.append(sd)
-        ax.bar(xs, ms, width, yerr=sds, capsize=2, label=recipe, color=colours(bench_transfer.RECIPES.index(recipe)))
-    lows = [mean_std(finals(runs))[0] for c in cols for runs in data[c].values()]
+                ms.append(data[c][recipe].mean)
+                sds.append(data[c][recipe].std)
+        ax.bar(xs, ms, width, yerr=sds, capsize=2, label=recipe, color=colours(bench_transfer.colour_index(recipe)))
+    lows = [s.mean for c in cols for s in data[c].values()]
     ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("val accuracy after the last epoch")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import random
 import shutil
@@ -38,6 +39,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 RECIPES = ("linear_probe", "full", "discriminative", "gradual", "fine_tune", "lp_ft", "freezeout", "auto")
 QUICK_RECIPES = ("linear_probe", "fine_tune")
+# the hand-written baselines (scripts/plain_*.py): reported beside the recipes, in the same format
+PLAIN = ("plain_head_only", "plain_full")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 DEFAULT_OUT = ROOT / "bench_out" / "transfer"
 
@@ -49,7 +52,7 @@ class RunResult:
     val_acc: list[float]  # per epoch
     wall_seconds: float
     train_images_per_second: float | None = None
-    chose: str | None = None  # experiment=auto: the recipe its probe chose
+    chose: str | None = None  # experiment=auto: the recipe its probe chose; plain_full: the LR val chose
 
     @property
     def final(self) -> float:
@@ -87,6 +90,40 @@ class RecipeStats:
     def curve(self) -> list[float]:
         """Mean val accuracy per epoch over seeds."""
         return [statistics.fmean(c) for c in zip(*(r.val_acc for r in self.runs))]
+
+    @property
+    def sem(self) -> float:
+        """Standard error of the mean."""
+        return self.std / math.sqrt(len(self.runs))
+
+
+def load_results(path: Path) -> dict[str, RecipeStats]:
+    """A results.json ({recipe: [run, ...]}) as RecipeStats."""
+    return {name: RecipeStats(name, [RunResult(**run) for run in runs])
+            for name, runs in json.loads(path.read_text()).items()}
+
+
+def save_results(stats: dict[str, RecipeStats], path: Path) -> None:
+    path.write_text(json.dumps({name: [r.__dict__ for r in s.runs] for name, s in stats.items()}, indent=2) + "\n")
+
+
+def colour_index(recipe: str) -> int:
+    """A recipe's colour in every plot (tab10)."""
+    names = RECIPES + PLAIN
+    return names.index(recipe) if recipe in names else len(names)
+
+
+def cached_run(path: Path, settings: dict, train) -> RunResult:
+    """`train()`'s RunResult, kept in `path` with the settings it ran with: a script run again (after an
+    interruption, say) reuses every finished run whose settings are unchanged."""
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept["settings"] == settings:
+            return RunResult(**kept["result"])
+    result = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "result": result.__dict__}, indent=2) + "\n")
+    return result
 
 
 # --------------------------------------------------------------------------------------- configs
@@ -303,7 +340,7 @@ def plot_curves(stats: dict[str, RecipeStats], path: Path, title: str) -> None:
     colours = plt.get_cmap("tab10")
     for s in sorted(stats.values(), key=lambda s: -s.mean):
         curve = s.curve()
-        colour = colours(RECIPES.index(s.recipe) if s.recipe in RECIPES else len(RECIPES))  # same in every plot
+        colour = colours(colour_index(s.recipe))
         # auto repeats the run of the recipe it chose: dashed, so the line under it stays visible
         ax.plot(range(1, len(curve) + 1), curve, marker="o", color=colour, label=f"{s.label} ({s.mean:.3f})",
                 linestyle="--" if s.recipe == "auto" else "-", markersize=4 if s.recipe == "auto" else 6)
@@ -466,8 +503,7 @@ def main(argv=None) -> dict[str, RecipeStats]:
     print_table(stats)
     n_train, n_val = count_images(args.data)
     (args.out / "results.md").write_text(markdown_report(stats, args, n_train, n_val))
-    (args.out / "results.json").write_text(json.dumps(
-        {name: [r.__dict__ for r in s.runs] for name, s in stats.items()}, indent=2) + "\n")
+    save_results(stats, args.out / "results.json")
     plot_curves(stats, args.out / "val_acc.png", f"{args.name}: val accuracy per epoch")
     print(f"wrote {args.out / 'results.md'}, results.json and val_acc.png")
     return stats

@@ -9,13 +9,13 @@ Every parameter trains from the start: AdamW (weight decay 0.01) with one cosine
 CenterCrop. Inputs normalised with mean = std = 0.5, as the weights expect. For each LR it prints val
 accuracy per epoch per seed; the LR with the best mean final accuracy is reported as the baseline. The
 best is chosen on the val set: generous to the baseline, so a recipe that beats it beats it honestly.
-Nothing from finetune but the weight loading.
+--out gets results.json in the transfer benchmark's format (the best LR's runs) and every finished run
+(kept: a run again continues). Nothing from finetune but the weight loading.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from bench_transfer import subset  # noqa: E402
-from plain_head_only import LITE0, image_folders, val_accuracy  # noqa: E402
+from bench_transfer import RecipeStats, cached_run, save_results  # noqa: E402
+from plain_head_only import LITE0, add_data_arguments, chosen_data, image_folders, timed, val_accuracy  # noqa: E402
 
 from finetune.models import build_model  # noqa: E402
 
@@ -61,24 +61,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--train-per-class", type=int, default=None,
-                   help="the same N train images per class as bench_transfer.py --train-per-class N")
-    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "plain_full")
+    add_data_arguments(p, "plain_full")
     args = p.parse_args(argv)
-    if args.train_per_class:  # the transfer benchmark's own seeded choice of files
-        args.data = subset(args.data.resolve(), args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
-    means = {}
+    data = chosen_data(args)
+    by_lr: dict[float, RecipeStats] = {}
     for lr in (float(v) for v in args.lrs.split(",")):
-        finals = []
+        stats = by_lr[lr] = RecipeStats("plain_full")
         for seed in range(args.seeds):
-            accs = run(args.data, seed, args.epochs, lr, args.size)
-            finals.append(accs[-1])
-            print(f"lr {lr:g} seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in accs), flush=True)
-        means[lr] = (statistics.fmean(finals), statistics.stdev(finals) if len(finals) > 1 else 0.0)
-        print(f"lr {lr:g}: mean {means[lr][0]:.4f} std {means[lr][1]:.4f}", flush=True)
-    best = max(means, key=lambda k: means[k][0])
-    print(f"plain full fine-tune, best of {len(means)} LRs: lr {best:g}, mean val acc {means[best][0]:.4f} "
-          f"(std {means[best][1]:.4f}, {args.seeds} seeds, {args.epochs} epochs)")
+            settings = {"data": str(data), "epochs": args.epochs, "lr": lr, "size": args.size}
+            result = cached_run(args.out / "runs" / f"lr{lr:g}" / f"seed{seed}.json", settings, lambda: timed(
+                "plain_full", seed, lambda: run(data, seed, args.epochs, lr, args.size)))
+            result.chose = f"lr {lr:g}"
+            stats.runs.append(result)
+            print(f"lr {lr:g} seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in result.val_acc), flush=True)
+        print(f"lr {lr:g}: mean {stats.mean:.4f} std {stats.std:.4f}", flush=True)
+    best = max(by_lr, key=lambda lr: by_lr[lr].mean)
+    save_results({"plain_full": by_lr[best]}, args.out / "results.json")
+    print(f"plain full fine-tune, best of {len(by_lr)} LRs: lr {best:g}, mean val acc {by_lr[best].mean:.4f} "
+          f"(std {by_lr[best].std:.4f}, {args.seeds} seeds, {args.epochs} epochs)")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,20 @@
 PyTorch's transfer-learning tutorial does it, on the same offline EfficientNet-Lite0 weights.
 
     python scripts/plain_head_only.py                      # hymenoptera, seeds 0-2, 1 epoch
-    python scripts/plain_head_only.py --epochs 5 --data DIR
+    python scripts/plain_head_only.py --epochs 5 --data DIR --train-per-class 30
 
 Frozen backbone in eval mode (its BatchNorm statistics stay ImageNet's), a new linear head, SGD lr 1e-3
 momentum 0.9, batch 4, RandomResizedCrop(224) + flip; eval: Resize(256), CenterCrop(224). Inputs are
 normalised with mean = std = 0.5, as the weights expect. Prints val accuracy per epoch and the mean over
-seeds of the last epoch's. Nothing from finetune but the weight loading.
+seeds of the last epoch's; --out gets results.json in the transfer benchmark's format (each finished
+seed is kept: a run again continues). Nothing from finetune but the weight loading.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from bench_transfer import RecipeStats, RunResult, cached_run, save_results, subset  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from finetune.config import ModelConfig  # noqa: E402
@@ -90,13 +92,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--size", type=int, default=224)
+    add_data_arguments(p, "plain_head_only")
     args = p.parse_args(argv)
-    finals = []
+    data = chosen_data(args)
+    stats = RecipeStats("plain_head_only")
     for seed in range(args.seeds):
-        accs = run(args.data, seed, args.epochs, args.batch_size, args.lr, args.size)
-        finals.append(accs[-1])
-        print(f"seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in accs), flush=True)
-    print(f"plain head-only, {args.epochs} epoch(s), {args.seeds} seed(s): mean val acc {statistics.fmean(finals):.4f}")
+        settings = {"data": str(data), "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                    "size": args.size}
+        result = cached_run(args.out / "runs" / f"seed{seed}.json", settings, lambda: timed(
+            "plain_head_only", seed, lambda: run(data, seed, args.epochs, args.batch_size, args.lr, args.size)))
+        stats.runs.append(result)
+        print(f"seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in result.val_acc), flush=True)
+    save_results({stats.recipe: stats}, args.out / "results.json")
+    print(f"plain head-only, {args.epochs} epoch(s), {args.seeds} seed(s): mean val acc {stats.mean:.4f}")
+
+
+def add_data_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    """--train-per-class and --out, shared by both plain baselines."""
+    p.add_argument("--train-per-class", type=int, default=None,
+                   help="the same N train images per class as bench_transfer.py --train-per-class N")
+    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / name,
+                   help="results.json and each finished run (kept: a run again continues)")
+
+
+def chosen_data(args) -> Path:
+    """--data, or with --train-per-class the transfer benchmark's own seeded choice of its files."""
+    data = args.data.expanduser().resolve()
+    if args.train_per_class:
+        return subset(data, args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
+    return data
+
+
+def timed(recipe: str, seed: int, train) -> RunResult:
+    start = time.perf_counter()
+    accs = train()
+    return RunResult(recipe, seed, accs, round(time.perf_counter() - start, 1))
 
 
 if __name__ == "__main__":

@@ -166,26 +166,74 @@ def test_benchmark_table_scores_the_last_epoch_best_mean_first():
     assert md.splitlines()[2].startswith("| b | 0.8500 |")
 
 
-def test_regime_verdict_counts_standard_errors(tmp_path):
+def stats_of(*finals, recipe="r", chose=None):
+    return bench_transfer.RecipeStats(recipe, [result(recipe, i, [0.1, f]) for i, f in enumerate(finals)]
+                                      if chose is None else
+                                      [bench_transfer.RunResult(recipe, i, [0.1, f], 10.0, None, chose)
+                                       for i, f in enumerate(finals)])
+
+
+def test_regime_verdict_counts_standard_errors():
     import bench_regimes
 
-    def runs(*finals, chose=None):
-        return [{"val_acc": [0.1, f], "chose": chose} for f in finals]
-
     # full leads lp_ft by 0.02 with stds 0.01: the standard error of the gap is 0.0082, 2.4 of them
-    regime = {"lp_ft": runs(0.95, 0.96, 0.97), "full": runs(0.97, 0.98, 0.99), "auto": runs(0.97, 0.98, 0.99, chose="full")}
+    regime = {"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.97, 0.98, 0.99),
+              "auto": stats_of(0.97, 0.98, 0.99, chose="full")}
     assert bench_regimes.verdict(regime) == "**loses** to full by 0.0200 (2.4 standard errors)"
     assert bench_regimes.verdict(regime, "auto") == "holds"
     # within one standard error is a tie: the default holds
-    assert bench_regimes.verdict({"lp_ft": runs(0.95, 0.96, 0.97), "full": runs(0.955, 0.965, 0.975)}) == "holds"
-    for name, data in (("a", regime), ("b", {"lp_ft": runs(0.9, 0.9, 0.9)})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(data))
-    table = bench_regimes.report(tmp_path, ["a", "b", "missing"])
+    assert bench_regimes.verdict({"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.955, 0.965, 0.975)}) == "holds"
+    # a plain baseline counts as any other recipe
+    assert bench_regimes.verdict({"lp_ft": stats_of(0.9, 0.9, 0.91), "plain_full": stats_of(0.95, 0.95, 0.96)}
+                                 ).startswith("**loses** to plain_full by 0.0500")
+    assert bench_regimes.verdict({"full": stats_of(0.9)}) == "not run"
+
+
+def test_regime_report_merges_new_runs_into_the_record(tmp_path):
+    """--report: a recipe's runs in --out replace the record's in --docs, the others stay; the plain
+    baselines' results join their regime; tables and plots are written from the merged record."""
+    import bench_regimes
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    docs.mkdir()
+    old = {"lp_ft": stats_of(0.95, 0.96, 0.97, recipe="lp_ft"), "full": stats_of(0.5, 0.5, 0.5, recipe="full")}
+    bench_transfer.save_results(old, docs / "a.json")
+    (out / "a" / "plain_full").mkdir(parents=True)
+    bench_transfer.save_results({"full": stats_of(0.97, 0.98, 0.99, recipe="full"),
+                                 "auto": stats_of(0.97, 0.98, 0.99, recipe="auto", chose="full")}, out / "a" / "results.json")
+    bench_transfer.save_results({"plain_full": stats_of(0.9, 0.91, 0.92, recipe="plain_full", chose="lr 0.001")},
+                                out / "a" / "plain_full" / "results.json")
+    (out / "b").mkdir()
+    bench_transfer.save_results({"lp_ft": stats_of(0.9, 0.9, 0.9, recipe="lp_ft")}, out / "b" / "results.json")
+    table = bench_regimes.report(out, ["a", "b", "missing"], docs)
     assert table.splitlines()[0] == "| recipe | a | b |"
     assert "| full | **0.980 ± 0.010** |  |" in table and "| auto | **0.980 ± 0.010** (full) |  |" in table
+    assert "| plain_full | 0.910 ± 0.010 (lr 0.001) |  |" in table
     assert "| default (lp_ft) | **loses** to full by 0.0200 (2.4 standard errors) | holds |" in table
-    assert (tmp_path / "summary.png").stat().st_size > 1000
+    kept = bench_transfer.load_results(docs / "a.json")
+    assert set(kept) == {"lp_ft", "full", "auto", "plain_full"} and kept["full"].finals == [0.97, 0.98, 0.99]
+    assert kept["lp_ft"].finals == [0.95, 0.96, 0.97]  # not rerun: the record's runs stay
+    assert "| full | 0.9800 | 0.0100 | 0.970 0.980 0.990 | 10 |" in (docs / "a.md").read_text()
+    for png in ("summary.png", "a_val_acc.png", "b_val_acc.png"):
+        assert (docs / png).stat().st_size > 1000
+    assert (docs / "summary.md").read_text() == table + "\n"
+    # the record alone reports again, with nothing new in --out
+    assert bench_regimes.report(tmp_path / "empty", ["a", "b"], docs) == table
+
+
+def test_regimes_give_the_plain_baselines_the_recipes_images(tmp_path):
+    import bench_regimes
+
+    assert bench_regimes.plain_args("neu6_30", tmp_path) == [
+        "--data", str(bench_regimes.DATA / "neu6"), "--train-per-class", "30", "--size", "224"]
+    assert bench_regimes.regime_args("neu6_30", tmp_path) == [
+        "--data", str(bench_regimes.DATA / "neu6"), "--train-per-class", "30"]
+    digits = bench_regimes.regime_args("digits", tmp_path)
+    assert digits == ["--data", str(tmp_path / "digits_data"), "--set", "data.image_size=96"]
+    assert bench_regimes.plain_args("digits", tmp_path)[-2:] == ["--size", "96"]
+    assert len(list((tmp_path / "digits_data" / "train").rglob("*.png"))) == 300
+    with pytest.raises(SystemExit, match="unknown regime"):
+        bench_regimes.regime_args("cifar", tmp_path)
 
 
 def test_benchmark_composes_like_the_cli(tmp_path):
@@ -300,6 +348,32 @@ def test_plain_head_only_baseline_learns_colour_and_keeps_the_backbone(tmp_path,
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}
+
+
+def test_plain_baselines_write_results_and_continue_where_they_stopped(tmp_path, monkeypatch):
+    """Both plain scripts write results.json in the benchmark's format; run again, they reuse every
+    finished run whose settings are unchanged and train only what changed. plain_full keeps the best LR's."""
+    import plain_full
+    import plain_head_only
+
+    data = tiny_image_folder(tmp_path / "data", per_class=(4, 2))
+    trained = []
+    monkeypatch.setattr(plain_head_only, "run", lambda data, seed, epochs, *a: trained.append(("head", seed)) or [0.5] * epochs)
+    monkeypatch.setattr(plain_full, "run", lambda data, seed, epochs, lr, size: trained.append((lr, seed)) or
+                        [0.1] * (epochs - 1) + [lr * 100 + seed / 100])
+    head_out, full_out = tmp_path / "head", tmp_path / "full"
+    plain_head_only.main(["--data", str(data), "--seeds", "2", "--epochs", "3", "--out", str(head_out)])
+    plain_full.main(["--data", str(data), "--seeds", "2", "--lrs", "1e-3,3e-3", "--out", str(full_out)])
+    assert trained == [("head", 0), ("head", 1), (1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
+    head = bench_transfer.load_results(head_out / "results.json")["plain_head_only"]
+    assert [r.val_acc for r in head.runs] == [[0.5] * 3] * 2
+    full = bench_transfer.load_results(full_out / "results.json")["plain_full"]
+    assert full.finals == pytest.approx([0.3, 0.31]) and {r.chose for r in full.runs} == {"lr 0.003"}
+    trained.clear()
+    plain_full.main(["--data", str(data), "--seeds", "3", "--lrs", "1e-3,3e-3", "--out", str(full_out)])
+    assert trained == [(1e-3, 2), (3e-3, 2)]  # only the new seed trains
+    plain_head_only.main(["--data", str(data), "--seeds", "2", "--epochs", "4", "--out", str(head_out)])
+    assert trained[2:] == [("head", 0), ("head", 1)]  # other settings: trained again
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
