@@ -47,6 +47,15 @@ REGIMES = {
 }
 
 
+MODEL = "efficientnet_lite0"  # the benchmark's backbone
+
+
+def folder(regime: str, model: str = MODEL) -> str:
+    """A regime's results folder and record name: the regime, and the backbone when it is not MODEL
+    (digits_lite1), so runs of two backbones never share a folder."""
+    return regime if model == MODEL else f"{regime}_{model.removeprefix('efficientnet_')}"
+
+
 def regime_data(regime: str, out: Path) -> Path:
     """The ImageFolder of `regime`; its derived data (digits) under `out`, made if need be."""
     if regime not in REGIMES:
@@ -80,7 +89,8 @@ def main(argv=None) -> None:
                    help="the two plain baselines (scripts/plain_head_only.py, plain_full.py) instead of the recipes")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--model", default="efficientnet_lite0", help="a conf/model preset (efficientnet_lite1, ...)")
+    p.add_argument("--model", default=MODEL, help="a conf/model preset (efficientnet_lite1, ...): results in "
+                   "<regime>_lite1/, the record in <regime>_lite1.json and summary_lite1.md")
     p.add_argument("--out", type=Path, default=OUT, help="results folder (one per regime inside)")
     p.add_argument("--report", action="store_true",
                    help="only merge the finished runs in --out into --docs and write its tables and plots")
@@ -91,22 +101,23 @@ def main(argv=None) -> None:
     for regime in regimes:
         regime_data(regime, args.out)  # an unknown regime fails before hours of runs
     if args.report:
-        print(report(args.out, regimes, args.docs))
+        print(report(args.out, regimes, args.docs, args.model))
         return
-    if args.plain and args.model != "efficientnet_lite0":
+    if args.plain and args.model != MODEL:
         p.error("--plain: the plain baselines train EfficientNet-Lite0 only")
     for regime in regimes:
         print(f"== {regime}", flush=True)
+        here = args.out / folder(regime, args.model)
         if args.plain:
             import plain_full
             import plain_head_only
 
             common = [*plain_args(regime, args.out), "--seeds", str(args.seeds), "--epochs", str(args.epochs)]
-            plain_head_only.main([*common, "--out", str(args.out / regime / "plain_head_only")])
-            plain_full.main([*common, "--out", str(args.out / regime / "plain_full")])
+            plain_head_only.main([*common, "--out", str(here / "plain_head_only")])
+            plain_full.main([*common, "--out", str(here / "plain_full")])
             continue
         extra = ["--recipes", args.recipes] if args.recipes else []
-        bench_transfer.main([*regime_args(regime, args.out), "--out", str(args.out / regime), "--seeds",
+        bench_transfer.main([*regime_args(regime, args.out), "--out", str(here), "--seeds",
                              str(args.seeds), "--epochs", str(args.epochs), "--model", args.model, "--reuse", *extra])
 
 
@@ -114,34 +125,36 @@ DEFAULT = "lp_ft"  # conf/train.yaml's recipe
 Results = dict[str, bench_transfer.RecipeStats]
 
 
-def load(out: Path, regimes: list[str]) -> dict[str, Results]:
+def load(out: Path, regimes: list[str], model: str = MODEL) -> dict[str, Results]:
     """{regime: {recipe: stats}}: the recipes' and the plain baselines' finished results in `out`."""
     data = {}
     for regime in regimes:
-        files = [out / regime / "results.json", *(out / regime / name / "results.json" for name in bench_transfer.PLAIN)]
+        here = out / folder(regime, model)
+        files = [here / "results.json", *(here / name / "results.json" for name in bench_transfer.PLAIN)]
         found = [bench_transfer.load_results(f) for f in files if f.is_file()]
         if found:
             data[regime] = {name: s for results in found for name, s in results.items()}
     return data
 
 
-def record(new: dict[str, Results], docs: Path, regimes: list[str]) -> dict[str, Results]:
+def record(new: dict[str, Results], docs: Path, regimes: list[str], model: str = MODEL) -> dict[str, Results]:
     """Merge `new` into the record in `docs` (a recipe's newer runs replace its older ones) and write each
     regime's <regime>.json, .md and _val_acc.png; the whole record of `regimes`."""
     docs.mkdir(parents=True, exist_ok=True)
     merged = {}
     for regime in regimes:
-        kept = docs / f"{regime}.json"
+        name = folder(regime, model)
+        kept = docs / f"{name}.json"
         results = bench_transfer.load_results(kept) if kept.is_file() else {}
         results.update(new.get(regime, {}))
         if not results:
             continue
         merged[regime] = results
         bench_transfer.save_results(results, kept)
-        plot = f"{regime}_val_acc.png"
-        (docs / f"{regime}.md").write_text(
-            f"## {regime}\n\n{bench_transfer.markdown_table(results)}\n\n![val accuracy per epoch]({plot})\n")
-        bench_transfer.plot_curves(results, docs / plot, f"{regime}: val accuracy per epoch")
+        plot = f"{name}_val_acc.png"
+        (docs / f"{name}.md").write_text(
+            f"## {name}\n\n{bench_transfer.markdown_table(results)}\n\n![val accuracy per epoch]({plot})\n")
+        bench_transfer.plot_curves(results, docs / plot, f"{name}: val accuracy per epoch")
     return merged
 
 
@@ -164,11 +177,11 @@ def verdict(results: Results, recipe: str = DEFAULT) -> str:
     return f"**loses** to {worst[0]} by {worst[1]:.4f} ({worst[1] / max(worst[2], 1e-9):.1f} standard errors)"
 
 
-def report(out: Path, regimes: list[str], docs: Path = DOCS) -> str:
+def report(out: Path, regimes: list[str], docs: Path = DOCS, model: str = MODEL) -> str:
     """The finished runs in `out` merged into the record in `docs`, and from the record: summary.md and
     summary.png (recipe x regime, mean ± std over seeds, the best of each regime in bold, what auto
     chose, whether the default and auto hold in each regime), each regime's table and plot."""
-    data = record(load(out, regimes), docs, regimes)
+    data = record(load(out, regimes, model), docs, regimes, model)
     if not data:
         raise SystemExit(f"no results under {out} or {docs}: run the benchmark first")
     cols = list(data)
@@ -192,8 +205,9 @@ def report(out: Path, regimes: list[str], docs: Path = DOCS) -> str:
               f"| default ({DEFAULT}) | " + " | ".join(verdict(data[c]) for c in cols) + " |",
               "| auto | " + " | ".join(verdict(data[c], "auto") for c in cols) + " |"]
     table = "\n".join(lines)
-    (docs / "summary.md").write_text(table + "\n")
-    plot(data, cols, order, docs / "summary.png")
+    summary = folder("summary", model)
+    (docs / f"{summary}.md").write_text(table + "\n")
+    plot(data, cols, order, docs / f"{summary}.png")
     return table
 
 

@@ -219,6 +219,13 @@ def test_regime_report_merges_new_runs_into_the_record(tmp_path):
     assert (docs / "summary.md").read_text() == table + "\n"
     # the record alone reports again, with nothing new in --out
     assert bench_regimes.report(tmp_path / "empty", ["a", "b"], docs) == table
+    # another backbone's runs have folders and a record of their own
+    (out / "a_lite1").mkdir()
+    bench_transfer.save_results({"lp_ft": stats_of(0.8, 0.8, recipe="lp_ft")}, out / "a_lite1" / "results.json")
+    other = bench_regimes.report(out, ["a"], docs, "efficientnet_lite1")
+    assert "| lp_ft (default) | **0.800 ± 0.000** |" in other and (docs / "summary_lite1.md").read_text() == other + "\n"
+    assert set(bench_transfer.load_results(docs / "a_lite1.json")) == {"lp_ft"}
+    assert (docs / "summary.md").read_text() == table + "\n"
 
 
 def test_regimes_give_the_plain_baselines_the_recipes_images(tmp_path):
