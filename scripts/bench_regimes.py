@@ -217,26 +217,25 @@ def plot(data: dict, cols: list[str], order: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cols)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7, 1.8 * len(cols)), 4.6))
     colours = plt.get_cmap("tab10")
-    width = 0.8 / len(order)
-    for i, recipe in enumerate(order):
-        xs, ms, sds = [], [], []
-        for j, c in enumerate(cols):
-            if recipe in data[c]:
-                xs.append(j + (i - (len(order) - 1) / 2) * width)
-                ms.append(data[c][recipe].mean)
-                sds.append(data[c][recipe].std)
-        ax.bar(xs, ms, width, yerr=sds, capsize=2, label=recipe, color=colours(bench_transfer.colour_index(recipe)))
+    for j, c in enumerate(cols):  # each regime's bars side by side, only the recipes that ran there
+        ran = [r for r in order if r in data[c]]
+        width = 0.84 / len(ran)
+        for i, recipe in enumerate(ran):
+            s = data[c][recipe]
+            ax.bar(j + (i - (len(ran) - 1) / 2) * width, s.mean, width * 0.95, yerr=s.std, capsize=2,
+                   color=colours(bench_transfer.colour_index(recipe)), label=recipe)
     lows = [s.mean for c in cols for s in data[c].values()]
     ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("val accuracy after the last epoch")
     ax.set_title("recipes by regime (mean and std over seeds)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per recipe, in order
+    ax.legend([handles[r] for r in order], order, fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -79,8 +79,9 @@ class RecipeStats:
 
     @property
     def label(self) -> str:
-        """The recipe, and for auto what it chose in each seed."""
+        """The recipe, and what was chosen in each seed (once when every seed chose the same)."""
         chosen = [r.chose for r in self.runs if r.chose]
+        chosen = chosen[:1] if len(set(chosen)) == 1 else chosen
         return f"{self.recipe} ({', '.join(chosen)})" if chosen else self.recipe
 
     @property
