@@ -56,29 +56,36 @@ def folder(regime: str, model: str = MODEL) -> str:
     return regime if model == MODEL else f"{regime}_{model.removeprefix('efficientnet_')}"
 
 
-def regime_data(regime: str, out: Path) -> Path:
-    """The ImageFolder of `regime`; its derived data (digits) under `out`, made if need be."""
+def lookup(regime: str) -> Regime:
     if regime not in REGIMES:
         raise SystemExit(f"unknown regime {regime}; choose from {', '.join(REGIMES)}")
-    if REGIMES[regime].folder != "digits":
+    return REGIMES[regime]
+
+
+def regime_data(regime: str, out: Path) -> Path:
+    """The ImageFolder of `regime`; its derived data (digits) under `out`, made if need be."""
+    if lookup(regime).folder != "digits":
         return DATA / REGIMES[regime].folder
     if not (out / "digits_data" / "train").is_dir():
         bench_transfer.make_digits(out / "digits_data")
     return out / "digits_data"
 
 
+def _images(regime: str, out: Path) -> list[str]:
+    """--data and --train-per-class of `regime`: the same images for the recipes and the plain baselines."""
+    data, per_class = regime_data(regime, out), REGIMES[regime].per_class
+    return ["--data", str(data)] + (["--train-per-class", str(per_class)] if per_class else [])
+
+
 def regime_args(regime: str, out: Path) -> list[str]:
     """bench_transfer's data arguments of `regime`."""
-    data, r = regime_data(regime, out), REGIMES[regime]
-    return (["--data", str(data)] + (["--train-per-class", str(r.per_class)] if r.per_class else [])
-            + (["--set", f"data.image_size={r.size}"] if r.size else []))
+    size = lookup(regime).size
+    return _images(regime, out) + (["--set", f"data.image_size={size}"] if size else [])
 
 
 def plain_args(regime: str, out: Path) -> list[str]:
     """The plain baselines' data arguments of `regime` (the same images, the same input size)."""
-    data, r = regime_data(regime, out), REGIMES[regime]
-    return (["--data", str(data)] + (["--train-per-class", str(r.per_class)] if r.per_class else [])
-            + ["--size", str(r.size or 224)])
+    return _images(regime, out) + ["--size", str(lookup(regime).size or 224)]
 
 
 def main(argv=None) -> None:
@@ -99,7 +106,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     regimes = args.regimes.split(",")
     for regime in regimes:
-        regime_data(regime, args.out)  # an unknown regime fails before hours of runs
+        lookup(regime)  # an unknown regime fails before hours of runs
     if args.report:
         print(report(args.out, regimes, args.docs, args.model))
         return

@@ -167,10 +167,8 @@ def test_benchmark_table_scores_the_last_epoch_best_mean_first():
 
 
 def stats_of(*finals, recipe="r", chose=None):
-    return bench_transfer.RecipeStats(recipe, [result(recipe, i, [0.1, f]) for i, f in enumerate(finals)]
-                                      if chose is None else
-                                      [bench_transfer.RunResult(recipe, i, [0.1, f], 10.0, None, chose)
-                                       for i, f in enumerate(finals)])
+    return bench_transfer.RecipeStats(recipe, [bench_transfer.RunResult(recipe, i, [0.1, f], 10.0, None, chose)
+                                               for i, f in enumerate(finals)])
 
 
 def test_regime_verdict_counts_standard_errors():
