@@ -47,7 +47,7 @@ REGIMES = {
 }
 
 
-MODEL = "efficientnet_lite0"  # the benchmark's backbone
+MODEL = bench_transfer.MODEL
 
 
 def folder(regime: str, model: str = MODEL) -> str:

@@ -42,6 +42,7 @@ QUICK_RECIPES = ("linear_probe", "fine_tune")
 # the hand-written baselines (scripts/plain_*.py): reported beside the recipes, in the same format
 PLAIN = ("plain_head_only", "plain_full")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
+MODEL = "efficientnet_lite0"  # the benchmark's backbone: offline ImageNet weights
 DEFAULT_OUT = ROOT / "bench_out" / "transfer"
 
 
@@ -131,7 +132,7 @@ def cached_run(path: Path, settings: dict, train) -> RunResult:
 
 
 def overrides_for(recipe: str, seed: int, data: Path, epochs: int, extra: list[str],
-                  model: str = "efficientnet_lite0") -> list[str]:
+                  model: str = MODEL) -> list[str]:
     """Hydra overrides of one run; `extra` (user --set values) comes last, so it wins."""
     return [
         f"experiment={recipe}",
@@ -148,7 +149,7 @@ def overrides_for(recipe: str, seed: int, data: Path, epochs: int, extra: list[s
 
 
 def compose_configs(runs: list[tuple[str, int]], data: Path, epochs: int, extra: list[str],
-                    model: str = "efficientnet_lite0") -> dict:
+                    model: str = MODEL) -> dict:
     """{(recipe, seed): composed config} from the repo's conf/, as the CLI would compose it."""
     from hydra import compose, initialize_config_dir
 
@@ -448,7 +449,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", default=None, help=f"comma-separated subset of {','.join(RECIPES)}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...); default 3")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of every recipe; default 5")
-    p.add_argument("--model", default="efficientnet_lite0",
+    p.add_argument("--model", default=MODEL,
                    help="a conf/model preset: efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every run (repeatable)")

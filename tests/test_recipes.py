@@ -297,11 +297,10 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_transfer.py"), *args, "--recipes", recipes]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
-        return {r: [bench_transfer.RunResult(**run) for run in runs]
-                for r, runs in json.loads((out / "results.json").read_text()).items()}
+        return bench_transfer.load_results(out / "results.json")
 
     stats = bench("linear_probe,auto")
-    (probe,), (trained,) = stats["auto"], stats["linear_probe"]
+    (probe,), (trained,) = stats["auto"].runs, stats["linear_probe"].runs
     assert probe.chose == "linear_probe" and probe.val_acc == trained.val_acc
     assert probe.wall_seconds > trained.wall_seconds  # the probe's time on top
     choice = json.loads((out / "runs" / "auto" / "seed0" / "auto.json").read_text())
@@ -310,7 +309,7 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
     assert "auto (linear_probe)" in (out / "results.md").read_text()
     # an invocation for another recipe reports every finished fixed recipe too
     again = bench("full")
-    assert set(again) == {"full", "linear_probe"} and again["linear_probe"][0].val_acc == trained.val_acc
+    assert set(again) == {"full", "linear_probe"} and again["linear_probe"].runs[0].val_acc == trained.val_acc
 
 
 def test_make_folds_partitions_each_class_of_train_only(tmp_path):
