@@ -12,7 +12,16 @@ How well each depth's features separate the classes says how far the data is fro
   must be re-learned: every group at one LR, BatchNorm on batch statistics (`auto.far`, full).
 
 "Clearly": by more than one standard error of the top probe's accuracy and at least 1 point. The probe
-never sees the val folder. It costs at most `auto.budget` of the run's compute (a forward pass is a
+never sees the val folder.
+
+A full fine-tune trains BatchNorm on the batch statistics of this data, not ImageNet's. So before it
+chooses `far`, the probe re-estimates every BatchNorm's statistics on a subset of the train images
+(AdaBN) and fits the top probe again: when the top features lose more than `auto.bn_drop` under the
+data's own statistics (digits: 0.83 -> 0.65), a full fine-tune starts from features worse than the
+pretrained head input and `near` trains instead; when they keep (steel defects: 0.93 -> 0.96), `far`.
+`far` also needs `auto.far_min_steps` optimizer steps: a full fine-tune fits its new head at the body's
+LR, and in a handful of steps it cannot (steel defects at 10 images a class: 5 steps, 0.55 against
+lp_ft's 0.90). It costs at most `auto.budget` of the run's compute (a forward pass is a
 third of a training step), fewer train images when the run is short.
 
 The choice, the reason and every group's probe accuracy are printed, saved in auto.json and kept in
@@ -51,6 +60,11 @@ class Evidence:
     classes: int
     seconds: float = 0.0
     budget_share: float = 0.0  # the probe's compute against the run's, in training-step units
+    # the top probe on `adapted_images` of the probed images, under ImageNet's BatchNorm statistics and
+    # under statistics re-estimated on those images (AdaBN); None: no BatchNorm, or no budget left
+    adapted: tuple[float, float] | None = None
+    adapted_images: int = 0
+    steps: int = 0  # the run's optimizer steps; 0: not known
 
     @property
     def top(self) -> tuple[str, float]:
@@ -67,16 +81,31 @@ class Evidence:
         return math.sqrt(max(p * (1 - p), 1e-6) / max(self.images, 1))
 
 
-def decide(ev: Evidence, near: str, far: str) -> dict:
+def decide(ev: Evidence, near: str, far: str, bn_drop: float = 0.05, far_min_steps: int = 20) -> dict:
     """{"recipe", "reason"}: `far` when an earlier group's probe beats the top's by more than its noise
-    (and 1 point), else `near`. A pure function of the evidence."""
+    (and 1 point), the top features keep (within `bn_drop`) under the data's own BatchNorm statistics and
+    the run has at least `far_min_steps` optimizer steps, else `near`. A pure function of the evidence."""
     (top_name, top), (best_name, best) = ev.top, ev.best
     gap = best - top
     margin = max(0.01, ev.noise)
     if best_name != top_name and gap > margin:
-        reason = (f"a linear probe on {best_name}'s output scores {best:.3f}, above the top features' {top:.3f} "
-                  f"by {gap:.3f} (> {margin:.3f}): the top layers' pretrained features fit this data worse than "
-                  f"earlier ones and must be re-learned")
+        lead = (f"a linear probe on {best_name}'s output scores {best:.3f}, above the top features' {top:.3f} "
+                f"by {gap:.3f} (> {margin:.3f})")
+        if 0 < ev.steps < far_min_steps:
+            reason = (f"{lead}, but the run has only {ev.steps} optimizer steps (< {far_min_steps}): too few for "
+                      f"a full fine-tune to fit a new head at the body's LR; a probed head first, the body gently")
+            return {"recipe": near, "reason": reason}
+        if ev.adapted is not None:
+            before, after = ev.adapted
+            if before - after > bn_drop:
+                reason = (f"{lead}, but under this data's own BatchNorm statistics, which a full fine-tune trains "
+                          f"on, the top probe falls from {before:.3f} to {after:.3f} (by more than {bn_drop}): "
+                          f"a full fine-tune would start from worse features than the pretrained ones; keep "
+                          f"them, train the body gently")
+                return {"recipe": near, "reason": reason}
+            lead += (f", and under this data's own BatchNorm statistics the top probe keeps "
+                     f"{after:.3f} (from {before:.3f})")
+        reason = f"{lead}: the top layers' pretrained features fit this data worse than earlier ones and must be re-learned"
         return {"recipe": far, "reason": reason}
     reason = (f"the top features are the best linear features (probe {top:.3f}; best earlier group "
               f"{_best_below(ev)}): keep them, train the body gently")
@@ -190,6 +219,52 @@ def probe_images(n: int, images_per_run: int, budget: float) -> int:
     return max(1, min(n, MAX_IMAGES, int(budget * images_per_run / FORWARD_SHARE)))
 
 
+MIN_ADAPTED = 20  # fewer images say nothing about a BatchNorm's statistics
+
+
+def adapted_images(probed: int, images_per_run: int, budget: float) -> int:
+    """How many of the probed images the BatchNorm check may use: it forwards them twice (statistics, then
+    features) within what the first pass left of the budget; 0 when that is under MIN_ADAPTED."""
+    left = int(budget * images_per_run / FORWARD_SHARE) - probed
+    count = min(probed, left // 2)
+    return count if count >= MIN_ADAPTED else 0
+
+
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def adapted_head_inputs(model: nn.Module, groups, head: nn.Module, loader, device, progress: bool = True,
+                        channels_last: bool = False) -> torch.Tensor:
+    """The head's input, in `loader`'s order, after every BatchNorm's statistics are re-estimated on
+    `loader`'s images (AdaBN: a cumulative average over its batches, which should be shuffled); the
+    model's own statistics and mode are restored."""
+    from finetune.progress import bar
+
+    norms = batchnorms(model)
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
+    was = model.training
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: every batch counts the same
+            m.train()
+        with bar(len(loader), "auto: BatchNorm statistics of the data", enabled=progress) as advance:
+            for x, _ in loader:
+                model(x.to(device, memory_format=fmt))
+                advance()
+        feats, _ = stage_features(model, groups, head, loader, device, progress, channels_last)
+        return feats["head input"]
+    finally:
+        for m, (momentum, state) in zip(norms, saved):
+            m.momentum = momentum
+            m.load_state_dict(state)
+        model.train(was)
+
+
 def measure(cfg) -> Evidence:
     """Build the model and the train set (centre crops) as the run will, forward, fit the probes."""
     from omegaconf import OmegaConf
@@ -218,14 +293,26 @@ def measure(cfg) -> Evidence:
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values.tolist()
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=chosen,
                                          num_workers=data.num_workers)
+    adapted, count = None, adapted_images(keep, trained, cfg.auto.budget) if batchnorms(model) else 0
     try:
         feats, labels = stage_features(model, groups, head, loader, device, progress=bool(cfg.progress),
                                        channels_last=channels_last)
+        if count:  # a random subset in random order: shuffled batches, as training sees them
+            pick = torch.randperm(keep, generator=torch.Generator().manual_seed(cfg.seed + 1))[:count]
+            shuffled = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2,
+                                                   sampler=[chosen[i] for i in pick.tolist()],
+                                                   num_workers=data.num_workers)
+            after = adapted_head_inputs(model, groups, head, shuffled, device, bool(cfg.progress), channels_last)
+            adapted = tuple(round(cv_accuracy(f, labels[pick], cfg.auto.folds, seed=cfg.seed), 4)
+                            for f in (feats["head input"][pick], after))
     finally:
         data.close()
     stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
-    share = keep * FORWARD_SHARE / max(1, trained)
-    return Evidence(stages, keep, data.num_classes, round(time.perf_counter() - t0, 1), round(share, 4))
+    share = (keep + 2 * count) * FORWARD_SHARE / max(1, trained)
+    steps = cfg.epochs * max(1, data.steps_per_epoch // cfg.accumulate)
+    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    return Evidence(stages, keep, data.num_classes, round(time.perf_counter() - t0, 1), round(share, 4),
+                    adapted, count, steps)
 
 
 def choose(cfg, out_dir: str | Path | None = None) -> dict:
@@ -254,7 +341,7 @@ def choose(cfg, out_dir: str | Path | None = None) -> dict:
 
 def choose_here(cfg) -> dict:
     ev = measure(cfg)
-    return {**decide(ev, cfg.auto.near, cfg.auto.far), "probe": asdict(ev)}
+    return {**decide(ev, cfg.auto.near, cfg.auto.far, cfg.auto.bn_drop, cfg.auto.far_min_steps), "probe": asdict(ev)}
 
 
 def resolve(cfg, out_dir, compose: Callable[[str], tuple]):

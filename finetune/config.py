@@ -136,6 +136,9 @@ class AutoConfig:
     near: str = "lp_ft"  # the recipe when the pretrained top features fit the data
     far: str = "full"  # the recipe when an earlier group's features fit it clearly better
     budget: float = 0.15  # the probe's compute, at most this share of the run's
+    # far only when the top probe loses at most this under the data's own BatchNorm statistics
+    bn_drop: float = 0.05
+    far_min_steps: int = 20  # far only when the run has at least this many optimizer steps
     folds: int = 5  # cross-validation folds of the linear probes (within the train set)
 
 

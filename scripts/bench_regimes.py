@@ -6,6 +6,7 @@ benchmark (hours on 2 cores) continues where it stopped:
     python scripts/bench_regimes.py                      # every regime, every recipe, 3 seeds
     python scripts/bench_regimes.py --regimes dtd10,neu6_30 --recipes lp_ft,full
     python scripts/bench_regimes.py --plain              # the two plain baselines, every regime
+    python scripts/bench_regimes.py --rescore-auto       # auto's probes only, scored by the record's runs
 
 Results: bench_out/regimes/<regime>/ (results.md, results.json, val_acc.png), or --out. `--report` merges
 whatever has finished there into the committed record, docs/regimes/ (<regime>.json, a recipe's newer
@@ -77,10 +78,40 @@ def _images(regime: str, out: Path) -> list[str]:
     return ["--data", str(data)] + (["--train-per-class", str(per_class)] if per_class else [])
 
 
+def _overrides(regime: str) -> list[str]:
+    """The Hydra overrides of `regime`'s runs (its input size)."""
+    size = lookup(regime).size
+    return [f"data.image_size={size}"] if size else []
+
+
 def regime_args(regime: str, out: Path) -> list[str]:
     """bench_transfer's data arguments of `regime`."""
-    size = lookup(regime).size
-    return _images(regime, out) + (["--set", f"data.image_size={size}"] if size else [])
+    return _images(regime, out) + [a for o in _overrides(regime) for a in ("--set", o)]
+
+
+def rescore_auto(regime: str, out: Path, docs: Path, seeds: int, epochs: int, model: str = MODEL):
+    """auto in `regime` from its probes alone: each seed's probe, in a child as in the benchmark, and the
+    record's run of the recipe it chose with that seed (auto trains exactly its choice, bit for bit:
+    tests/test_auto.py). Written to <out>/<regime>/auto_probes/results.json, which --report merges."""
+    here = out / folder(regime, model)
+    recorded = bench_transfer.load_results(docs / f"{folder(regime, model)}.json")
+    data, per_class = regime_data(regime, out), REGIMES[regime].per_class
+    if per_class:  # the images bench_transfer's --train-per-class trains on
+        data = bench_transfer.subset(data, per_class, here / f"data_{per_class}_per_class")
+    runs = []
+    for seed in range(seeds):
+        cfg = bench_transfer.compose_configs([("auto", seed)], data, epochs, _overrides(regime), model)[("auto", seed)]
+        chose, seconds = bench_transfer.probe_auto(cfg, seed, here / "auto_probes", reuse=True)
+        trained = [r for r in recorded[chose].runs if r.seed == seed] if chose in recorded else []
+        if not trained:
+            raise SystemExit(f"{regime}: auto chose {chose} for seed {seed}, which the record has not run; "
+                             f"run it: --regimes {regime} --recipes {chose}")
+        runs.append(bench_transfer.scored_as_auto(trained[0], chose, seconds))
+        print(f"{regime} seed {seed}: auto chose {chose} ({seconds:.0f} s probe)", flush=True)
+    stats = {"auto": bench_transfer.RecipeStats("auto", runs)}
+    (here / "auto_probes").mkdir(parents=True, exist_ok=True)
+    bench_transfer.save_results(stats, here / "auto_probes" / "results.json")
+    return stats
 
 
 def plain_args(regime: str, out: Path) -> list[str]:
@@ -94,6 +125,9 @@ def main(argv=None) -> None:
     p.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
     p.add_argument("--plain", action="store_true",
                    help="the two plain baselines (scripts/plain_head_only.py, plain_full.py) instead of the recipes")
+    p.add_argument("--rescore-auto", action="store_true",
+                   help="only auto's probes: score auto by the record's runs of the recipes it chose "
+                        "(after a change to the probe; --report then merges them)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--model", default=MODEL, help="a conf/model preset (efficientnet_lite1, ...): results in "
@@ -109,6 +143,10 @@ def main(argv=None) -> None:
         lookup(regime)  # an unknown regime fails before hours of runs
     if args.report:
         print(report(args.out, regimes, args.docs, args.model))
+        return
+    if args.rescore_auto:
+        for regime in regimes:
+            rescore_auto(regime, args.out, args.docs, args.seeds, args.epochs, args.model)
         return
     if args.plain and args.model != MODEL:
         p.error("--plain: the plain baselines train EfficientNet-Lite0 only")
@@ -137,7 +175,8 @@ def load(out: Path, regimes: list[str], model: str = MODEL) -> dict[str, Results
     data = {}
     for regime in regimes:
         here = out / folder(regime, model)
-        files = [here / "results.json", *(here / name / "results.json" for name in bench_transfer.PLAIN)]
+        # auto_probes last: auto rescored from new probes replaces an older auto of results.json
+        files = [here / "results.json", *(here / name / "results.json" for name in (*bench_transfer.PLAIN, "auto_probes"))]
         found = [bench_transfer.load_results(f) for f in files if f.is_file()]
         if found:
             data[regime] = {name: s for results in found for name, s in results.items()}

@@ -231,14 +231,25 @@ def run_auto(cfg, seed: int, out: Path, reuse: bool, compose) -> RunResult:
     """experiment=auto: its probe (in a child), then the chosen recipe's run. `finetune train experiment=auto`
     trains exactly experiment=<choice> (bit for bit: tests/test_auto.py), so that recipe's finished run
     with the same seed is reused; the score is its score, the wall time its time plus the probe's."""
+    chose, probe_seconds = probe_auto(cfg, seed, out, reuse)
+    trained = run_one(compose(chose, seed), chose, seed, out / "runs" / chose / f"seed{seed}", reuse)
+    return scored_as_auto(trained, chose, probe_seconds)
+
+
+def probe_auto(cfg, seed: int, out: Path, reuse: bool) -> tuple[str, float]:
+    """experiment=auto's probe alone, in a child (out/runs/auto/seed<i>/auto.json): (its choice, seconds)."""
     run_dir = out / "runs" / "auto" / f"seed{seed}"
     if not (reuse and _finished(run_dir, cfg, "probe_seconds.txt")):
         _fresh(run_dir, cfg)
         (run_dir / "probe_seconds.txt").write_text(f"{_in_child(_probe_child, cfg, run_dir):.1f}\n")
     chose = json.loads((run_dir / "auto.json").read_text())["recipe"]
-    trained = run_one(compose(chose, seed), chose, seed, out / "runs" / chose / f"seed{seed}", reuse)
-    wall = trained.wall_seconds + float((run_dir / "probe_seconds.txt").read_text())
-    return RunResult("auto", seed, trained.val_acc, round(wall, 1), trained.train_images_per_second, chose)
+    return chose, float((run_dir / "probe_seconds.txt").read_text())
+
+
+def scored_as_auto(trained: RunResult, chose: str, probe_seconds: float) -> RunResult:
+    """auto's result: the run of the recipe it chose, its wall time plus the probe's."""
+    return RunResult("auto", trained.seed, trained.val_acc, round(trained.wall_seconds + probe_seconds, 1),
+                     trained.train_images_per_second, chose)
 
 
 def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResult:

@@ -31,12 +31,53 @@ def test_decision_follows_the_evidence():
     assert auto.decide(evidence(("b", 0.905), ("head input", 0.89), images=4000), "lp_ft", "full")["recipe"] == "full"
 
 
+def test_the_batchnorm_check_can_keep_the_near_recipe():
+    far = evidence(("a", 0.70), ("b", 0.95), ("head input", 0.89))
+    # the top probe collapses under the data's own BatchNorm statistics (the digits: 0.83 -> 0.65): near
+    collapsed = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.834, 0.647)}), "lp_ft", "full")
+    assert collapsed["recipe"] == "lp_ft" and "falls from 0.834 to 0.647" in collapsed["reason"]
+    # it keeps (steel defects: 0.93 -> 0.96), or within bn_drop: far
+    kept = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.929, 0.955)}), "lp_ft", "full")
+    assert kept["recipe"] == "full" and "keeps 0.955" in kept["reason"]
+    dented = auto.Evidence(**{**far.__dict__, "adapted": (0.90, 0.86)})
+    assert auto.decide(dented, "lp_ft", "full")["recipe"] == "full"
+    assert auto.decide(dented, "lp_ft", "full", bn_drop=0.03)["recipe"] == "lp_ft"
+    # too few optimizer steps for a full fine-tune to fit a new head: near, whatever the BatchNorm check says
+    short = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.929, 0.955), "steps": 5}), "lp_ft", "full")
+    assert short["recipe"] == "lp_ft" and "only 5 optimizer steps (< 20)" in short["reason"]
+    assert auto.decide(auto.Evidence(**{**far.__dict__, "steps": 25}), "lp_ft", "full")["recipe"] == "full"
+    assert auto.decide(auto.Evidence(**{**far.__dict__, "steps": 5}), "lp_ft", "full", far_min_steps=5)["recipe"] == "full"
+    # the check never makes near data far
+    near = evidence(("b", 0.90), ("head input", 0.95))
+    assert auto.decide(auto.Evidence(**{**near.__dict__, "adapted": (0.95, 0.99)}), "lp_ft", "full")["recipe"] == "lp_ft"
+
+
+def test_adapted_head_inputs_use_the_datas_statistics_and_restore_the_models():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(1), nn.Linear(4 * 2 * 2, 2))
+    groups = build_groups(model, {"body": ["^0\\.", "^1\\."], "head": ["^3\\."]})
+    model.train()
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    x = 5 + 3 * torch.randn(40, 3, 2, 2)  # far from the running statistics (0, 1)
+    loader = [(x[i:i + 8], torch.zeros(8, dtype=torch.long)) for i in range(0, 40, 8)]
+    adapted = auto.adapted_head_inputs(model, groups, model[3], loader, "cpu", progress=False)
+    # the data's own statistics: every channel of the head's input has mean 0 over the data (BN's bias is 0)
+    assert adapted.shape == (40, 16) and adapted.view(40, 4, 4).mean((0, 2)).abs().max() < 1e-4
+    assert model.training and model[1].momentum == 0.1
+    assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in before.items())
+    assert auto.batchnorms(model) == [model[1]] and auto.batchnorms(nn.Linear(2, 2)) == []
+
+
 def test_probe_budget():
     # 5 epochs of 1000 images: a forward pass of all 1000 is 1/15 of the run's compute
     assert auto.probe_images(1000, 5000, 0.15) == 1000
     # one epoch: 0.15 * 1000 / (1/3) = 450 images
     assert auto.probe_images(1000, 1000, 0.15) == 450
     assert auto.probe_images(10**6, 5 * 10**6, 0.15) == auto.MAX_IMAGES
+    # the BatchNorm check forwards its images twice in what is left: (2250 - 1000) // 2
+    assert auto.adapted_images(1000, 5000, 0.15) == 625
+    assert auto.adapted_images(450, 1000, 0.15) == 0  # nothing left: no check
+    assert auto.adapted_images(100, 500, 0.15) == 62 and auto.adapted_images(20, 100, 0.15) == 0  # under MIN_ADAPTED
 
 
 class TwoStage(nn.Module):
@@ -115,6 +156,18 @@ def test_the_real_probe_says_what_it_measured(capsys, tmp_path):
     assert choice == {**auto.decide(auto.Evidence(**{**probe, "stages": [tuple(s) for s in probe["stages"]]}),
                                     "linear_probe", "full"), "probe": probe}
     assert json.loads((tmp_path / "summary.json").read_text())["recipe"]["name"] == choice["recipe"]
+
+
+def test_the_real_probe_checks_batchnorm_when_the_budget_allows(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "epochs=2", "auto.budget=1", *QUIET,
+                        f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    probe = json.loads((tmp_path / "auto.json").read_text())["probe"]
+    # 2 epochs of 24 images at budget 1: 144 forward passes, 24 for the probes, twice 24 for the check
+    assert probe["images"] == 24 and probe["adapted_images"] == 24 and probe["budget_share"] == 0.5
+    assert probe["steps"] == 2 * 24 // 8  # 2 epochs of 24 images in batches of 8
+    before, after = probe["adapted"]  # the top probe on the same images, before and after (other folds)
+    assert 0 <= before <= 1 and 0 <= after <= 1
 
 
 def test_bad_auto_settings(capsys, tmp_path):

@@ -226,6 +226,35 @@ def test_regime_report_merges_new_runs_into_the_record(tmp_path):
     assert (docs / "summary.md").read_text() == table + "\n"
 
 
+def test_rescored_auto_is_the_recorded_run_of_its_choice_plus_the_probe(tmp_path, monkeypatch):
+    """--rescore-auto: each seed's probe (stubbed here: it chooses by seed) and the record's run of that
+    recipe and seed, the probe's seconds on top; --report then puts it in place of the older auto."""
+    import bench_regimes
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    docs.mkdir()
+    recorded = {"lp_ft": stats_of(0.95, 0.96, recipe="lp_ft"), "full": stats_of(0.90, 0.99, recipe="full"),
+                "auto": stats_of(0.90, 0.96, recipe="auto", chose="full")}
+    bench_transfer.save_results(recorded, docs / "hymenoptera.json")
+    probed = []
+
+    def probe(cfg, seed, here, reuse):
+        probed.append((cfg.seed, cfg.auto.enabled, here))
+        return ("full" if seed else "lp_ft"), 3.0
+
+    monkeypatch.setattr(bench_transfer, "probe_auto", probe)
+    stats = bench_regimes.rescore_auto("hymenoptera", out, docs, 2, 5)
+    assert probed == [(0, True, out / "hymenoptera" / "auto_probes"), (1, True, out / "hymenoptera" / "auto_probes")]
+    runs = stats["auto"].runs
+    assert [(r.seed, r.chose, r.val_acc[-1], r.wall_seconds) for r in runs] == [(0, "lp_ft", 0.95, 13.0), (1, "full", 0.99, 13.0)]
+    table = bench_regimes.report(out, ["hymenoptera"], docs)
+    assert "| auto | **0.970 ± 0.028** (lp_ft, full) |" in table
+    # a choice the record has not run is said, not scored
+    monkeypatch.setattr(bench_transfer, "probe_auto", lambda cfg, seed, here, reuse: ("gradual", 1.0))
+    with pytest.raises(SystemExit, match="auto chose gradual for seed 0, which the record has not run"):
+        bench_regimes.rescore_auto("hymenoptera", out, docs, 1, 5)
+
+
 def test_regimes_give_the_plain_baselines_the_recipes_images(tmp_path):
     import bench_regimes
 
