@@ -271,6 +271,7 @@ def measure(cfg) -> Evidence:
 
     from finetune import cache as cache_mod
     from finetune import data as data_mod
+    from finetune.plan import build_plan
     from finetune.run import build_run
     from finetune.trainer import resolve_device, seed_everything
 
@@ -291,17 +292,19 @@ def measure(cfg) -> Evidence:
     trained = min(cfg.epochs * n, cfg.max_steps * per_step) if cfg.max_steps else cfg.epochs * n
     keep = probe_images(n, trained, cfg.auto.budget)
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values.tolist()
-    loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=chosen,
-                                         num_workers=data.num_workers)
+
+    def loader_of(indices: list[int]):
+        return torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=indices,
+                                           num_workers=data.num_workers)
+
+    loader = loader_of(chosen)
     adapted, count = None, adapted_images(keep, trained, cfg.auto.budget) if batchnorms(model) else 0
     try:
         feats, labels = stage_features(model, groups, head, loader, device, progress=bool(cfg.progress),
                                        channels_last=channels_last)
         if count:  # a random subset in random order: shuffled batches, as training sees them
             pick = torch.randperm(keep, generator=torch.Generator().manual_seed(cfg.seed + 1))[:count]
-            shuffled = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2,
-                                                   sampler=[chosen[i] for i in pick.tolist()],
-                                                   num_workers=data.num_workers)
+            shuffled = loader_of([chosen[i] for i in pick.tolist()])
             after = adapted_head_inputs(model, groups, head, shuffled, device, bool(cfg.progress), channels_last)
             adapted = tuple(round(cv_accuracy(f, labels[pick], cfg.auto.folds, seed=cfg.seed), 4)
                             for f in (feats["head input"][pick], after))
@@ -309,8 +312,8 @@ def measure(cfg) -> Evidence:
         data.close()
     stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
     share = (keep + 2 * count) * FORWARD_SHARE / max(1, trained)
-    steps = cfg.epochs * max(1, data.steps_per_epoch // cfg.accumulate)
-    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    # the run's optimizer steps, counted as the run's plan counts them
+    steps = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch // cfg.accumulate).total_steps
     return Evidence(stages, keep, data.num_classes, round(time.perf_counter() - t0, 1), round(share, 4),
                     adapted, count, steps)
 

@@ -97,7 +97,7 @@ def rescore_auto(regime: str, out: Path, docs: Path, seeds: int, epochs: int, mo
     recorded = bench_transfer.load_results(docs / f"{folder(regime, model)}.json")
     data, per_class = regime_data(regime, out), REGIMES[regime].per_class
     if per_class:  # the images bench_transfer's --train-per-class trains on
-        data = bench_transfer.subset(data, per_class, here / f"data_{per_class}_per_class")
+        data = bench_transfer.train_subset(data, per_class, here)
     runs = []
     for seed in range(seeds):
         cfg = bench_transfer.compose_configs([("auto", seed)], data, epochs, _overrides(regime), model)[("auto", seed)]

@@ -408,6 +408,11 @@ def fold_of(files: list[str], k: int, seed: int = FOLD_SEED) -> dict[str, int]:
     return {f: i % k for i, f in enumerate(order)}
 
 
+def train_subset(data: Path, per_class: int, out: Path) -> Path:
+    """--train-per-class's ImageFolder of `data`, in the benchmark folder `out`."""
+    return subset(data, per_class, out / f"data_{per_class}_per_class")
+
+
 def subset(data: Path, per_class: int, out: Path, seed: int = FOLD_SEED) -> Path:
     """An ImageFolder at `out` with `per_class` train images of each class of `data` (the first of a
     seeded shuffle: the same files for every recipe, seed and rerun) and `data`'s val/ as it is."""
@@ -505,7 +510,7 @@ def main(argv=None) -> dict[str, RecipeStats]:
     args.name = args.data.name
     if args.train_per_class:
         args.name = f"{args.data.name}, {args.train_per_class} train images per class"
-        args.data = subset(args.data, args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
+        args.data = train_subset(args.data, args.train_per_class, args.out)
     runs = [(recipe, seed) for recipe in args.recipes for seed in range(args.seeds)]
     configs = compose_configs(runs, args.data, args.epochs, args.set, args.model)
     stats = run_all(configs, args.out, args.reuse, lambda name, seed: compose_configs(
