@@ -61,7 +61,8 @@ class Evidence:
     seconds: float = 0.0
     budget_share: float = 0.0  # the probe's compute against the run's, in training-step units
     # the top probe on `adapted_images` of the probed images, under ImageNet's BatchNorm statistics and
-    # under statistics re-estimated on those images (AdaBN); None: no BatchNorm, or no budget left
+    # under statistics re-estimated on those images (AdaBN); None: no BatchNorm, no budget left, or the
+    # probes already said near (the check can only turn far into near)
     adapted: tuple[float, float] | None = None
     adapted_images: int = 0
     steps: int = 0  # the run's optimizer steps; 0: not known
@@ -283,8 +284,7 @@ def measure(cfg) -> Evidence:
     model = bundle.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     _, head = cache_mod.head_module(model, groups)
     if head is None:
-        raise UserError("experiment=auto probes the features under the head, but no single module holds the "
-                        f"head group '{groups[-1].name}'; choose a recipe instead")
+        raise CannotProbe(f"no single module holds the head group '{groups[-1].name}', whose input the probe reads")
     data_cfg = OmegaConf.merge(cfg.data, {"augment": False})
     data = data_mod.build_data(data_cfg, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
     n = len(data.train)
@@ -297,25 +297,28 @@ def measure(cfg) -> Evidence:
         return torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=indices,
                                            num_workers=data.num_workers)
 
-    loader = loader_of(chosen)
-    adapted, count = None, adapted_images(keep, trained, cfg.auto.budget) if batchnorms(model) else 0
+    # the run's optimizer steps, counted as the run's plan counts them
+    steps = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch // cfg.accumulate).total_steps
     try:
-        feats, labels = stage_features(model, groups, head, loader, device, progress=bool(cfg.progress),
+        feats, labels = stage_features(model, groups, head, loader_of(chosen), device, progress=bool(cfg.progress),
                                        channels_last=channels_last)
-        if count:  # a random subset in random order: shuffled batches, as training sees them
+        stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
+        ev = Evidence(stages, keep, data.num_classes, steps=steps)
+        count = adapted_images(keep, trained, cfg.auto.budget) if batchnorms(model) else 0
+        # the BatchNorm check can only turn `far` into `near`: where the probes already say near, it is skipped
+        if count and decide(ev, "near", "far", cfg.auto.bn_drop, cfg.auto.far_min_steps)["recipe"] == "far":
+            # a random subset in random order: shuffled batches, as training sees them
             pick = torch.randperm(keep, generator=torch.Generator().manual_seed(cfg.seed + 1))[:count]
             shuffled = loader_of([chosen[i] for i in pick.tolist()])
             after = adapted_head_inputs(model, groups, head, shuffled, device, bool(cfg.progress), channels_last)
-            adapted = tuple(round(cv_accuracy(f, labels[pick], cfg.auto.folds, seed=cfg.seed), 4)
-                            for f in (feats["head input"][pick], after))
+            ev.adapted = tuple(round(cv_accuracy(f, labels[pick], cfg.auto.folds, seed=cfg.seed), 4)
+                               for f in (feats["head input"][pick], after))
+            ev.adapted_images = count
     finally:
         data.close()
-    stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
-    share = (keep + 2 * count) * FORWARD_SHARE / max(1, trained)
-    # the run's optimizer steps, counted as the run's plan counts them
-    steps = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch // cfg.accumulate).total_steps
-    return Evidence(stages, keep, data.num_classes, round(time.perf_counter() - t0, 1), round(share, 4),
-                    adapted, count, steps)
+    ev.budget_share = round((keep + 2 * ev.adapted_images) * FORWARD_SHARE / max(1, trained), 4)
+    ev.seconds = round(time.perf_counter() - t0, 1)
+    return ev
 
 
 def choose(cfg, out_dir: str | Path | None = None) -> dict:
@@ -333,18 +336,40 @@ def choose(cfg, out_dir: str | Path | None = None) -> dict:
         choice = distributed.broadcast(choice)
     else:
         choice = choose_here(cfg)
-    log.info("auto: chose experiment=%s: %s (probe: %d images, %.0f s, %.1f%% of the run's compute)",
-             choice["recipe"], choice["reason"], choice["probe"]["images"], choice["probe"]["seconds"],
-             100 * choice["probe"]["budget_share"])
+    probe = choice["probe"]
+    log.info("auto: %s experiment=%s: %s%s", "the resumed run keeps" if choice.get("resumed") else "chose",
+             choice["recipe"], choice["reason"],
+             f" (probe: {probe['images']} images, {probe['seconds']:.0f} s, "
+             f"{100 * probe['budget_share']:.1f}% of the run's compute)" if probe else "")
     if out_dir is not None and world.main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "auto.json").write_text(json.dumps(choice, indent=2) + "\n")
     return choice
 
 
+class CannotProbe(Exception):
+    """The model offers no features to probe: auto trains its near recipe and says why."""
+
+
 def choose_here(cfg) -> dict:
-    ev = measure(cfg)
+    kept = resumed_choice(cfg.resume) if cfg.resume else None
+    if kept:  # no second probe: the run continues the recipe it started with
+        return kept
+    try:
+        ev = measure(cfg)
+    except CannotProbe as why:
+        return {"recipe": cfg.auto.near, "reason": f"no probe: {why}; the recipe for pretrained features that fit",
+                "probe": None}
     return {**decide(ev, cfg.auto.near, cfg.auto.far, cfg.auto.bn_drop, cfg.auto.far_min_steps), "probe": asdict(ev)}
+
+
+def resumed_choice(resume: str) -> dict | None:
+    """The choice the run being resumed made (its checkpoint keeps it), marked resumed; None for a run
+    that was not experiment=auto."""
+    from finetune import checkpoint
+
+    chosen = ((checkpoint.load_checkpoint(resume)[1].get("recipe") or {}).get("auto"))
+    return {**chosen, "resumed": True} if chosen else None
 
 
 def resolve(cfg, out_dir, compose: Callable[[str], tuple]):

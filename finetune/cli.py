@@ -212,6 +212,10 @@ def lr_find_task(cfg: DictConfig) -> dict | None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if cfg.auto.enabled:  # the range test under the recipe training would choose: its LR ratios
+            from finetune import auto
+
+            (cfg, _), _ = auto.resolve(cfg, out_dir, _composer())
         result = lr_find.run_finder(cfg, out_dir, "lr-find runs in one process (start it without torchrun)")
     except UserError as err:
         _report_user_error(cfg, err)
@@ -233,6 +237,10 @@ def inspect_task(cfg: DictConfig) -> dict | None:
     from finetune.inspect_run import inspect
 
     try:
+        if cfg.auto.enabled:  # no probe here (inspect trains nothing): the plan of auto's near recipe
+            choices = (cfg.auto.near, cfg.auto.far)
+            cfg, recipe = _composer()(cfg.auto.near)
+            return inspect(cfg, recipe, auto=choices)
         return inspect(cfg, _recipe(cfg))
     except UserError as err:
         _report_user_error(cfg, err)

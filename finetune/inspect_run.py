@@ -88,9 +88,10 @@ def _print_params(rows: list[dict], console: Console) -> None:
     console.print(table)
 
 
-def inspect(cfg, recipe=None) -> dict:
+def inspect(cfg, recipe=None, auto: tuple[str, str] | None = None) -> dict:
     """Build model (without downloading weights), groups and plan; print; return the description.
-    `recipe`: what the recipe set (finetune.recipe.describe), shown above the table and in the JSON."""
+    `recipe`: what the recipe set (finetune.recipe.describe), shown above the table and in the JSON.
+    `auto`: experiment=auto's (near, far) recipes, when `cfg` is the first of them (the plan shown)."""
     from finetune.recipe import line
     from finetune import data as data_mod
     from finetune.freeze import batchnorm_mode
@@ -109,10 +110,11 @@ def inspect(cfg, recipe=None) -> dict:
     info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
     info["recipe"] = recipe
     info["warnings"] = plan_warnings(cfg, plan, random_init)
-    if cfg.auto.enabled:  # the probe runs when training starts: inspect shows what it chooses between
-        info["warnings"].insert(0, f"experiment=auto chooses experiment={cfg.auto.near} or experiment={cfg.auto.far} "
-                                   "when training starts (a probe of the train images); this plan is the config "
-                                   "without a recipe: inspect either of those for its plan")
+    if auto:  # the probe runs when training starts: inspect shows the near recipe and names the other
+        info["auto"] = {"near": auto[0], "far": auto[1]}
+        info["warnings"].insert(0, f"experiment=auto chooses experiment={auto[0]} or experiment={auto[1]} when "
+                                   "training starts (a probe of the train images); this plan is "
+                                   f"{auto[0]}'s: inspect experiment={auto[1]} for the other")
     if cfg.inspect.params:
         info["params"] = tensor_rows(bundle.model, groups, plan, cfg.optimizer.no_decay_norm_bias)
     if cfg.inspect.format != "json":

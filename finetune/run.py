@@ -132,6 +132,9 @@ class Run:
                  world: World | None = None, lr_auto: dict | None = None):
         from finetune import data as data_mod
 
+        if cfg.auto.enabled:  # it would train the config under no recipe, not the one auto chooses
+            raise UserError("experiment=auto is resolved before a run is built: use finetune.train.train(cfg, "
+                            "out_dir, compose=...) or `finetune train`, or name a recipe (experiment=lp_ft)")
         self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
         self.lr_auto = lr_auto  # what lr=auto chose (summary.json)
         self.world = world = world or distributed.from_env()
@@ -468,6 +471,7 @@ class Run:
             "steps_per_epoch": self.plan.steps_per_epoch, "trace_file": str(self.trace.path.resolve()),
             "world_size": self.world.size, **({"ranks": ranks} if self.world.enabled else {}),
             "classes": list(self.data.classes), "preprocess": self.preprocess,
+            "recipe": self.recipe,  # experiment=auto's choice: a resume trains it without probing again
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, self.ckpt_path)
 

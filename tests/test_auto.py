@@ -158,16 +158,27 @@ def test_the_real_probe_says_what_it_measured(capsys, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["recipe"]["name"] == choice["recipe"]
 
 
-def test_the_real_probe_checks_batchnorm_when_the_budget_allows(capsys, tmp_path):
+def test_the_real_probe_checks_batchnorm_when_it_can_change_the_choice(capsys, tmp_path, monkeypatch):
+    real = auto.decide
+    # the probes say far (the check runs only then: it can only turn far into near)
+    monkeypatch.setattr(auto, "decide", lambda ev, near, far, *a: {"recipe": far, "reason": "stub"}
+                        if ev.adapted is None else real(ev, near, far, *a))
     code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "epochs=2", "auto.budget=1", *QUIET,
-                        f"hydra.run.dir={tmp_path}")
+                        f"hydra.run.dir={tmp_path / 'far'}")
     assert code == 0, err
-    probe = json.loads((tmp_path / "auto.json").read_text())["probe"]
+    probe = json.loads((tmp_path / "far" / "auto.json").read_text())["probe"]
     # 2 epochs of 24 images at budget 1: 144 forward passes, 24 for the probes, twice 24 for the check
     assert probe["images"] == 24 and probe["adapted_images"] == 24 and probe["budget_share"] == 0.5
     assert probe["steps"] == 2 * 24 // 8  # 2 epochs of 24 images in batches of 8
     before, after = probe["adapted"]  # the top probe on the same images, before and after (other folds)
     assert 0 <= before <= 1 and 0 <= after <= 1
+    # the probes say near (too few steps for far): no check, its forward passes not spent
+    monkeypatch.setattr(auto, "decide", real)
+    code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "epochs=2", "auto.budget=1",
+                        "auto.far_min_steps=1000", *QUIET, f"hydra.run.dir={tmp_path / 'near'}")
+    assert code == 0, err
+    probe = json.loads((tmp_path / "near" / "auto.json").read_text())["probe"]
+    assert probe["adapted"] is None and probe["adapted_images"] == 0 and probe["budget_share"] == 0.1667
 
 
 def test_bad_auto_settings(capsys, tmp_path):
@@ -179,15 +190,43 @@ def test_bad_auto_settings(capsys, tmp_path):
         train(compose_cfg("experiment=auto"), tmp_path / "lib")
 
 
-def test_inspect_says_what_auto_chooses_between(capsys, tmp_path):
-    code, err = run_cli(capsys, "inspect", *TINY, "experiment=auto", *QUIET, f"hydra.run.dir={tmp_path}")
+def test_inspect_shows_the_near_recipe_and_names_the_far_one(capsys, tmp_path):
+    code, err = run_cli(capsys, "inspect", *TINY, *QUIET, f"hydra.run.dir={tmp_path}")  # auto: the default
     assert code == 0, err
-    assert "warning: experiment=auto chooses experiment=lp_ft or experiment=full when training starts" in err[0]
+    assert err[0] == ("warning: experiment=auto chooses experiment=lp_ft or experiment=full when training starts (a "
+                      "probe of the train images); this plan is lp_ft's: inspect experiment=full for the other")
+    # the plan shown is auto.near's, with the user's overrides
+    from finetune import cli
+
+    capsys.readouterr()
+    cli.main(["inspect", *TINY, "auto.near=linear_probe", "epochs=3", *QUIET, f"hydra.run.dir={tmp_path}",
+              "inspect.format=json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["auto"] == {"near": "linear_probe", "far": "full"} and info["recipe"]["name"] == "linear_probe"
+    assert [g["trainable_from_epoch"] for g in info["groups"]] == [None] * 5 + [0] and info["epochs"] == 3
 
 
-def test_an_interrupted_auto_run_resumes_exactly(tmp_path):
-    """The probe runs again on resume (deterministic: the same images, weights and folds), chooses the same
-    recipe, and the run continues bit for bit."""
+def test_a_model_without_a_head_module_trains_the_near_recipe(capsys, tmp_path):
+    # layer4 and fc in one head group: no single module holds it, so there is no head input to probe
+    groups = "model.groups={body: [conv1, bn1, layer1, layer2, layer3], head: [layer4, fc]}"
+    code, err = run_cli(capsys, "train", *TINY, groups, "epochs=1", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    choice = json.loads((tmp_path / "auto.json").read_text())
+    assert choice == {"recipe": "lp_ft", "probe": None, "reason": "no probe: no single module holds the head group "
+                      "'head', whose input the probe reads; the recipe for pretrained features that fit"}
+    assert json.loads((tmp_path / "summary.json").read_text())["recipe"]["name"] == "lp_ft"
+
+
+def test_a_run_cannot_be_built_from_an_unresolved_auto_config(tmp_path):
+    from finetune.run import Run
+
+    with pytest.raises(UserError, match="experiment=auto is resolved before a run is built"):
+        Run(compose_cfg("experiment=auto"), tmp_path)
+
+
+def test_an_interrupted_auto_run_resumes_exactly(tmp_path, monkeypatch):
+    """The checkpoint keeps the choice: the resumed run trains it without a second probe, and continues
+    bit for bit."""
     from finetune.train import Interrupted
 
     def composer(*extra):
@@ -196,8 +235,15 @@ def test_an_interrupted_auto_run_resumes_exactly(tmp_path):
     straight = train(compose_cfg("experiment=auto", "epochs=2"), tmp_path / "straight", compose=composer())
     with pytest.raises(Interrupted):
         train(compose_cfg("experiment=auto", "epochs=2"), tmp_path / "first", stop_at_step=3, compose=composer())
+
+    def no_probe(cfg):
+        raise AssertionError("a resumed auto run probed again")
+
+    monkeypatch.setattr(auto, "measure", no_probe)
     resumed = train(compose_cfg("experiment=auto", "epochs=2", f"resume={tmp_path / 'first'}"), tmp_path / "second",
                     compose=composer(f"resume={tmp_path / 'first'}"))
+    first = json.loads((tmp_path / "first" / "auto.json").read_text())
+    assert json.loads(json.dumps(resumed["recipe"]["auto"])) == {**first, "resumed": True}  # as auto.json has it
     assert resumed["recipe"]["auto"]["recipe"] == straight["recipe"]["auto"]["recipe"]
     a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
     b = torch.load(tmp_path / "second" / "checkpoints" / checkpoint.LAST, weights_only=True)

