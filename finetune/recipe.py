@@ -64,5 +64,7 @@ def line(recipe: dict | None) -> str:
     """The start-up line of a run: the active recipe and each value it set."""
     if recipe is None:
         return "recipe: none (experiment=none): the base config and your overrides"
+    if recipe["name"] == "auto":  # before its probe: what it sets is only that it probes
+        return "recipe auto (experiment=none for none): a probe of the train images chooses the recipe first"
     values = ", ".join(f"{k}={_text(v)}" for k, v in recipe["set"].items()) or "nothing your overrides did not"
     return f"recipe {recipe['name']} (experiment=none for none) sets {values}"

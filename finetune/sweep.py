@@ -13,7 +13,7 @@ from typing import Sequence
 
 JOB_FILE = "job.json"  # written when a job starts: its number and overrides
 OBJECTIVE = "final_val_acc"  # what `train` returns to sweepers
-FIELDS = ("job", "overrides", "status", "final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds",
+FIELDS = ("job", "overrides", "status", "recipe", "final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds",
           "images_per_s", "reason", "dir", "all_overrides")
 
 
@@ -65,6 +65,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         status = summary.get("status", "incomplete")
         rows.append({
             "job": _job_number(job_dir, job), "all_overrides": _overrides(job_dir, job), "status": status,
+            "recipe": recipe_cell(summary),
             **{k: summary.get(k) for k in ("final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds")},
             "images_per_s": summary.get("train_images_per_second"), "reason": summary.get("reason", ""),
             "dir": job_dir.name,
@@ -79,6 +80,17 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         return (not done, -(value if done else 0.0), row["job"] if row["job"] is not None else 1 << 30)
 
     return sorted(rows, key=order)
+
+
+def recipe_cell(summary: dict) -> str:
+    """The recipe a job trained: under experiment=auto its choice, marked (each job probes its own data
+    and length, so jobs of one sweep may differ); none; "" before the job said."""
+    if "recipe" not in summary:
+        return ""
+    recipe = summary["recipe"]
+    if recipe is None:
+        return "none"
+    return f"{recipe['name']} (auto)" if recipe.get("auto") else recipe["name"]
 
 
 def _key(override: str) -> str:
@@ -113,7 +125,7 @@ def _cell(value, digits: int = 4) -> str:
 
 
 # the table's columns (summary.md and the terminal): field, header, decimals
-TABLE = (("job", "job", 0), ("overrides", "overrides", 0), ("status", "status", 0),
+TABLE = (("job", "job", 0), ("overrides", "overrides", 0), ("status", "status", 0), ("recipe", "recipe", 0),
          ("final_val_acc", "val acc", 4), ("best_val_acc", "best val acc", 4), ("final_val_loss", "val loss", 4),
          ("wall_seconds", "s", 1), ("images_per_s", "img/s", 0), ("reason", "reason", 0))
 

@@ -70,9 +70,18 @@ def test_summary_csv_agrees_with_every_job(failing_sweep):
             assert (float(row[field]) if row[field] else None) == summary.get(field), field
         assert (float(row["images_per_s"]) if row["images_per_s"] else None) == summary.get("train_images_per_second")
         assert row["reason"] == summary.get("reason", "")
+        assert row["recipe"] == ("none" if summary["status"] == "completed" else "")  # experiment=none
     md = (sweep_dir / "summary.md").read_text()
-    assert "| 1 | lr=-1 | failed |" in md and "lr must be > 0, got -1.0" in md
+    assert "| 1 | lr=-1 | failed |  |" in md and "lr must be > 0, got -1.0" in md
     assert (sweep_dir / "summary.png").stat().st_size > 10_000
+
+
+def test_the_summary_names_the_recipe_auto_chose_for_each_job():
+    from finetune.sweep import recipe_cell
+
+    assert recipe_cell({"recipe": {"name": "full", "set": {}, "auto": {"recipe": "full"}}}) == "full (auto)"
+    assert recipe_cell({"recipe": {"name": "lp_ft", "set": {}}}) == "lp_ft"
+    assert recipe_cell({"recipe": None}) == "none" and recipe_cell({"status": "failed"}) == ""
 
 
 def test_summarize_rebuilds_a_partly_finished_sweep(failing_sweep, tmp_path, capsys):
