@@ -2,7 +2,7 @@
 2 gloo processes on the CPU with one thread each. Across a gradual unfreeze (with gradient accumulation,
 so DDP's no_sync path runs too) every rank ends with bit-identical weights, equal within float rounding
 to one process with the doubled batch; SIGTERM + resume equals the straight run bit for bit; a submitit
-job of two tasks is one distributed run."""
+job of two tasks is one distributed run; the default recipe, auto, trains one choice on every rank."""
 
 import json
 import os
@@ -122,6 +122,23 @@ def test_sigterm_and_resume_under_torchrun_equal_the_straight_run_bit_for_bit(st
     # another number of processes cannot continue it exactly: refused, naming both
     with pytest.raises(UserError, match=r"had 2 process\(es\), this one has 1"):
         train(compose_cfg(*RUN, "batch_size=8", f"resume={tmp_path / 'run'}", "overwrite=true"), tmp_path / "x")
+
+
+def test_the_default_auto_under_torchrun_probes_once_and_every_rank_trains_its_choice(tmp_path):
+    # the default recipe (no experiment=): rank 0 probes, the choice is broadcast
+    args = [a for a in RUN if a != "experiment=none" and not a.startswith(("freeze", "accumulate", "ema", "check"))]
+    with open(tmp_path / "log.txt", "w") as out:
+        proc = subprocess.run([*TORCHRUN, "-m", "finetune", "train", *args, "batch_size=4", "epochs=2",
+                               "hydra.run.dir=run"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, **ONE_THREAD_ENV}, timeout=180)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("auto: chose experiment=") == 1  # said once, for the run
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    choice = json.loads((tmp_path / "run" / "auto.json").read_text())
+    assert summary["recipe"]["name"] == choice["recipe"] and summary["world_size"] == 2
+    fingerprints = summary["replica_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]  # one recipe on both ranks
 
 
 def test_what_does_not_work_across_processes_is_one_line(capsys, monkeypatch, tmp_path):
