@@ -1,4 +1,4 @@
-"""experiment=auto: a short probe of the data chooses the recipe before training starts.
+"""experiment=auto, the default recipe: a short probe of the data chooses the recipe before training starts.
 
 The probe is one forward pass of the pretrained model, in eval mode, over the train images (centre
 crops), with no training. It pools the output of every layer group and fits a linear probe on each
@@ -26,7 +26,9 @@ third of a training step), fewer train images when the run is short.
 
 The choice, the reason and every group's probe accuracy are printed, saved in auto.json and kept in
 summary.json["recipe"]["auto"]. The run is then exactly `experiment=<choice>` with the same command
-line: your overrides win over the chosen recipe's values as under any recipe.
+line: your overrides win over the chosen recipe's values as under any recipe. The checkpoint keeps the
+choice, so a resume trains it without probing again; a model with no head module to probe under trains
+`auto.near`.
 """
 
 from __future__ import annotations
