@@ -156,8 +156,8 @@ def test_tab_completion_sees_overrides_after_the_command(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_learns_the_embedded_data(tmp_path):
-    """The default recipe (lp_ft: head, then everything) with the packaged ImageNet EfficientNet-Lite0 on the
-    synthetic default: accuracy rises well above chance."""
+    """The default recipe (auto: a probe, then the recipe it chose) with the packaged ImageNet
+    EfficientNet-Lite0 on the default data: accuracy rises well above chance."""
     finetune("train", "epochs=2", "data.train_size=96", "data.val_size=48",
              "data.image_size=128", "batch_size=16", "progress=false", "hydra.run.dir=run", cwd=tmp_path)
     metrics = read_csv(tmp_path / "run" / "metrics.csv")
