@@ -237,7 +237,12 @@ def inspect_task(cfg: DictConfig) -> dict | None:
     from finetune.inspect_run import inspect
 
     try:
-        if cfg.auto.enabled:  # no probe here (inspect trains nothing): the plan of auto's near recipe
+        if cfg.auto.enabled and cfg.inspect.probe:  # the plan auto will train: its probe first (no files)
+            from finetune import auto
+
+            (cfg, recipe), choice = auto.resolve(cfg, None, _composer())
+            return inspect(cfg, {**recipe, "auto": choice})
+        if cfg.auto.enabled:  # no probe by default (inspect trains nothing): the plan of auto's near recipe
             choices = (cfg.auto.near, cfg.auto.far)
             cfg, recipe = _composer()(cfg.auto.near)
             return inspect(cfg, recipe, auto=choices)

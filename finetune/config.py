@@ -113,6 +113,7 @@ class FreezeConfig:
 class InspectConfig:
     format: str = "table"  # table | json
     params: bool = False  # also every parameter tensor: its group, effective LR and weight decay
+    probe: bool = False  # under experiment=auto: run its probe (forward passes, no training), show its choice's plan
 
 
 @dataclass

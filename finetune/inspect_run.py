@@ -119,6 +119,8 @@ def inspect(cfg, recipe=None, auto: tuple[str, str] | None = None) -> dict:
         info["params"] = tensor_rows(bundle.model, groups, plan, cfg.optimizer.no_decay_norm_bias)
     if cfg.inspect.format != "json":
         console = Console(width=None if sys.stdout.isatty() else 200)
+        if recipe and recipe.get("auto"):  # inspect.probe=true: what auto's probe chose, and why
+            console.print(f"auto: chose experiment={recipe['auto']['recipe']}: {recipe['auto']['reason']}", markup=False)
         console.print(line(recipe), markup=False)
         for warning in info["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)

@@ -206,6 +206,26 @@ def test_inspect_shows_the_near_recipe_and_names_the_far_one(capsys, tmp_path):
     assert [g["trainable_from_epoch"] for g in info["groups"]] == [None] * 5 + [0] and info["epochs"] == 3
 
 
+def test_inspect_probe_shows_the_plan_auto_will_train(capsys, tmp_path, monkeypatch):
+    from finetune import cli
+
+    monkeypatch.chdir(tmp_path)
+    far = evidence(("layer3", 0.99), ("layer4", 0.9), ("head input", 0.8))
+    monkeypatch.setattr(auto, "measure", lambda cfg: far)
+    capsys.readouterr()
+    cli.main(["inspect", *TINY, "inspect.probe=true", "lr=0.005", *QUIET, "inspect.format=json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["recipe"]["name"] == "full" and "layer3's output scores 0.990" in info["recipe"]["auto"]["reason"]
+    # full's plan with the user's lr: every group from epoch 0 at 0.005, no warning about what auto may choose
+    assert {g["trainable_from_epoch"] for g in info["groups"]} == {0}
+    assert [g["lr"]["peak"] for g in info["groups"]] == pytest.approx([0.005] * 6, rel=0.02)
+    assert "auto" not in info and not info["warnings"]
+    assert list(tmp_path.iterdir()) == []  # inspect writes nothing, auto.json included
+    cli.main(["inspect", *TINY, "inspect.probe=true", *QUIET])
+    out = capsys.readouterr().out
+    assert "auto: chose experiment=full: a linear probe on layer3's output scores 0.990" in " ".join(out.split())
+
+
 def test_a_model_without_a_head_module_trains_the_near_recipe(capsys, tmp_path):
     # layer4 and fc in one head group: no single module holds it, so there is no head input to probe
     groups = "model.groups={body: [conv1, bn1, layer1, layer2, layer3], head: [layer4, fc]}"

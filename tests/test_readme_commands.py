@@ -233,6 +233,8 @@ ELSEWHERE = {
     "finetune train experiment=full data.mixup=0.2 data.cutmix=1.0": "test_augment (mixes, resumes exactly)",
     "finetune train model=custom model._target_=my_model.SmallNet ++model.args.width=32 model.head=fc "
     "data=custom data._target_=my_model.Stripes data.image_size=32 experiment=none epochs=3": "test_targets",
+    "finetune inspect inspect.probe=true data=imagefolder data.root=../shared/data/neu6":
+        "test_auto (inspect.probe: the plan of the recipe the probe chose)",
     "finetune eval ckpt=outputs/2026-11-21/10-00-00": "test_model_commands",
     "finetune eval ckpt=outputs/2026-11-21/10-00-00 split=test tta=true": "test_model_commands",
     "finetune predict ckpt=outputs/2026-11-21/10-00-00 input=photos/ out=predictions.csv": "test_model_commands",
