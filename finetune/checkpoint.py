@@ -8,8 +8,8 @@ the running sums of the epoch in progress; world_size, and under torchrun `ranks
 state and epoch sums, so each rank resumes its own stream.
 classes (the class names, in label order) and preprocess (mean, std, input_size, interpolation,
 crop_pct as trained) let eval, predict and export use the model without the training data; recipe (what
-the run's recipe set, and experiment=auto's choice, which a resume keeps). Everything is plain tensors, numbers, strings and containers,
-so `torch.load(weights_only=True)` reads it.
+the run's recipe set, and experiment=auto's choice, which a resume keeps). Everything is plain tensors,
+numbers, strings and containers, so `torch.load(weights_only=True)` reads it.
 """
 
 from __future__ import annotations
