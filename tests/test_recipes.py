@@ -188,6 +188,11 @@ def test_regime_verdict_counts_standard_errors():
     assert bench_regimes.verdict({"lp_ft": stats_of(0.9, 0.9, 0.91), "plain_full": stats_of(0.95, 0.95, 0.96)}, "lp_ft"
                                  ).startswith("**loses** to plain_full by 0.0500")
     assert bench_regimes.verdict({"full": stats_of(0.9)}) == "not run"
+    # a gap of exactly one standard error is within it (neu6's 599 val images: 599, 598, 599 right against
+    # 599, 598, 597, where the float gap came out one ulp above the standard error)
+    tied = {"lp_ft": stats_of(1.0, 598 / 599, 597 / 599), "full": stats_of(1.0, 598 / 599, 1.0)}
+    assert bench_regimes.verdict(tied, "lp_ft") == "holds"
+    assert bench_regimes.verdict({**tied, "full": stats_of(1.0, 1.0, 1.0)}, "lp_ft").startswith("**loses** to full")
 
 
 def test_regime_report_merges_new_runs_into_the_record(tmp_path):
