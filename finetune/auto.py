@@ -375,8 +375,9 @@ def resumed_choice(resume: str) -> dict | None:
 
 
 def resolve(cfg, out_dir, compose: Callable[[str], tuple]):
-    """((the run's config under the chosen recipe, what that recipe set), the choice): `compose(recipe)`
-    composes the command line with experiment=<recipe> (the user's overrides kept)."""
+    """(the run's config under the chosen recipe, what that recipe set with the choice under "auto"):
+    `compose(recipe)` gives (the command line's config with experiment=<recipe>, the user's overrides
+    kept; what that recipe set, or None)."""
     from finetune.config import conf_dir
 
     known = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml") if p.stem not in ("auto", "none"))
@@ -384,4 +385,5 @@ def resolve(cfg, out_dir, compose: Callable[[str], tuple]):
         if cfg.auto[key] not in known:
             raise UserError(f"auto.{key}: '{cfg.auto[key]}' is not a fixed recipe; choose one of {', '.join(known)}")
     choice = choose(cfg, out_dir)
-    return compose(choice["recipe"]), choice
+    chosen, recipe = compose(choice["recipe"])
+    return chosen, {**(recipe or {"name": choice["recipe"], "set": {}}), "auto": choice}

@@ -215,7 +215,7 @@ def lr_find_task(cfg: DictConfig) -> dict | None:
         if cfg.auto.enabled:  # the range test under the recipe training would choose: its LR ratios
             from finetune import auto
 
-            (cfg, _), _ = auto.resolve(cfg, out_dir, _composer())
+            cfg, _ = auto.resolve(cfg, out_dir, _composer())
         result = lr_find.run_finder(cfg, out_dir, "lr-find runs in one process (start it without torchrun)")
     except UserError as err:
         _report_user_error(cfg, err)
@@ -240,8 +240,7 @@ def inspect_task(cfg: DictConfig) -> dict | None:
         if cfg.auto.enabled and cfg.inspect.probe:  # the plan auto will train: its probe first (no files)
             from finetune import auto
 
-            (cfg, recipe), choice = auto.resolve(cfg, None, _composer())
-            return inspect(cfg, {**recipe, "auto": choice})
+            return inspect(*auto.resolve(cfg, None, _composer()))
         if cfg.auto.enabled:  # no probe by default (inspect trains nothing): the plan of auto's near recipe
             choices = (cfg.auto.near, cfg.auto.far)
             cfg, recipe = _composer()(cfg.auto.near)

@@ -38,8 +38,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
                             "pass train(..., compose=...)")
         from finetune import auto
 
-        (cfg, recipe), choice = auto.resolve(cfg, out_dir, compose)
-        recipe = {**(recipe or {"name": choice["recipe"], "set": {}}), "auto": choice}
+        cfg, recipe = auto.resolve(cfg, out_dir, compose)
         logging.getLogger("finetune").info("%s", line(recipe))
     lr_auto = None
     if str(cfg.lr) == "auto":

@@ -217,7 +217,7 @@ def verdict(results: Results, recipe: str = DEFAULT) -> str:
             continue
         gap = theirs.mean - mine.mean
         se = math.hypot(mine.sem, theirs.sem)
-        # "up to one standard error" includes it: a gap of exactly one (a single val image out of 600 on
+        # "up to one standard error" includes it: a gap of exactly one (a single val image out of 599 on
         # neu6) must not turn on the last bit of a float
         if gap > se * (1 + 1e-9) and (worst is None or gap - se > worst[1] - worst[2]):
             worst = (other, gap, se)
