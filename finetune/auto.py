@@ -323,8 +323,9 @@ def measure(cfg) -> Evidence:
     return ev
 
 
-def choose(cfg, out_dir: str | Path | None = None) -> dict:
-    """Probe, decide, say it (log and auto.json in `out_dir`): {"recipe", "reason", "probe": {...}}."""
+def choose(cfg, out_dir: str | Path | None = None, saved: dict | None = None) -> dict:
+    """Probe, decide, say it (log and auto.json in `out_dir`): {"recipe", "reason", "probe": {...}}.
+    `saved`: the checkpoint cfg.resume points at, loaded (read here when not given)."""
     from finetune import distributed
 
     if not 0 < cfg.auto.budget <= 1:
@@ -334,10 +335,10 @@ def choose(cfg, out_dir: str | Path | None = None) -> dict:
         from finetune.trainer import resolve_device
 
         distributed.init(world, resolve_device(distributed.device_name(cfg.device, world)))
-        choice = choose_here(cfg) if world.main else None
+        choice = choose_here(cfg, saved) if world.main else None
         choice = distributed.broadcast(choice)
     else:
-        choice = choose_here(cfg)
+        choice = choose_here(cfg, saved)
     probe = choice["probe"]
     log.info("auto: %s experiment=%s: %s%s", "the resumed run keeps" if choice.get("resumed") else "chose",
              choice["recipe"], choice["reason"],
@@ -353,8 +354,12 @@ class CannotProbe(Exception):
     """The model offers no features to probe: auto trains its near recipe and says why."""
 
 
-def choose_here(cfg) -> dict:
-    kept = resumed_choice(cfg.resume) if cfg.resume else None
+def choose_here(cfg, saved: dict | None = None) -> dict:
+    if cfg.resume and saved is None:
+        from finetune import checkpoint
+
+        saved = checkpoint.load_checkpoint(cfg.resume)[1]
+    kept = resumed_choice(saved) if saved is not None else None
     if kept:  # no second probe: the run continues the recipe it started with
         return kept
     try:
@@ -365,25 +370,23 @@ def choose_here(cfg) -> dict:
     return {**decide(ev, cfg.auto.near, cfg.auto.far, cfg.auto.bn_drop, cfg.auto.far_min_steps), "probe": asdict(ev)}
 
 
-def resumed_choice(resume: str) -> dict | None:
-    """The choice the run being resumed made (its checkpoint keeps it), marked resumed; None for a run
-    that was not experiment=auto."""
-    from finetune import checkpoint
-
-    chosen = ((checkpoint.load_checkpoint(resume)[1].get("recipe") or {}).get("auto"))
+def resumed_choice(saved: dict) -> dict | None:
+    """The choice the run being resumed made (its checkpoint `saved` keeps it), marked resumed; None for
+    a run that was not experiment=auto."""
+    chosen = (saved.get("recipe") or {}).get("auto")
     return {**chosen, "resumed": True} if chosen else None
 
 
-def resolve(cfg, out_dir, compose: Callable[[str], tuple]):
+def resolve(cfg, out_dir, compose: Callable[[str], tuple], saved: dict | None = None):
     """(the run's config under the chosen recipe, what that recipe set with the choice under "auto"):
     `compose(recipe)` gives (the command line's config with experiment=<recipe>, the user's overrides
-    kept; what that recipe set, or None)."""
+    kept; what that recipe set, or None). `saved`: the checkpoint cfg.resume names, if read already."""
     from finetune.config import conf_dir
 
     known = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml") if p.stem not in ("auto", "none"))
     for key in ("near", "far"):
         if cfg.auto[key] not in known:
             raise UserError(f"auto.{key}: '{cfg.auto[key]}' is not a fixed recipe; choose one of {', '.join(known)}")
-    choice = choose(cfg, out_dir)
+    choice = choose(cfg, out_dir, saved)
     chosen, recipe = compose(choice["recipe"])
     return chosen, {**(recipe or {"name": choice["recipe"], "set": {}}), "auto": choice}

@@ -126,10 +126,11 @@ class Run:
     Under torchrun (`world`, by default read from the environment) every rank builds the same Run and
     trains its shard of each batch; rank 0 alone writes the run directory. Whatever decides where the
     loop goes (a signal, the time limit, a NaN) is agreed on by all ranks at the same step, so none is
-    left waiting in a collective the others never reach."""
+    left waiting in a collective the others never reach. `saved`: the checkpoint cfg.resume names, where
+    the caller has read it already (train() does, for experiment=auto and lr=auto)."""
 
     def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
-                 world: World | None = None, lr_auto: dict | None = None):
+                 world: World | None = None, lr_auto: dict | None = None, saved: dict | None = None):
         from finetune import data as data_mod
 
         if cfg.auto.enabled:  # it would train the config under no recipe, not the one auto chooses
@@ -148,8 +149,10 @@ class Run:
         distributed.init(world, device)
         self.amp_dtype = resolve_precision(cfg.precision, device)
         channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-        # read the checkpoint first: a wrong path or an unsafe file fails before anything is built
-        saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
+        # read the checkpoint first (unless train() has): a wrong path or an unsafe file fails before
+        # anything is built
+        if saved is None and cfg.resume:
+            saved = checkpoint.load_checkpoint(cfg.resume)[1]
 
         bundle, self.groups, _ = build_run(cfg)
         self.model = _sync_batchnorm(bundle.model, cfg.sync_bn, device, world)

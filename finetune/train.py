@@ -32,31 +32,35 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     (finetune/auto.py): `compose(recipe)` gives (the config under experiment=<recipe> with the same
     overrides, what that recipe set); the CLI passes it. summary.json keeps the choice under recipe.auto.
     """
+    from finetune import checkpoint
+
+    # read once: auto's choice, lr=auto's LR and the run's state all come from it
+    saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
     if cfg.auto.enabled:
         if compose is None:
             raise UserError("experiment=auto composes the recipe it chooses: run it with `finetune train`, or "
                             "pass train(..., compose=...)")
         from finetune import auto
 
-        cfg, recipe = auto.resolve(cfg, out_dir, compose)
+        cfg, recipe = auto.resolve(cfg, out_dir, compose, saved)
         logging.getLogger("finetune").info("%s", line(recipe))
     lr_auto = None
     if str(cfg.lr) == "auto":
-        cfg, lr_auto = _auto_lr(cfg, Path(out_dir))
-    return Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe, lr_auto=lr_auto).fit()
+        cfg, lr_auto = _auto_lr(cfg, Path(out_dir), saved)
+    return Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe, lr_auto=lr_auto, saved=saved).fit()
 
 
-def _auto_lr(cfg, out_dir: Path):
+def _auto_lr(cfg, out_dir: Path, saved: dict | None):
     """lr=auto: the LR finder's suggestion (finetune/lr_find.py) becomes lr; a resumed run keeps the LR
-    its checkpoint was trained with."""
+    its checkpoint (`saved`) was trained with."""
     import copy
 
     from omegaconf import OmegaConf
 
-    from finetune import checkpoint, lr_find
+    from finetune import lr_find
 
-    if cfg.resume:
-        chosen = {"lr": checkpoint.load_checkpoint(cfg.resume)[1]["config"]["lr"], "resumed": True}
+    if saved is not None:
+        chosen = {"lr": saved["config"]["lr"], "resumed": True}
     else:
         chosen = lr_find.choose(cfg, out_dir)
     cfg = copy.deepcopy(cfg)

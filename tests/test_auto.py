@@ -246,7 +246,7 @@ def test_a_run_cannot_be_built_from_an_unresolved_auto_config(tmp_path):
 
 def test_an_interrupted_auto_run_resumes_exactly(tmp_path, monkeypatch):
     """The checkpoint keeps the choice: the resumed run trains it without a second probe, and continues
-    bit for bit."""
+    bit for bit; the checkpoint is read once (the choice and the run's state come from that read)."""
     from finetune.train import Interrupted
 
     def composer(*extra):
@@ -260,11 +260,14 @@ def test_an_interrupted_auto_run_resumes_exactly(tmp_path, monkeypatch):
         raise AssertionError("a resumed auto run probed again")
 
     monkeypatch.setattr(auto, "measure", no_probe)
+    reads, load = [], checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda resume: reads.append(resume) or load(resume))
     resumed = train(compose_cfg("experiment=auto", "epochs=2", f"resume={tmp_path / 'first'}"), tmp_path / "second",
                     compose=composer(f"resume={tmp_path / 'first'}"))
     first = json.loads((tmp_path / "first" / "auto.json").read_text())
     assert json.loads(json.dumps(resumed["recipe"]["auto"])) == {**first, "resumed": True}  # as auto.json has it
     assert resumed["recipe"]["auto"]["recipe"] == straight["recipe"]["auto"]["recipe"]
+    assert len(reads) == 1, reads
     a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
     b = torch.load(tmp_path / "second" / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
