@@ -355,10 +355,10 @@ class CannotProbe(Exception):
 
 
 def choose_here(cfg, saved: dict | None = None) -> dict:
-    if cfg.resume and saved is None:
+    if saved is None:
         from finetune import checkpoint
 
-        saved = checkpoint.load_checkpoint(cfg.resume)[1]
+        saved = checkpoint.resumed(cfg.resume)
     kept = resumed_choice(saved) if saved is not None else None
     if kept:  # no second probe: the run continues the recipe it started with
         return kept

@@ -138,6 +138,11 @@ def load_checkpoint(resume: str) -> tuple[Path, dict]:
     return path, saved
 
 
+def resumed(resume: str | None) -> dict | None:
+    """The checkpoint a run's `resume` setting names, loaded; None for a fresh run."""
+    return load_checkpoint(resume)[1] if resume else None
+
+
 def flatten(config: Mapping, prefix: str = "") -> dict:
     """{"a": {"b": 1}, "c": {}} -> {"a.b": 1}; lists stay values."""
     out = {}

@@ -151,8 +151,8 @@ class Run:
         channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
         # read the checkpoint first (unless train() has): a wrong path or an unsafe file fails before
         # anything is built
-        if saved is None and cfg.resume:
-            saved = checkpoint.load_checkpoint(cfg.resume)[1]
+        if saved is None:
+            saved = checkpoint.resumed(cfg.resume)
 
         bundle, self.groups, _ = build_run(cfg)
         self.model = _sync_batchnorm(bundle.model, cfg.sync_bn, device, world)

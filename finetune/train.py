@@ -35,7 +35,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     from finetune import checkpoint
 
     # read once: auto's choice, lr=auto's LR and the run's state all come from it
-    saved = checkpoint.load_checkpoint(cfg.resume)[1] if cfg.resume else None
+    saved = checkpoint.resumed(cfg.resume)
     if cfg.auto.enabled:
         if compose is None:
             raise UserError("experiment=auto composes the recipe it chooses: run it with `finetune train`, or "
