@@ -22,7 +22,8 @@ pretrained head input and `near` trains instead; when they keep (steel defects: 
 `far` also needs `auto.far_min_steps` optimizer steps: a full fine-tune fits its new head at the body's
 LR, and in a handful of steps it cannot (steel defects at 10 images a class: 5 steps, 0.55 against
 lp_ft's 0.90). It costs at most `auto.budget` of the run's compute (a forward pass is a
-third of a training step), fewer train images when the run is short.
+third of a training step), fewer train images when the run is short; on a model with BatchNorm the
+probe takes at most half of it, so that the check fits in the rest however short the run.
 
 The choice, the reason and every group's probe accuracy are printed, saved in auto.json and kept in
 summary.json["recipe"]["auto"]. The run is then exactly `experiment=<choice>` with the same command
@@ -216,10 +217,13 @@ def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e
     return correct / n
 
 
-def probe_images(n: int, images_per_run: int, budget: float) -> int:
+def probe_images(n: int, images_per_run: int, budget: float, check: bool = False) -> int:
     """How many train images the probe may forward: its cost (a third of a training step per image) at
-    most `budget` of the run's (`images_per_run` images through a training step), and MAX_IMAGES."""
-    return max(1, min(n, MAX_IMAGES, int(budget * images_per_run / FORWARD_SHARE)))
+    most `budget` of the run's (`images_per_run` images through a training step), and MAX_IMAGES. With
+    `check` (the model has BatchNorm) at most half the budget: the BatchNorm check, which alone can veto a
+    full fine-tune, must fit in the rest, or a short run would choose `far` unchecked."""
+    affordable = int(budget * images_per_run / FORWARD_SHARE)
+    return max(1, min(n, MAX_IMAGES, affordable // 2 if check else affordable))
 
 
 MIN_ADAPTED = 20  # fewer images say nothing about a BatchNorm's statistics
@@ -292,7 +296,8 @@ def measure(cfg) -> Evidence:
     n = len(data.train)
     per_step = cfg.batch_size * cfg.accumulate
     trained = min(cfg.epochs * n, cfg.max_steps * per_step) if cfg.max_steps else cfg.epochs * n
-    keep = probe_images(n, trained, cfg.auto.budget)
+    has_bn = bool(batchnorms(model))
+    keep = probe_images(n, trained, cfg.auto.budget, check=has_bn)
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values.tolist()
 
     def loader_of(indices: list[int]):
@@ -306,7 +311,7 @@ def measure(cfg) -> Evidence:
                                        channels_last=channels_last)
         stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
         ev = Evidence(stages, keep, data.num_classes, steps=steps)
-        count = adapted_images(keep, trained, cfg.auto.budget) if batchnorms(model) else 0
+        count = adapted_images(keep, trained, cfg.auto.budget) if has_bn else 0
         # the BatchNorm check can only turn `far` into `near`: where the probes already say near, it is skipped
         if count and decide(ev, "near", "far", cfg.auto.bn_drop, cfg.auto.far_min_steps)["recipe"] == "far":
             # a random subset in random order: shuffled batches, as training sees them

@@ -17,9 +17,10 @@ TINY = ["model=resnet18", "model.weights=null", "data=synthetic", "data.image_si
         "data.train_size=48", "data.val_size=16", "batch_size=16", "progress=false"]
 
 
-def finetune(*args, cwd, check=True, env=None):
+def finetune(*args, cwd, check=True, env=None, timeout=300):
+    # timeout: a guard against a hung child, not a speed check (a loaded 2-core machine runs slowly)
     proc = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -159,7 +160,8 @@ def test_default_model_learns_the_embedded_data(tmp_path):
     """The default recipe (auto: a probe, then the recipe it chose) with the packaged ImageNet
     EfficientNet-Lite0 on the default data: accuracy rises well above chance."""
     finetune("train", "epochs=2", "data.train_size=96", "data.val_size=48",
-             "data.image_size=128", "batch_size=16", "progress=false", "hydra.run.dir=run", cwd=tmp_path)
+             "data.image_size=128", "batch_size=16", "progress=false", "hydra.run.dir=run", cwd=tmp_path,
+             timeout=1200)
     metrics = read_csv(tmp_path / "run" / "metrics.csv")
     assert float(metrics[1]["train_loss"]) < float(metrics[0]["train_loss"])
-    assert float(metrics[-1]["val_acc"]) >= 0.6  # 4 classes: chance is 0.25
+    assert float(metrics[-1]["val_acc"]) >= 0.6  # 10 digits: chance is 0.1
