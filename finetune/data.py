@@ -1,12 +1,8 @@
-"""Datasets, transforms and loaders.
+"""Datasets and loaders (transforms: finetune/transforms.py; the seeded order: finetune/sampling.py).
 
-Three sources, picked by `data.name`: `synthetic` (an offline, generated classification task), `imagefolder`
-(ROOT/train and ROOT/val, one folder per class) and torchvision datasets by name (cifar10, ...).
-
-Determinism: the train order and every random augmentation are a pure function of (seed, epoch, sample
-index). The sampler runs in the main process and hands each worker `(index, epoch)` keys; the dataset seeds a
-forked RNG from the key before augmenting. So batches do not depend on the global RNG, the number of workers
-or on what ran before, which is what an exact resume needs.
+Four sources, picked by `data.name`: `digits` (the embedded default, real handwritten digits), `synthetic`
+(an offline, generated classification task), `imagefolder` (ROOT/train and ROOT/val, one folder per class)
+and torchvision datasets by name (cifar10, ...).
 """
 
 from __future__ import annotations
@@ -15,25 +11,22 @@ import functools
 import logging
 import math
 import os
-import random
 import re
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import InterpolationMode, v2
 
 from finetune.errors import UserError
+from finetune.sampling import EpochSampler, TransformedDataset, _Shard
+from finetune.transforms import eval_transform, image_size, to_rgb, train_transform
 
 log = logging.getLogger(__name__)
 
-# Random-resized-crop scale range: milder than ImageNet's (0.08, 1) because fine-tuning sets are small and
-# objects often fill the frame; very small crops would mostly destroy the label.
-TRAIN_CROP_SCALE = (0.35, 1.0)
 # Check every image's header up front only below this many files; beyond, bad files surface at load time.
 VERIFY_MAX_FILES = 50_000
 # Fixed seed of the synthetic data set: independent of the training seed, so every run sees the same data.
@@ -89,214 +82,6 @@ def num_classes(cfg) -> int:
 
         return len(targets.build_splits(cfg)[2])
     return TORCHVISION_DATASETS[name][1]
-
-
-# ---------------------------------------------------------------------------------------- transforms
-
-
-def _interpolation(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(str(name).lower())
-    except ValueError:
-        known = ", ".join(m.value for m in InterpolationMode)
-        raise UserError(f"unknown interpolation '{name}'; choose one of: {known}.") from None
-
-
-def image_size(cfg, preprocess) -> int:
-    """`data.image_size` when set, else the pretrained weights' input size."""
-    size = cfg.image_size if cfg.image_size is not None else preprocess.input_size
-    if int(size) < 8:
-        raise UserError(f"data.image_size must be at least 8 pixels, got {size}.")
-    return int(size)
-
-
-def eval_transform(size: int, preprocess) -> v2.Compose:
-    """Resize the short side to size / crop_pct, then centre-crop: the pretrained weights' eval recipe."""
-    interp = _interpolation(preprocess.interpolation)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(int(math.floor(size / preprocess.crop_pct)), interpolation=interp, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(preprocess.mean), list(preprocess.std)),
-        ]
-    )
-
-
-def train_transform(size: int, preprocess, augment: bool, auto_augment: str | None = None,
-                    re_prob: float = 0.0) -> Callable:
-    """Random resized crop + horizontal flip, normalised like the pretrained weights; eval recipe if not augment.
-    `auto_augment` / `re_prob`: timm's train factory instead, with its policy and random erasing."""
-    if not augment:
-        return eval_transform(size, preprocess)
-    if not 0.0 <= re_prob <= 1.0:
-        raise UserError(f"data.re_prob: the random-erasing probability must be in [0, 1], got {re_prob}")
-    if auto_augment or re_prob:
-        return _timm_train_transform(size, preprocess, auto_augment, re_prob)
-    interp = _interpolation(preprocess.interpolation)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, interpolation=interp, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(preprocess.mean), list(preprocess.std)),
-        ]
-    )
-
-
-def _timm_train_transform(size: int, preprocess, auto_augment: str | None, re_prob: float) -> Callable:
-    """timm's ImageNet train transform with finetune's crop scale and flip and no colour jitter (which timm
-    adds by default when there is no policy, and the default pipeline does not have)."""
-    from timm.data.transforms_factory import transforms_imagenet_train
-
-    try:
-        timm_transform = transforms_imagenet_train(size, scale=TRAIN_CROP_SCALE, hflip=0.5, color_jitter=None,
-                                         auto_augment=auto_augment or None, interpolation=preprocess.interpolation,
-                                         mean=tuple(preprocess.mean), std=tuple(preprocess.std), re_prob=re_prob,
-                                         re_mode="pixel")
-    except (AssertionError, KeyError, ValueError, IndexError) as e:  # timm's parsing of the policy string
-        raise UserError(f"data.auto_augment: timm cannot parse '{auto_augment}' ({type(e).__name__}: {e}); e.g. "
-                        "rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2") from None
-    for op in _policy_ops(timm_transform):
-        if getattr(op, "aug_fn", None) is _timm_posterize():
-            op.aug_fn = _posterize_at_least_1_bit
-    return v2.Compose([_PIL(), timm_transform])
-
-
-def _timm_posterize():
-    from timm.data import auto_augment
-
-    return auto_augment.posterize
-
-
-def _policy_ops(transform) -> list:
-    """The AugmentOps of timm's policies inside `transform` (RandAugment, AugMix: .ops; AutoAugment: .policy)."""
-    found = []
-    for t in getattr(transform, "transforms", []):
-        found += list(getattr(t, "ops", []) or [])
-        for sub in getattr(t, "policy", []) or []:
-            found += list(sub)
-    return found
-
-
-def _posterize_at_least_1_bit(img, bits_to_keep, **kwargs):
-    """timm's posterize at full magnitude keeps 0 bits, which Pillow (>= 11) refuses with an error in the
-    middle of training; 1 bit is the strongest posterize Pillow does."""
-    return _timm_posterize()(img, max(1, int(bits_to_keep)), **kwargs)
-
-
-class _PIL:
-    """Tensor images (synthetic, digits) as PIL images, which timm's policies operate on."""
-
-    def __call__(self, image):
-        return v2.functional.to_pil_image(image) if isinstance(image, torch.Tensor) else image
-
-
-# --------------------------------------------------------------------------------------- determinism
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from integers (seed, epoch, index...); a pure function of its inputs."""
-    h = 0
-    for v in values:
-        h = _splitmix64(h ^ (int(v) & 0xFFFFFFFFFFFFFFFF))
-    return h >> 1  # torch.manual_seed wants a value that fits int64
-
-
-class EpochSampler(Sampler):
-    """Yields `(index, epoch)` keys: a permutation seeded by (seed, epoch), optionally skipping the samples of
-    the first `start_step` batches (resume mid-epoch). Runs in the main process, so workers cannot change it.
-
-    With `world` processes each rank takes its `batch_size` slice of every global batch of the same order
-    (rank r: samples [r*B, (r+1)*B) of batch s): one step of all ranks together sees exactly the batch
-    one process with batch_size x world would, and a resume skips whole global batches on every rank."""
-
-    def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
-                 views: int | None = None):
-        self.size, self.seed, self.batch_size, self.rank, self.world = size, seed, batch_size, rank, world
-        self.views = views  # augmentations repeat every `views` epochs (the feature cache's cache_views)
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = int(epoch), int(start_step)
-
-    def order(self) -> list[int]:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        return torch.randperm(self.size, generator=g).tolist()
-
-    def _indices(self) -> list[int]:
-        order, b = self.order(), self.batch_size
-        if self.world == 1:
-            return order[self.start_step * b :]
-        step = b * self.world  # the tail of fewer than a global batch is dropped on every rank alike
-        return [i for s in range(self.start_step, self.size // step)
-                for i in order[s * step + self.rank * b : s * step + (self.rank + 1) * b]]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        view = self.epoch % self.views if self.views else self.epoch
-        for index in self._indices():
-            yield index, view
-
-    def __len__(self) -> int:
-        if self.world == 1:
-            return max(0, self.size - self.start_step * self.batch_size)
-        return max(0, self.size // (self.batch_size * self.world) - self.start_step) * self.batch_size
-
-
-class _Shard(Sampler):
-    """Rank r's part of the validation set, indices r, r + world, ...: the ranks' parts are disjoint and
-    cover every image once, so metrics summed over ranks are those of one process."""
-
-    def __init__(self, size: int, rank: int, world: int):
-        self.indices = list(range(rank, size, world))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class TransformedDataset(Dataset):
-    """Applies `transform` to a base (image, label) dataset. Keys are an index (epoch 0) or `(index, epoch)`;
-    the transform runs under a forked global RNG seeded by (seed, epoch, index), so the caller's RNG is untouched
-    and the result does not depend on which process or in which order the sample is loaded."""
-
-    def __init__(self, base: Dataset, transform: Callable, seed: int = 0):
-        self.base, self.transform, self.seed = base, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image, label = self.base[index]
-        if isinstance(image, Image.Image) and image.mode != "RGB":
-            image = to_rgb(image)  # grayscale (MNIST), palette and 16-bit images -> 8-bit RGB
-        # v2 transforms draw from the global CPU generator; fork it so the main process's stream is left
-        # alone, and seed that generator alone: torch.manual_seed would reseed every CUDA device too.
-        # timm's policies also draw from Python's and NumPy's global generators: seeded the same way.
-        key = mix_seed(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(key)
-                random.seed(key)
-                np.random.seed(key % 2**32)
-                image = self.transform(image)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return image, int(label)
 
 
 # --------------------------------------------------------------------------------------------- loaders
@@ -634,20 +419,6 @@ def _readable(path: str, decode: bool = False) -> bool:
         return True
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for broken files
         return False
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as the photo is meant to be seen: EXIF orientation applied, and 16/32-bit integer or float
-    grey scaled to 8 bits (PIL's convert("RGB") clips them, so a 16-bit PNG comes out almost white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0  # floats in [0, 1] or in [0, 255]
-        else:  # integer grey: 16-bit unless every value fits 8 bits
-            top = 255.0 if values.max(initial=0) <= 255 else 65535.0
-        image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _load_rgb(path: str) -> Image.Image:

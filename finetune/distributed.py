@@ -116,7 +116,7 @@ def barrier() -> None:
 
 def rank_seed(seed: int, rank: int) -> int:
     """Rank `rank`'s torch seed once the replicas are built (rank 0 keeps `seed`'s own stream position)."""
-    from finetune.data import mix_seed
+    from finetune.sampling import mix_seed
 
     return mix_seed(seed, 0x7E57, rank)
 

@@ -22,6 +22,7 @@ from omegaconf import MISSING, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import data as data_mod
+from finetune import transforms
 from finetune.errors import UserError, writing
 from finetune.saved import SavedModel, load, parse_args
 
@@ -67,14 +68,14 @@ class _Named(Dataset):
     def __getitem__(self, i: int):
         image, label = self.base[i]
         if not isinstance(image, torch.Tensor) and getattr(image, "mode", "RGB") != "RGB":
-            image = data_mod.to_rgb(image)
+            image = transforms.to_rgb(image)
         return self.transform(image), int(label), i
 
 
 def split_dataset(saved: SavedModel, args) -> tuple[Dataset, list[str]]:
     """The images to score and their names, labelled in the model's class order."""
     data_cfg = OmegaConf.merge(OmegaConf.create(saved.config["data"]), OmegaConf.create(dict(args.data)))
-    transform = data_mod.eval_transform(saved.preprocess.input_size, saved.preprocess)
+    transform = transforms.eval_transform(saved.preprocess.input_size, saved.preprocess)
     if data_cfg.name == "imagefolder":
         root = data_mod._imagefolder_root(data_cfg)
         split_dir = os.path.join(root, args.split)

@@ -21,8 +21,6 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-
 from finetune import checkpoint, freeze
 from finetune.errors import UserError
 

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import data as data_mod
+from finetune import transforms
 from finetune.errors import UserError
 from finetune.saved import load, parse_args
 
@@ -76,7 +77,7 @@ def run(argv: list[str]) -> Path:
         raise UserError(f"predict: input={args.input} holds no image files ({', '.join(data_mod.IMAGE_EXTENSIONS)})")
     saved = load(args.ckpt, args.device, args.average)
     size = saved.preprocess.input_size
-    dataset = _Files(files, data_mod.eval_transform(size, saved.preprocess), size)
+    dataset = _Files(files, transforms.eval_transform(size, saved.preprocess), size)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=data_mod.resolve_workers(args.num_workers, False))
     k = min(args.top_k, len(saved.classes))
     rows = []

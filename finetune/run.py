@@ -132,6 +132,7 @@ class Run:
     def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
                  world: World | None = None, lr_auto: dict | None = None, saved: dict | None = None):
         from finetune import data as data_mod
+        from finetune import transforms
 
         if cfg.auto.enabled:  # it would train the config under no recipe, not the one auto chooses
             raise UserError("experiment=auto is resolved before a run is built: use finetune.train.train(cfg, "
@@ -159,7 +160,7 @@ class Run:
         self.data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
                                         pin_memory=device.type == "cuda", persistent_workers=True,
                                         rank=world.rank, world=world.size, views=cfg.cache_views)
-        size = data_mod.image_size(cfg.data, bundle.preprocess)
+        size = transforms.image_size(cfg.data, bundle.preprocess)
         log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
                  len(self.data.classes), size)
         # what eval / predict / export need to use the model without the training data

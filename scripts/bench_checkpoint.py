@@ -12,7 +12,6 @@ that of the same checkpoint with only the tensors (model, optimizer state).
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import time
 from pathlib import Path

@@ -13,6 +13,7 @@ from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 from torchvision.transforms import v2
 
 from finetune import data as data_mod
+from finetune import sampling, transforms
 from finetune.models import Preprocess, build_model
 from finetune.train import Interrupted, train
 from finetune.trainer import batch_mix
@@ -22,14 +23,14 @@ PRE = Preprocess((0.5,) * 3, (0.5,) * 3, 32, "bilinear", 0.875)
 
 def dataset(**options):
     base = data_mod._synthetic_splits(compose_cfg("data.image_size=32").data, 32)[0]
-    transform = data_mod.train_transform(32, PRE, True, **options)
-    return data_mod.TransformedDataset(base, transform, seed=3)
+    transform = transforms.train_transform(32, PRE, True, **options)
+    return sampling.TransformedDataset(base, transform, seed=3)
 
 
 def test_default_pipeline_is_unchanged_without_timm_options():
-    default = repr(data_mod.train_transform(32, PRE, True))
+    default = repr(transforms.train_transform(32, PRE, True))
     assert "RandomResizedCrop(" in default and "timm" not in default and "RandAugment" not in default
-    assert "RandAugment" in repr(data_mod.train_transform(32, PRE, True, "rand-m9-mstd0.5-inc1"))
+    assert "RandAugment" in repr(transforms.train_transform(32, PRE, True, "rand-m9-mstd0.5-inc1"))
 
 
 def test_randaugment_and_erasing_are_a_function_of_seed_epoch_and_sample():

@@ -353,7 +353,7 @@ def test_images_become_correct_8_bit_rgb(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from finetune.data import to_rgb
+    from finetune.transforms import to_rgb
 
     grey16 = np.full((4, 6), 32768, dtype=np.uint16)  # mid-grey in 16 bits
     Image.fromarray(grey16).save(tmp_path / "g16.png")

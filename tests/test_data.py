@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from finetune import data as D
+from finetune import sampling, transforms
 from finetune.config import DataConfig
 from finetune.errors import UserError
 
@@ -178,7 +179,7 @@ def test_drop_last_only_when_there_is_more_than_one_batch():
     assert b.steps_per_epoch == 1 and [len(y) for _, y in b.train_loader(0)] == [3]
     # every sample appears exactly once per epoch otherwise
     b = D.build_data(small(train_size=12), IMAGENET, batch_size=4, seed=0)
-    sampler = D.EpochSampler(12, seed=0, batch_size=4)
+    sampler = sampling.EpochSampler(12, seed=0, batch_size=4)
     sampler.set_epoch(5)
     assert sorted(i for i, _ in sampler) == list(range(12))
 
@@ -196,7 +197,7 @@ def test_val_loader_is_sequential_with_double_batch_and_eval_transform():
 
 
 def test_eval_transform_resizes_crops_and_normalises():
-    t = D.eval_transform(32, IMAGENET)
+    t = transforms.eval_transform(32, IMAGENET)
     mean_colour = np.array(IMAGENET.mean) * 255
     image = Image.fromarray(np.broadcast_to(mean_colour.round().astype(np.uint8), (50, 80, 3)).copy())
     out = t(image)
@@ -208,12 +209,12 @@ def test_eval_transform_resizes_crops_and_normalises():
 
 
 def test_train_transform_augments_only_when_asked():
-    aug = D.train_transform(32, IMAGENET, augment=True)
+    aug = transforms.train_transform(32, IMAGENET, augment=True)
     crop = aug.transforms[1]
-    assert type(crop).__name__ == "RandomResizedCrop" and crop.scale == D.TRAIN_CROP_SCALE
+    assert type(crop).__name__ == "RandomResizedCrop" and crop.scale == transforms.TRAIN_CROP_SCALE
     assert crop.interpolation.value == "bicubic"
-    plain = D.train_transform(32, IMAGENET, augment=False)
-    eval_steps = D.eval_transform(32, IMAGENET).transforms
+    plain = transforms.train_transform(32, IMAGENET, augment=False)
+    eval_steps = transforms.eval_transform(32, IMAGENET).transforms
     assert [type(s).__name__ for s in plain.transforms] == [type(s).__name__ for s in eval_steps]
     b = D.build_data(small(augment=False), IMAGENET, batch_size=4, seed=0)
     assert torch.equal(b.train[(0, 0)][0], b.train[(0, 9)][0])  # no randomness left
@@ -221,7 +222,7 @@ def test_train_transform_augments_only_when_asked():
 
 def test_bad_interpolation_is_a_user_error():
     with pytest.raises(UserError, match="unknown interpolation 'cubic'"):
-        D.eval_transform(32, replace_pp(interpolation="cubic"))
+        transforms.eval_transform(32, replace_pp(interpolation="cubic"))
 
 
 def test_resolve_workers():

@@ -19,7 +19,7 @@ from tiny_runs import ONE_THREAD_ENV, QUIET, compose_cfg, run_cli
 from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
 from finetune import checkpoint
-from finetune.data import EpochSampler, _Shard
+from finetune.sampling import EpochSampler, _Shard
 from finetune.errors import UserError
 from finetune.train import train
 
