@@ -226,6 +226,7 @@ def probe_images(n: int, images_per_run: int, budget: float, check: bool = False
     return max(1, min(n, MAX_IMAGES, affordable // 2 if check else affordable))
 
 
+MIN_PROBED_PER_CLASS = 2  # a probe's cross-validation needs a class in its folds' train and test sets
 MIN_ADAPTED = 20  # fewer images say nothing about a BatchNorm's statistics
 
 
@@ -298,6 +299,10 @@ def measure(cfg) -> Evidence:
     trained = min(cfg.epochs * n, cfg.max_steps * per_step) if cfg.max_steps else cfg.epochs * n
     has_bn = bool(batchnorms(model))
     keep = probe_images(n, trained, cfg.auto.budget, check=has_bn)
+    if keep < MIN_PROBED_PER_CLASS * data.num_classes:  # cross-validated probes on fewer say nothing
+        data.close()
+        raise CannotProbe(f"the run's budget ({cfg.auto.budget:.0%} of its compute) affords a probe of {keep} "
+                          f"train images, under {MIN_PROBED_PER_CLASS} a class")
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values.tolist()
 
     def loader_of(indices: list[int]):

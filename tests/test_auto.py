@@ -242,6 +242,15 @@ def test_a_model_without_a_head_module_trains_the_near_recipe(capsys, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["recipe"]["name"] == "lp_ft"
 
 
+def test_a_budget_too_small_to_probe_trains_the_near_recipe(capsys, tmp_path):
+    # one epoch of 24 images at 5 %: 3 forward passes affordable, 1 for the probe: under 2 a class
+    code, err = run_cli(capsys, "train", *TINY, "epochs=1", "auto.budget=0.05", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    choice = json.loads((tmp_path / "auto.json").read_text())
+    assert choice == {"recipe": "lp_ft", "probe": None, "reason": "no probe: the run's budget (5% of its compute) "
+                      "affords a probe of 1 train images, under 2 a class; the recipe for pretrained features that fit"}
+
+
 def test_a_run_cannot_be_built_from_an_unresolved_auto_config(tmp_path):
     from finetune.run import Run
 

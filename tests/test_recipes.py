@@ -329,7 +329,7 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
     out = tmp_path / "out"
     args = ["--data", str(data), "--out", str(out), "--seeds", "1", "--epochs", "1", "--reuse",
             "--set", "data.image_size=32", "--set", "batch_size=4", "--set", "data.num_workers=0",
-            "--set", "auto.near=linear_probe", "--set", "auto.far=linear_probe"]
+            "--set", "auto.near=linear_probe", "--set", "auto.far=linear_probe", "--set", "auto.budget=0.5"]
 
     def bench(recipes):
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_transfer.py"), *args, "--recipes", recipes]
@@ -342,8 +342,8 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
     assert probe.chose == "linear_probe" and probe.val_acc == trained.val_acc
     assert probe.wall_seconds > trained.wall_seconds  # the probe's time on top
     choice = json.loads((out / "runs" / "auto" / "seed0" / "auto.json").read_text())
-    # one epoch of 8 images: 15 % of the compute is 3.6 forward passes
-    assert choice["recipe"] == "linear_probe" and choice["probe"]["images"] == 3
+    # one epoch of 8 images: half the compute is 12 forward passes, half of them for the probe (BatchNorm)
+    assert choice["recipe"] == "linear_probe" and choice["probe"]["images"] == 6
     assert "auto (linear_probe)" in (out / "results.md").read_text()
     # an invocation for another recipe reports every finished fixed recipe too
     again = bench("full")
