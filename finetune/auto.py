@@ -299,10 +299,6 @@ def measure(cfg) -> Evidence:
     trained = min(cfg.epochs * n, cfg.max_steps * per_step) if cfg.max_steps else cfg.epochs * n
     has_bn = bool(batchnorms(model))
     keep = probe_images(n, trained, cfg.auto.budget, check=has_bn)
-    if keep < MIN_PROBED_PER_CLASS * data.num_classes:  # cross-validated probes on fewer say nothing
-        data.close()
-        raise CannotProbe(f"the run's budget ({cfg.auto.budget:.0%} of its compute) affords a probe of {keep} "
-                          f"train images, under {MIN_PROBED_PER_CLASS} a class")
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values.tolist()
 
     def loader_of(indices: list[int]):
@@ -312,6 +308,9 @@ def measure(cfg) -> Evidence:
     # the run's optimizer steps, counted as the run's plan counts them
     steps = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch // cfg.accumulate).total_steps
     try:
+        if keep < MIN_PROBED_PER_CLASS * data.num_classes:  # cross-validated probes on fewer say nothing
+            raise CannotProbe(f"the run's budget ({cfg.auto.budget:.0%} of its compute) affords a probe of "
+                              f"{keep} train images, under {MIN_PROBED_PER_CLASS} a class")
         feats, labels = stage_features(model, groups, head, loader_of(chosen), device, progress=bool(cfg.progress),
                                        channels_last=channels_last)
         stages = [(g, round(cv_accuracy(f, labels, cfg.auto.folds, seed=cfg.seed), 4)) for g, f in feats.items()]
@@ -361,7 +360,8 @@ def choose(cfg, out_dir: str | Path | None = None, saved: dict | None = None) ->
 
 
 class CannotProbe(Exception):
-    """The model offers no features to probe: auto trains its near recipe and says why."""
+    """No probe can run (the model has no head module to probe under, or the budget affords too few
+    images): auto trains its near recipe and says why."""
 
 
 def choose_here(cfg, saved: dict | None = None) -> dict:
