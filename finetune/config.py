@@ -38,7 +38,7 @@ class DataConfig:
     val_size: int = 96  # synthetic only
     image_size: Optional[int] = None  # null: the model's pretrained input size
     augment: bool = True
-    # with augment, through timm's factory (finetune/data.py): an auto-augment policy (rand-m9-mstd0.5-inc1:
+    # with augment, through timm's factory (finetune/transforms.py): an auto-augment policy (rand-m9-mstd0.5-inc1:
     # RandAugment; original; augmix-m5-w4-d2) and random erasing (probability, random pixels)
     auto_augment: Optional[str] = None
     re_prob: float = 0.0

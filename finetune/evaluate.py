@@ -22,6 +22,7 @@ from omegaconf import MISSING, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import data as data_mod
+from finetune import datasets
 from finetune import transforms
 from finetune.errors import UserError, writing
 from finetune.saved import SavedModel, load, parse_args
@@ -77,20 +78,20 @@ def split_dataset(saved: SavedModel, args) -> tuple[Dataset, list[str]]:
     data_cfg = OmegaConf.merge(OmegaConf.create(saved.config["data"]), OmegaConf.create(dict(args.data)))
     transform = transforms.eval_transform(saved.preprocess.input_size, saved.preprocess)
     if data_cfg.name == "imagefolder":
-        root = data_mod._imagefolder_root(data_cfg)
+        root = datasets.imagefolder_root(data_cfg)
         split_dir = os.path.join(root, args.split)
         if not os.path.isdir(split_dir):
             raise UserError(f"eval: no folder '{split_dir}' (split={args.split} under data.root={root})")
-        folders = data_mod._class_dirs(split_dir)
+        folders = datasets.class_dirs(split_dir)
         unknown = sorted(set(folders) - set(saved.classes))
         if unknown:
             raise UserError(f"eval: {split_dir} has class folders the model does not know: {unknown}; its "
                             f"classes are {saved.classes}")
-        files = data_mod._scan_split(split_dir, folders)
+        files = datasets.scan_split(split_dir, folders)
         samples = [(p, saved.classes.index(c)) for c in folders for p in files[c]]
         if not samples:
             raise UserError(f"eval: no images under {split_dir}")
-        return _Named(data_mod.CheckedImageFolder(samples, bool(data_cfg.skip_bad)), [p for p, _ in samples],
+        return _Named(datasets.CheckedImageFolder(samples, bool(data_cfg.skip_bad)), [p for p, _ in samples],
                       transform), folders
     if args.split not in ("train", "val"):
         raise UserError(f"eval: split={args.split}: data={data_cfg.name} has the splits train and val")
@@ -107,7 +108,7 @@ def score(saved: SavedModel, dataset: Dataset, batch_size: int, tta: bool = Fals
     """Softmax probabilities of every image (with `tta`: the mean over the image and its mirror)."""
     from finetune.progress import bar
 
-    in_memory = not isinstance(getattr(dataset, "base", None), data_mod.CheckedImageFolder)
+    in_memory = not isinstance(getattr(dataset, "base", None), datasets.CheckedImageFolder)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=data_mod.resolve_workers(num_workers, in_memory))
     probs, targets, names = [], [], []
     with bar(len(loader), "scoring", enabled=progress) as advance:

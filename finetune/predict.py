@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import data as data_mod
+from finetune import datasets
 from finetune import transforms
 from finetune.errors import UserError
 from finetune.saved import load, parse_args
@@ -41,7 +42,7 @@ def find_images(spec: str) -> list[str]:
     if path.is_file():
         return [str(path)]
     if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data_mod.IMAGE_EXTENSIONS)
+        return sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in datasets.IMAGE_EXTENSIONS)
     matches = sorted(m for m in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(m))
     if not matches and not any(c in spec for c in "*?["):
         raise UserError(f"predict: input={spec}: no such file or folder")
@@ -59,7 +60,7 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(data_mod._load_rgb(self.files[i])), i, ""
+            return self.transform(datasets.load_rgb(self.files[i])), i, ""
         except Exception as e:  # PIL raises many types for broken files
             return torch.zeros(3, self.size, self.size), i, f"{type(e).__name__}: {e}"[:200]
 
@@ -74,7 +75,7 @@ def run(argv: list[str]) -> Path:
         raise UserError("predict: top_k and batch_size must be >= 1")
     files = find_images(args.input)
     if not files:
-        raise UserError(f"predict: input={args.input} holds no image files ({', '.join(data_mod.IMAGE_EXTENSIONS)})")
+        raise UserError(f"predict: input={args.input} holds no image files ({', '.join(datasets.IMAGE_EXTENSIONS)})")
     saved = load(args.ckpt, args.device, args.average)
     size = saved.preprocess.input_size
     dataset = _Files(files, transforms.eval_transform(size, saved.preprocess), size)

@@ -107,10 +107,9 @@ class _StopFlag:
 
 def build_run(cfg):
     """Model, groups, data and plan from the config: everything `train` and `inspect` share."""
-    from finetune import data as data_mod
-    from finetune import models
+    from finetune import datasets, models
 
-    num_classes = data_mod.num_classes(cfg.data)
+    num_classes = datasets.num_classes(cfg.data)
     bundle = models.build_model(cfg.model, num_classes)
     spec = cfg.model.groups if cfg.model.groups is not None else bundle.group_spec
     if OmegaConf.is_config(spec):

@@ -386,7 +386,7 @@ def print_table(stats: dict[str, RecipeStats]) -> None:
 def make_digits(out: Path, train_per_class: int = 30, val_per_class: int = 50, size: int = 32) -> None:
     """The embedded digits (finetune/assets: 1797 8x8 images, 10 classes) as an ImageFolder of `size` px
     PNGs: the same fixed per-class split as `data=digits` (train_per_class / val_per_class images)."""
-    from finetune.data import digits_split
+    from finetune.datasets import digits_split
 
     for split in ("train", "val"):
         for i, (image, digit) in enumerate(digits_split(split, train_per_class, val_per_class, size)):

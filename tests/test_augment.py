@@ -7,13 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_resume import assert_same_run, load
+from test_resume import load
 from tiny_runs import QUIET, TINY, compose_cfg, run_cli
 from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 from torchvision.transforms import v2
 
-from finetune import data as data_mod
-from finetune import sampling, transforms
+from finetune import datasets, sampling, transforms
 from finetune.models import Preprocess, build_model
 from finetune.train import Interrupted, train
 from finetune.trainer import batch_mix
@@ -22,7 +21,7 @@ PRE = Preprocess((0.5,) * 3, (0.5,) * 3, 32, "bilinear", 0.875)
 
 
 def dataset(**options):
-    base = data_mod._synthetic_splits(compose_cfg("data.image_size=32").data, 32)[0]
+    base = datasets._synthetic_splits(compose_cfg("data.image_size=32").data, 32)[0]
     transform = transforms.train_transform(32, PRE, True, **options)
     return sampling.TransformedDataset(base, transform, seed=3)
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from finetune import data as D
-from finetune import sampling, transforms
+from finetune import datasets, sampling, transforms
 from finetune.config import DataConfig
 from finetune.errors import UserError
 
@@ -46,17 +46,17 @@ def same_batches(a, b) -> bool:
 
 
 def test_num_classes_per_source(tmp_path):
-    assert D.num_classes(DataConfig(num_classes=7)) == 7
-    assert D.num_classes(DataConfig(name="cifar100")) == 100
-    assert D.num_classes(DataConfig(name="Fashion-MNIST")) == 10
-    assert D.num_classes(DataConfig(name="imagefolder", root=HYMENOPTERA)) == 2
+    assert datasets.num_classes(DataConfig(num_classes=7)) == 7
+    assert datasets.num_classes(DataConfig(name="cifar100")) == 100
+    assert datasets.num_classes(DataConfig(name="Fashion-MNIST")) == 10
+    assert datasets.num_classes(DataConfig(name="imagefolder", root=HYMENOPTERA)) == 2
 
 
 def test_unknown_name_and_bad_synthetic_sizes():
     with pytest.raises(UserError, match="unknown data.name 'imagenet'.*cifar10"):
-        D.num_classes(DataConfig(name="imagenet"))
+        datasets.num_classes(DataConfig(name="imagenet"))
     with pytest.raises(UserError, match="data.num_classes must be at least 2"):
-        D.num_classes(DataConfig(num_classes=1))
+        datasets.num_classes(DataConfig(num_classes=1))
     with pytest.raises(UserError, match="data.train_size"):
         D.build_data(small(train_size=0), IMAGENET, batch_size=4, seed=0)
 
@@ -65,13 +65,13 @@ def test_unknown_name_and_bad_synthetic_sizes():
 
 
 def test_synthetic_is_deterministic_balanced_and_disjoint():
-    images, labels = D.synthetic_images(48, 4, 32, 0)
-    D.synthetic_images.cache_clear()
-    again, labels_again = D.synthetic_images(48, 4, 32, 0)
+    images, labels = datasets.synthetic_images(48, 4, 32, 0)
+    datasets.synthetic_images.cache_clear()
+    again, labels_again = datasets.synthetic_images(48, 4, 32, 0)
     assert again is not images and torch.equal(again, images) and torch.equal(labels_again, labels)
     assert images.shape == (48, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [12, 12, 12, 12]
-    val, _ = D.synthetic_images(48, 4, 32, 1)
+    val, _ = datasets.synthetic_images(48, 4, 32, 1)
     flat_train, flat_val = images.flatten(1).float(), val.flatten(1).float()
     assert torch.cdist(flat_val, flat_train).min() > 100  # no val image repeats a train image
     # not a constant per class: samples of one class differ clearly
@@ -122,7 +122,7 @@ def test_train_order_and_augmentation_depend_only_on_seed_epoch_index():
     torch.manual_seed(123)  # global RNG state must not matter
     run_a = batches(first.train_loader(1))
     torch.manual_seed(999)
-    D.synthetic_images.cache_clear()
+    datasets.synthetic_images.cache_clear()
     second = D.build_data(cfg, IMAGENET, batch_size=8, seed=3)
     run_b = batches(second.train_loader(1))
     assert same_batches(run_a, run_b)
@@ -188,7 +188,7 @@ def test_val_loader_is_sequential_with_double_batch_and_eval_transform():
     b = D.build_data(small(val_size=20), IMAGENET, batch_size=4, seed=0)
     got = batches(b.val_loader())
     assert [len(y) for _, y in got] == [8, 8, 4]
-    _, labels = D.synthetic_images(20, 4, 32, 1)
+    _, labels = datasets.synthetic_images(20, 4, 32, 1)
     assert torch.equal(torch.cat([y for _, y in got]), labels)
     assert torch.equal(got[0][0][0], b.val[0][0])
 
@@ -321,7 +321,7 @@ def test_imagefolder_layout_errors(tmp_path, setup, message, found_without_scann
         build(cfg)
     if found_without_scanning:  # num_classes checks the layout, not the files
         with pytest.raises(UserError, match=message):
-            D.num_classes(cfg)
+            datasets.num_classes(cfg)
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path, caplog):
@@ -347,15 +347,15 @@ def test_truncated_jpeg_passes_the_header_check():
     with open(path, "wb") as f:
         f.write(data[: int(len(data) * 0.8)])
     try:
-        assert D._readable(path)
+        assert datasets._readable(path)
         with pytest.raises(OSError):
-            D._load_rgb(path)
+            datasets.load_rgb(path)
     finally:
         os.remove(path)
 
 
 def test_unreadable_image_found_at_load_time_in_a_worker_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "VERIFY_MAX_FILES", 0)  # a large data set: no up-front check, errors surface in workers
+    monkeypatch.setattr(datasets, "VERIFY_MAX_FILES", 0)  # a large data set: no up-front check, errors surface in workers
     root = make_folder(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}})
     (root / "train" / "a" / "cut.jpg").write_bytes(b"\xff\xd8 garbage")
     b = build(folder_cfg(root, num_workers=1), batch_size=8)
@@ -460,13 +460,13 @@ def test_augmentation_seeds_leave_every_cuda_generator_alone(monkeypatch):
 
 def test_embedded_digits_are_a_fixed_real_split():
     cfg = DataConfig(name="digits", image_size=32, num_workers=0)
-    assert D.num_classes(cfg) == 10
+    assert datasets.num_classes(cfg) == 10
     bundle = D.build_data(cfg, IMAGENET, batch_size=32, seed=0)
     assert (len(bundle.train), len(bundle.val)) == (300, 500) and bundle.classes == [str(d) for d in range(10)]
     labels = [bundle.train.base[i][1] for i in range(300)]
     assert np.bincount(labels).tolist() == [30] * 10
-    train_pixels = {np.asarray(im).tobytes() for im, _ in D.digits_split("train")}
-    val_pixels = {np.asarray(im).tobytes() for im, _ in D.digits_split("val")}
+    train_pixels = {np.asarray(im).tobytes() for im, _ in datasets.digits_split("train")}
+    val_pixels = {np.asarray(im).tobytes() for im, _ in datasets.digits_split("val")}
     assert not train_pixels & val_pixels  # no image in both splits
     image = bundle.train.base[0][0]
     assert image.size == (32, 32) and np.asarray(image).std() > 20  # real strokes, not a blank

@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_runs import QUIET, run_cli
 from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
-from finetune.data import synthetic_images
+from finetune.datasets import synthetic_images
 
 CLASSES = ["cat", "dog", "owl"]
 
