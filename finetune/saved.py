@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune import checkpoint
 from finetune.errors import UserError
-from finetune.models import Preprocess
+from finetune.weights import Preprocess
 
 log = logging.getLogger("finetune")
 

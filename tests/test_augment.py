@@ -13,7 +13,8 @@ from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 from torchvision.transforms import v2
 
 from finetune import datasets, sampling, transforms
-from finetune.models import Preprocess, build_model
+from finetune.models import build_model
+from finetune.weights import Preprocess
 from finetune.train import Interrupted, train
 from finetune.trainer import batch_mix
 

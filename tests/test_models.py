@@ -12,16 +12,8 @@ import torch.nn.functional as F
 import torchvision
 
 from finetune.errors import UserError
-from finetune.models import (
-    PACKAGED_WEIGHTS,
-    HeadLinear,
-    Preprocess,
-    build_model,
-    load_packaged,
-    map_by_position,
-    read_state_dict,
-    weights_kind,
-)
+from finetune.models import HeadLinear, build_model
+from finetune.weights import PACKAGED_WEIGHTS, Preprocess, load_packaged, map_by_position, read_state_dict, weights_kind
 
 BEES_ANTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera" / "val"
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision uses for ResNet18_Weights.IMAGENET1K_V1
