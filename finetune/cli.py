@@ -134,7 +134,7 @@ def train_task(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     from finetune.recipe import line
-    from finetune.run import Interrupted
+    from finetune.interrupt import Interrupted
     from finetune.train import train
 
     hydra_cfg = HydraConfig.get()

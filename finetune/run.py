@@ -29,35 +29,16 @@ from finetune import checkpoint, distributed, freeze, report
 from finetune.errors import UserError, writing
 from finetune.events import BEST_METRICS, LOGGERS, best_epoch, check_due, default_listeners
 from finetune.groups import build_groups
-from finetune.plan import Plan
 from finetune.plan import warnings as plan_warnings
 from finetune.diagnostics import Diagnostics
 from finetune.distributed import World
+from finetune.divergence import check_finite_state, diverged, first_bad
+from finetune.interrupt import TIME_LIMIT_EXIT, Interrupted, StopFlag
 from finetune.trace import NoTrace, TraceFile
 from finetune.trace import read as read_trace
 from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_everything
 
 log = logging.getLogger("finetune")
-
-
-TIME_LIMIT_EXIT = 3  # the exit code of a run stopped by its time_limit: a job script can requeue on it
-
-
-class Interrupted(Exception):
-    """The run stopped early (SIGINT/SIGTERM, its time_limit, or `stop_at_step`) after writing a checkpoint.
-
-    `reason` says why and where; `out_dir` is what `resume=` takes to continue; `signum` is the signal
-    (None otherwise); `exit_code` what a CLI exits with: 128 + signum for a signal (the shell's
-    convention), TIME_LIMIT_EXIT for the time limit, 130 for stop_at_step."""
-
-    def __init__(self, reason: str, out_dir: Path, signum: int | None, exit_code: int | None = None):
-        super().__init__(f"{reason}. Resume with: finetune train resume={out_dir} <the same overrides>")
-        self.reason, self.out_dir, self.signum = reason, out_dir, signum
-        self.exit_code = exit_code if exit_code is not None else 128 + (signum or 2)
-
-
-class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; the message names the step and every group's LR."""
 
 
 @dataclass
@@ -78,31 +59,6 @@ class RunState:
     epoch_seconds: float = 0.0  # training seconds spent on it before the interruption
     finished_early: str | None = None  # why early stopping ended the run (a resume then trains no more)
     evals: list[dict] = field(default_factory=list)  # eval_every: {step, epoch, val_*} of every evaluation
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop stops after the current step and checkpoints."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def build_run(cfg):
@@ -222,7 +178,7 @@ class Run:
         """Train to the end of the plan; returns the summary (with final_val_acc)."""
         if self.world.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        with _StopFlag() as self.stop, contextlib.ExitStack() as cleanup:
+        with StopFlag() as self.stop, contextlib.ExitStack() as cleanup:
             cleanup.callback(self.emit, "on_close")  # also on errors: leave the terminal usable
             cleanup.callback(self.data.close)  # persistent loader workers end with the run
             cleanup.callback(self.trace.close)
@@ -320,7 +276,7 @@ class Run:
                         else (data.val_loader(), None))
         val_loss, val_acc = trainer.evaluate(loader, average=trainer.ema is not None, head=head)
         if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
-            raise _diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
+            raise diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
                             self.state.step - 1, self.ckpt_path)
         live = {}
         if trainer.ema is not None:
@@ -436,14 +392,14 @@ class Run:
 
     def check_losses(self) -> None:
         """Stop on a NaN/inf loss; with several processes every rank stops at the first bad step of any."""
-        bad = _first_bad(self.pending)
+        bad = first_bad(self.pending)
         if self.world.enabled:  # the ranks hold the same pending steps, their own shard's losses
             first = -distributed.max_([-float(bad[0]) if bad else -math.inf], self.device)[0]
             bad = (int(first), dict(self.pending).get(int(first))) if math.isfinite(first) else None
         self.pending.clear()
         if bad:
             loss = bad[1].item() if bad[1] is not None and not bool(torch.isfinite(bad[1])) else "non-finite"
-            raise _diverged(f"loss became {loss} at step {bad[0]}", self.plan, bad[0], self.ckpt_path)
+            raise diverged(f"loss became {loss} at step {bad[0]}", self.plan, bad[0], self.ckpt_path)
 
     def save(self) -> None:
         """Checkpoint the run as it stands, mid-epoch sums included; never a diverged model over the last
@@ -455,7 +411,7 @@ class Run:
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = self.loss_sum.item(), self.correct.item(), self.seen
         state.epoch_seconds = self.epoch_seconds()
         state.wall_seconds = self._wall_before + time.perf_counter() - self._run_t0
-        _check_finite_state(self.model, self.plan, state.step, self.ckpt_path)  # the same on every rank
+        check_finite_state(self.model, self.plan, state.step, self.ckpt_path)  # the same on every rank
         # each rank's own RNG stream (dropout) and epoch sums, so that every rank resumes exactly
         ranks = distributed.gather({"rng": checkpoint.rng_state(),
                                     "sums": [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen]})
@@ -589,38 +545,6 @@ def _config_container(cfg) -> dict:
 
 def _mean(values):
     return round(sum(values) / len(values), 2) if values else None
-
-
-def _first_bad(pending: list[tuple[int, torch.Tensor]]) -> tuple[int, torch.Tensor] | None:
-    """The first (step, loss) whose loss is NaN or infinite, read back in one transfer (GradScaler's
-    skipped fp16 overflow steps have finite losses, so they never land here)."""
-    if not pending:
-        return None
-    losses = torch.stack([loss.float() for _, loss in pending])
-    bad = (~torch.isfinite(losses)).nonzero()
-    return pending[int(bad[0])] if len(bad) else None
-
-
-def _diverged(what: str, plan: Plan, step: int, kept: Path | None) -> NonFiniteLoss:
-    """The one message of every divergence: what, the step's epoch and every group's LR there."""
-    epoch = step // plan.steps_per_epoch
-    mask = plan.trainable(epoch)
-    lrs = ", ".join(f"{g.name}={plan.lr(i, step):.3g}" + ("" if mask[i] else " (frozen)")
-                    for i, g in enumerate(plan.groups))
-    return NonFiniteLoss(f"{what} (epoch {epoch}) with LRs {lrs}; stopped, {_kept(kept)}. "
-                         "Lower the LR or set grad_clip")
-
-
-def _kept(ckpt: Path | None) -> str:
-    return f"the last good checkpoint {ckpt} is kept" if ckpt and ckpt.is_file() else "no checkpoint was written"
-
-
-def _check_finite_state(model: nn.Module, plan: Plan, step: int, ckpt: Path) -> None:
-    """A good checkpoint holds finite weights and buffers (BatchNorm statistics included); `step` steps
-    are done."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise _diverged(f"{name} became non-finite by step {step - 1}", plan, max(0, step - 1), ckpt)
 
 
 def _refuse_finished_dir(out_dir: Path, cfg) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 from finetune.errors import UserError
 from finetune.recipe import line
 
-from finetune.run import Interrupted, NonFiniteLoss, Run, RunState, build_run  # noqa: F401
+from finetune.divergence import NonFiniteLoss  # noqa: F401
+from finetune.interrupt import Interrupted  # noqa: F401
+from finetune.run import Run, RunState, build_run  # noqa: F401
 from finetune.trainer import Trainer, resolve_device, resolve_precision, seed_everything, trace_rows  # noqa: F401
 
 

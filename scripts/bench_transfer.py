@@ -464,6 +464,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     p.add_argument("--recipes", default=None, help=f"comma-separated subset of {','.join(RECIPES)}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...); default 3")
+    p.add_argument("--first-seed", type=int, default=0, metavar="K",
+                   help="seeds K, K+1, ...: more seeds beside a finished benchmark's, in another --out")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of every recipe; default 5")
     p.add_argument("--model", default=MODEL,
                    help="a conf/model preset: efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2")
@@ -487,6 +489,8 @@ def parse_args(argv=None):
         p.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     args.recipes = recipes
     args.seeds = args.seeds or (1 if args.quick else 3)
+    if args.first_seed < 0:
+        p.error(f"--first-seed must be >= 0, got {args.first_seed}")
     args.epochs = args.epochs or (2 if args.quick else 5)
     args.data = args.data.expanduser().resolve()
     return args
@@ -511,12 +515,13 @@ def main(argv=None) -> dict[str, RecipeStats]:
     if args.train_per_class:
         args.name = f"{args.data.name}, {args.train_per_class} train images per class"
         args.data = train_subset(args.data, args.train_per_class, args.out)
-    runs = [(recipe, seed) for recipe in args.recipes for seed in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = [(recipe, seed) for recipe in args.recipes for seed in seeds]
     configs = compose_configs(runs, args.data, args.epochs, args.set, args.model)
     stats = run_all(configs, args.out, args.reuse, lambda name, seed: compose_configs(
         [(name, seed)], args.data, args.epochs, args.set, args.model)[(name, seed)])
     # the report covers every recipe finished in --out for these seeds, not only this invocation's
-    others = [(r, seed) for r in RECIPES if r not in stats and r != "auto" for seed in range(args.seeds)]
+    others = [(r, seed) for r in RECIPES if r not in stats and r != "auto" for seed in seeds]
     stats.update(finished(compose_configs(others, args.data, args.epochs, args.set, args.model), args.out))
     print_table(stats)
     n_train, n_val = count_images(args.data)

@@ -12,7 +12,7 @@ from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
 from finetune import checkpoint
 from finetune.errors import UserError
-from finetune.run import Interrupted
+from finetune.interrupt import Interrupted
 from finetune.train import train
 
 # lp_ft: epoch 0 trains the head alone (cached), epoch 1 everything (not); pretrained-style BN in eval

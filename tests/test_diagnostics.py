@@ -10,7 +10,7 @@ from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 from finetune import checkpoint
 from finetune.diagnostics import ratio_warnings, resolve_every
 from finetune.errors import UserError
-from finetune.run import Interrupted
+from finetune.interrupt import Interrupted
 from finetune.train import Trainer, train
 
 # plain SGD: the update is exactly lr x gradient, so the probe's numbers can be checked by hand

@@ -42,7 +42,7 @@ def test_a_freezeout_run_drops_groups_from_the_backward_and_keeps_them_bit_equal
 
 
 def test_a_milestone_may_freeze_groups_again(tmp_path):
-    from finetune.run import Interrupted
+    from finetune.interrupt import Interrupted
 
     cfg = ["experiment=none", "freeze.kind=milestones", "++freeze.milestones={1: 2}", "epochs=3"]
     run = tmp_path / "run"

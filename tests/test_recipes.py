@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from finetune.config import register_configs
@@ -331,11 +332,11 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
             "--set", "data.image_size=32", "--set", "batch_size=4", "--set", "data.num_workers=0",
             "--set", "auto.near=linear_probe", "--set", "auto.far=linear_probe", "--set", "auto.budget=0.5"]
 
-    def bench(recipes):
-        cmd = [sys.executable, str(ROOT / "scripts" / "bench_transfer.py"), *args, "--recipes", recipes]
+    def bench(recipes, *extra):
+        cmd = [sys.executable, str(ROOT / "scripts" / "bench_transfer.py"), *args, "--recipes", recipes, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
-        return bench_transfer.load_results(out / "results.json")
+        return bench_transfer.load_results(Path(args[args.index("--out") + 1]) / "results.json")
 
     stats = bench("linear_probe,auto")
     (probe,), (trained,) = stats["auto"].runs, stats["linear_probe"].runs
@@ -348,6 +349,11 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
     # an invocation for another recipe reports every finished fixed recipe too
     again = bench("full")
     assert set(again) == {"full", "linear_probe"} and again["linear_probe"].runs[0].val_acc == trained.val_acc
+    # more seeds beside these, in another folder: seed 1 alone, trained with seed 1
+    args[args.index("--out") + 1] = str(tmp_path / "more")
+    (more,) = bench("linear_probe", "--first-seed", "1")["linear_probe"].runs
+    assert more.seed == 1 and not (tmp_path / "more" / "runs" / "linear_probe" / "seed0").exists()
+    assert OmegaConf.load(tmp_path / "more" / "runs" / "linear_probe" / "seed1" / "bench_config.yaml").seed == 1
 
 
 def test_make_folds_partitions_each_class_of_train_only(tmp_path):

@@ -168,7 +168,7 @@ def test_max_steps_ends_inside_an_epoch_and_the_schedule_ends_with_it(tmp_path):
 def test_tensorboard_logs_every_groups_lr_and_the_metrics_and_a_resume_does_not_fork(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from finetune.run import Interrupted
+    from finetune.interrupt import Interrupted
 
     run, tb = tmp_path / "run", ["epochs=2", "logger=tensorboard", "eval_every=2"]  # 3 steps an epoch
     with pytest.raises(Interrupted):
