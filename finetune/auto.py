@@ -9,17 +9,20 @@ How well each depth's features separate the classes says how far the data is fro
   fit. Keep them: a probed head and a gentle body LR (`auto.near`, lp_ft).
 - An earlier group's features score clearly above the top's: the top layers encode pretraining-specific
   features that fit this data worse than what lies under them (steel defects, upscaled digits). The top
-  must be re-learned: every group at one LR, BatchNorm on batch statistics (`auto.far`, full).
+  must be re-learned: every group at one LR, BatchNorm on batch statistics (`auto.far`, freezeout: each
+  group's LR anneals to zero by the epoch it freezes, bottom up, the head's by the end). freezeout
+  rather than full: wherever auto trains `far` it scored at least full's mean (steel defects at 30 and
+  60 images a class, three backbones, a tuning set and train folds: README, Why auto.far is freezeout).
 
 "Clearly": by more than one standard error of the top probe's accuracy and at least 1 point. The probe
 never sees the val folder.
 
-A full fine-tune trains BatchNorm on the batch statistics of this data, not ImageNet's. So before it
+The far recipe trains BatchNorm on the batch statistics of this data, not ImageNet's. So before it
 chooses `far`, the probe re-estimates every BatchNorm's statistics on a subset of the train images
 (AdaBN) and fits the top probe again: when the top features lose more than `auto.bn_drop` under the
-data's own statistics (digits: 0.83 -> 0.65), a full fine-tune starts from features worse than the
+data's own statistics (digits: 0.83 -> 0.65), training every group starts from features worse than the
 pretrained head input and `near` trains instead; when they keep (steel defects: 0.93 -> 0.96), `far`.
-`far` also needs `auto.far_min_steps` optimizer steps: a full fine-tune fits its new head at the body's
+`far` also needs `auto.far_min_steps` optimizer steps: the far recipe fits its new head at the body's
 LR, and in a handful of steps it cannot (steel defects at 10 images a class: 5 steps, 0.55 against
 lp_ft's 0.90). It costs at most `auto.budget` of the run's compute (a forward pass is a
 third of a training step), fewer train images when the run is short; on a model with BatchNorm the
@@ -97,15 +100,15 @@ def decide(ev: Evidence, near: str, far: str, bn_drop: float = 0.05, far_min_ste
                 f"by {gap:.3f} (> {margin:.3f})")
         if 0 < ev.steps < far_min_steps:
             reason = (f"{lead}, but the run has only {ev.steps} optimizer steps (< {far_min_steps}): too few for "
-                      f"a full fine-tune to fit a new head at the body's LR; a probed head first, the body gently")
+                      f"{far} to fit a new head at the body's LR; a probed head first, the body gently")
             return {"recipe": near, "reason": reason}
         if ev.adapted is not None:
             before, after = ev.adapted
             if before - after > bn_drop:
-                reason = (f"{lead}, but under this data's own BatchNorm statistics, which a full fine-tune trains "
-                          f"on, the top probe falls from {before:.3f} to {after:.3f} (by more than {bn_drop}): "
-                          f"a full fine-tune would start from worse features than the pretrained ones; keep "
-                          f"them, train the body gently")
+                reason = (f"{lead}, but under this data's own BatchNorm statistics, which {far} trains on, the "
+                          f"top probe falls from {before:.3f} to {after:.3f} (by more than {bn_drop}): {far} "
+                          f"would start from worse features than the pretrained ones; keep them, train the body "
+                          f"gently")
                 return {"recipe": near, "reason": reason}
             lead += (f", and under this data's own BatchNorm statistics the top probe keeps "
                      f"{after:.3f} (from {before:.3f})")

@@ -135,7 +135,7 @@ class AutoConfig:
 
     enabled: bool = False  # experiment=auto sets it
     near: str = "lp_ft"  # the recipe when the pretrained top features fit the data
-    far: str = "full"  # the recipe when an earlier group's features fit it clearly better
+    far: str = "freezeout"  # the recipe when an earlier group's features fit it clearly better
     budget: float = 0.15  # the probe's compute, at most this share of the run's
     # far only when the top probe loses at most this under the data's own BatchNorm statistics
     bn_drop: float = 0.05

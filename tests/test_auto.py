@@ -34,8 +34,9 @@ def test_decision_follows_the_evidence():
 def test_the_batchnorm_check_can_keep_the_near_recipe():
     far = evidence(("a", 0.70), ("b", 0.95), ("head input", 0.89))
     # the top probe collapses under the data's own BatchNorm statistics (the digits: 0.83 -> 0.65): near
-    collapsed = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.834, 0.647)}), "lp_ft", "full")
+    collapsed = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.834, 0.647)}), "lp_ft", "freezeout")
     assert collapsed["recipe"] == "lp_ft" and "falls from 0.834 to 0.647" in collapsed["reason"]
+    assert "which freezeout trains on" in collapsed["reason"]  # the reason names the far recipe it turned down
     # it keeps (steel defects: 0.93 -> 0.96), or within bn_drop: far
     kept = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.929, 0.955)}), "lp_ft", "full")
     assert kept["recipe"] == "full" and "keeps 0.955" in kept["reason"]
@@ -44,7 +45,7 @@ def test_the_batchnorm_check_can_keep_the_near_recipe():
     assert auto.decide(dented, "lp_ft", "full", bn_drop=0.03)["recipe"] == "lp_ft"
     # too few optimizer steps for a full fine-tune to fit a new head: near, whatever the BatchNorm check says
     short = auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.929, 0.955), "steps": 5}), "lp_ft", "full")
-    assert short["recipe"] == "lp_ft" and "only 5 optimizer steps (< 20)" in short["reason"]
+    assert short["recipe"] == "lp_ft" and "only 5 optimizer steps (< 20): too few for full to fit" in short["reason"]
     assert auto.decide(auto.Evidence(**{**far.__dict__, "steps": 25}), "lp_ft", "full")["recipe"] == "full"
     assert auto.decide(auto.Evidence(**{**far.__dict__, "steps": 5}), "lp_ft", "full", far_min_steps=5)["recipe"] == "full"
     # the check never makes near data far
@@ -134,15 +135,15 @@ def test_auto_trains_exactly_the_chosen_recipe_with_the_users_overrides(capsys, 
     assert code == 0, err
     summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
     choice = summary["recipe"]["auto"]
-    assert choice["recipe"] == "full" and "layer3's output scores 0.990" in choice["reason"]
+    assert choice["recipe"] == "freezeout" and "layer3's output scores 0.990" in choice["reason"]
     assert json.loads((tmp_path / "auto" / "auto.json").read_text()) == choice
-    assert summary["recipe"]["name"] == "full" and summary["recipe"]["set"]["schedule.kind"] == "cosine"
-    code, err = run_cli(capsys, "train", *TINY, "experiment=full", "epochs=2", "lr=0.005", *QUIET,
-                        f"hydra.run.dir={tmp_path / 'full'}")
+    assert summary["recipe"]["name"] == "freezeout" and summary["recipe"]["set"]["freeze.kind"] == "freezeout"
+    code, err = run_cli(capsys, "train", *TINY, "experiment=freezeout", "epochs=2", "lr=0.005", *QUIET,
+                        f"hydra.run.dir={tmp_path / 'freezeout'}")
     assert code == 0, err
     a = torch.load(tmp_path / "auto" / "checkpoints" / checkpoint.LAST, weights_only=True)
-    b = torch.load(tmp_path / "full" / "checkpoints" / checkpoint.LAST, weights_only=True)
-    assert a["config"] == b["config"] and a["config"]["lr"] == 0.005  # the override won over full's 1e-3
+    b = torch.load(tmp_path / "freezeout" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert a["config"] == b["config"] and a["config"]["lr"] == 0.005  # the override won over freezeout's 1e-3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -159,7 +160,7 @@ def test_the_real_probe_says_what_it_measured(capsys, tmp_path):
     # takes half (5 images, 7 % of the run's compute) and leaves the rest to the check
     assert probe["images"] == 5 and probe["budget_share"] == pytest.approx(0.0694, abs=1e-4)
     assert choice == {**auto.decide(auto.Evidence(**{**probe, "stages": [tuple(s) for s in probe["stages"]]}),
-                                    "linear_probe", "full"), "probe": probe}
+                                    "linear_probe", "freezeout"), "probe": probe}
     assert json.loads((tmp_path / "summary.json").read_text())["recipe"]["name"] == choice["recipe"]
 
 
@@ -198,8 +199,8 @@ def test_bad_auto_settings(capsys, tmp_path):
 def test_inspect_shows_the_near_recipe_and_names_the_far_one(capsys, tmp_path):
     code, err = run_cli(capsys, "inspect", *TINY, *QUIET, f"hydra.run.dir={tmp_path}")  # auto: the default
     assert code == 0, err
-    assert err[0] == ("warning: experiment=auto chooses experiment=lp_ft or experiment=full when training starts (a "
-                      "probe of the train images); this plan is lp_ft's: inspect experiment=full for the other")
+    assert err[0] == ("warning: experiment=auto chooses experiment=lp_ft or experiment=freezeout when training starts "
+                      "(a probe of the train images); this plan is lp_ft's: inspect experiment=freezeout for the other")
     # the plan shown is auto.near's, with the user's overrides
     from finetune import cli
 
@@ -207,7 +208,7 @@ def test_inspect_shows_the_near_recipe_and_names_the_far_one(capsys, tmp_path):
     cli.main(["inspect", *TINY, "auto.near=linear_probe", "epochs=3", *QUIET, f"hydra.run.dir={tmp_path}",
               "inspect.format=json"])
     info = json.loads(capsys.readouterr().out)
-    assert info["auto"] == {"near": "linear_probe", "far": "full"} and info["recipe"]["name"] == "linear_probe"
+    assert info["auto"] == {"near": "linear_probe", "far": "freezeout"} and info["recipe"]["name"] == "linear_probe"
     assert [g["trainable_from_epoch"] for g in info["groups"]] == [None] * 5 + [0] and info["epochs"] == 3
 
 
@@ -220,15 +221,15 @@ def test_inspect_probe_shows_the_plan_auto_will_train(capsys, tmp_path, monkeypa
     capsys.readouterr()
     cli.main(["inspect", *TINY, "inspect.probe=true", "lr=0.005", *QUIET, "inspect.format=json"])
     info = json.loads(capsys.readouterr().out)
-    assert info["recipe"]["name"] == "full" and "layer3's output scores 0.990" in info["recipe"]["auto"]["reason"]
-    # full's plan with the user's lr: every group from epoch 0 at 0.005, no warning about what auto may choose
+    assert info["recipe"]["name"] == "freezeout" and "layer3's output scores 0.990" in info["recipe"]["auto"]["reason"]
+    # freezeout's plan with the user's lr: every group from epoch 0 at 0.005, no warning about what auto may choose
     assert {g["trainable_from_epoch"] for g in info["groups"]} == {0}
     assert [g["lr"]["peak"] for g in info["groups"]] == pytest.approx([0.005] * 6, rel=0.02)
     assert "auto" not in info and not info["warnings"]
     assert list(tmp_path.iterdir()) == []  # inspect writes nothing, auto.json included
     cli.main(["inspect", *TINY, "inspect.probe=true", *QUIET])
     out = capsys.readouterr().out
-    assert "auto: chose experiment=full: a linear probe on layer3's output scores 0.990" in " ".join(out.split())
+    assert "auto: chose experiment=freezeout: a linear probe on layer3's output scores 0.990" in " ".join(out.split())
 
 
 def test_a_model_without_a_head_module_trains_the_near_recipe(capsys, tmp_path):

@@ -95,6 +95,6 @@ def test_lr_find_command_prints_the_override(capsys, tmp_path):
         err[-2].split()[2])
     assert (tmp_path / "lr_find.png").is_file() and (tmp_path / "lr_find.csv").is_file()
     # under the default, experiment=auto, the range test runs on the recipe the probe chose, as training would
-    assert json.loads((tmp_path / "auto.json").read_text())["recipe"] in ("lp_ft", "full")
+    assert json.loads((tmp_path / "auto.json").read_text())["recipe"] in ("lp_ft", "freezeout")
     code, err = run_cli(capsys, "train", *TINY, "lr=fast", *QUIET, f"hydra.run.dir={tmp_path / 'x'}")
     assert code == 2 and err[-1] == "finetune: error: lr=fast: expected a number or auto (the LR finder's suggestion)"

@@ -163,11 +163,11 @@ def check_hymenoptera(info):  # 245 train images, batch 32: 7 full steps
     lp_ft_body_and_head(info)
 
 
-def check_auto(info):  # the probe chooses when training starts: inspect shows lp_ft's plan, names full
+def check_auto(info):  # the probe chooses when training starts: inspect shows lp_ft's plan, names freezeout
     assert info["steps_per_epoch"] == 37  # neu6: 1200 train images
-    assert info["warnings"][0] == ("experiment=auto chooses experiment=lp_ft or experiment=full when training "
-                                   "starts (a probe of the train images); this plan is lp_ft's: inspect "
-                                   "experiment=full for the other")
+    assert info["warnings"][0] == ("experiment=auto chooses experiment=lp_ft or experiment=freezeout when "
+                                   "training starts (a probe of the train images); this plan is lp_ft's: inspect "
+                                   "experiment=freezeout for the other")
     lp_ft_body_and_head(info)
 
 
@@ -258,7 +258,7 @@ def test_readme_command_does_what_the_readme_says(command, capsys, monkeypatch):
         info = inspect_json(capsys, overrides)
         # the default recipe is auto, which inspect shows as its near recipe; a named recipe is itself
         named = any(o.split("=")[0] == "experiment" for o in overrides)
-        assert info.get("auto") == (None if named else {"near": "lp_ft", "far": "full"})
+        assert info.get("auto") == (None if named else {"near": "lp_ft", "far": "freezeout"})
         assert named or info["recipe"]["name"] == "lp_ft"
         if getattr(check, "__name__", "") == "job_check":
             check(info, overrides)

