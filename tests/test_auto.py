@@ -138,6 +138,7 @@ def test_auto_trains_exactly_the_chosen_recipe_with_the_users_overrides(capsys, 
     assert choice["recipe"] == "freezeout" and "layer3's output scores 0.990" in choice["reason"]
     assert json.loads((tmp_path / "auto" / "auto.json").read_text()) == choice
     assert summary["recipe"]["name"] == "freezeout" and summary["recipe"]["set"]["freeze.kind"] == "freezeout"
+    assert summary["recipe"]["set"]["schedule.kind"] == "cosine"
     code, err = run_cli(capsys, "train", *TINY, "experiment=freezeout", "epochs=2", "lr=0.005", *QUIET,
                         f"hydra.run.dir={tmp_path / 'freezeout'}")
     assert code == 0, err
