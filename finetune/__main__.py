@@ -1,3 +1,3 @@
-from finetune.cli import main
+from finetune.commands.cli import main
 
 main()

@@ -23,7 +23,7 @@ DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 def epoch_seconds(cfg, out: Path) -> tuple[list[float], float, dict]:
     """Training seconds of each epoch (images / images_per_s of metrics.csv: the evaluation and building
     the cache not included), the cache's build time, the final weights."""
-    from finetune.run import Run
+    from finetune.engine.loop import Run
 
     run = Run(cfg, out)
     run.fit()
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from finetune.config import register_configs
+    from finetune.config.schema import register_configs
 
     register_configs()
     base = ["model=efficientnet_lite0", "data=imagefolder", f"data.root={args.data}", "data.augment=false",

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from finetune import checkpoint
-from finetune.trace import TraceFile
+from finetune.base import files
+from finetune.engine import checkpoint
+from finetune.output.trace import TraceFile
 
 GROUPS = 15
 STEPS_PER_EPOCH = 1000
@@ -53,9 +54,9 @@ def checkpoint_dict(weights: dict, steps: int, with_trace: bool) -> dict:
 
 def timed_save_load(obj: dict, path: Path) -> tuple[float, float, int]:
     t0 = time.perf_counter()
-    checkpoint.atomic_save(obj, path)
+    files.atomic_save(obj, path)
     t1 = time.perf_counter()
-    checkpoint.safe_load(path)
+    files.safe_load(path)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, path.stat().st_size
 

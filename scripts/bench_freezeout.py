@@ -19,7 +19,7 @@ def trained(overrides: list[str], out: Path) -> tuple[float, float]:
     """(training seconds over all epochs, final val accuracy)."""
     from hydra import compose, initialize_config_dir
 
-    from finetune.run import Run
+    from finetune.engine.loop import Run
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "freezeout")
     args = p.parse_args(argv)
-    from finetune.config import register_configs
+    from finetune.config.schema import register_configs
 
     register_configs()
     base = ["model=efficientnet_lite0", "data=digits", f"epochs={args.epochs}", "progress=false", "overwrite=true",

@@ -61,11 +61,11 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune import data as data_mod  # noqa: E402
-from finetune import freeze  # noqa: E402
-from finetune.config import TrainConfig  # noqa: E402
-from finetune.run import build_run  # noqa: E402
-from finetune.trainer import Trainer, resolve_precision  # noqa: E402
+from finetune.config.schema import TrainConfig  # noqa: E402
+from finetune.core import freeze  # noqa: E402
+from finetune.data import loaders as data_mod  # noqa: E402
+from finetune.engine.loop import build_run  # noqa: E402
+from finetune.engine.step import Trainer, resolve_precision  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
 SIX_SCHEDULES = ["constant", "cosine", "one_cycle", "sgdr", "slanted_triangular", "step"]
@@ -197,7 +197,7 @@ def in_memory_batch(s: Settings, device: torch.device, classes: int = 10, seed: 
 def diagnosed_step(trainer: Trainer, x, y, probe: bool) -> Callable[[], object]:
     """One training step; with `probe`, the diagnostics of a run's due step (norms, weights copied
     before the update, activation hooks)."""
-    from finetune.diagnostics import Activations, Probe, last_modules
+    from finetune.engine.diagnostics import Activations, Probe, last_modules
 
     params = dict(trainer.model.named_parameters())
     groups = [[params[n] for n in g.param_names] for g in trainer.groups]

@@ -153,7 +153,7 @@ def compose_configs(runs: list[tuple[str, int]], data: Path, epochs: int, extra:
     """{(recipe, seed): composed config} from the repo's conf/, as the CLI would compose it."""
     from hydra import compose, initialize_config_dir
 
-    from finetune.config import register_configs
+    from finetune.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -175,7 +175,7 @@ def read_val_acc(run_dir: Path) -> list[float]:
 
 def _train_child(cfg, run_dir: Path) -> None:
     """Child-process body: train, then drop the checkpoint (~40 MB, not needed here)."""
-    from finetune.train import train
+    from finetune.commands.train import train
 
     summary = train(cfg, run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -187,7 +187,7 @@ def same_run(old, new) -> bool:
     the newer config has are settings added to finetune since, whose defaults keep what runs compute."""
     from omegaconf import OmegaConf
 
-    from finetune.checkpoint import flatten
+    from finetune.engine.checkpoint import flatten
 
     a = flatten(OmegaConf.to_container(old, resolve=True))
     b = flatten(OmegaConf.to_container(new, resolve=True))
@@ -195,7 +195,7 @@ def same_run(old, new) -> bool:
 
 
 def _probe_child(cfg, run_dir: Path) -> None:
-    from finetune import auto
+    from finetune.recipes import auto
 
     auto.choose(cfg, run_dir)  # auto.json
 
@@ -271,7 +271,13 @@ def run_one(cfg, recipe: str, seed: int, run_dir: Path, reuse: bool) -> RunResul
 def run_all(configs: dict, out: Path, reuse: bool, compose=None) -> dict[str, RecipeStats]:
     """Every (recipe, seed) run; `compose(recipe, seed)` composes a config (for the recipe auto chose)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = Console(stderr=True)
     stats: dict[str, RecipeStats] = {}
@@ -386,7 +392,7 @@ def print_table(stats: dict[str, RecipeStats]) -> None:
 def make_digits(out: Path, train_per_class: int = 30, val_per_class: int = 50, size: int = 32) -> None:
     """The embedded digits (finetune/assets: 1797 8x8 images, 10 classes) as an ImageFolder of `size` px
     PNGs: the same fixed per-class split as `data=digits` (train_per_class / val_per_class images)."""
-    from finetune.datasets import digits_split
+    from finetune.data.datasets import digits_split
 
     for split in ("train", "val"):
         for i, (image, digit) in enumerate(digits_split(split, train_per_class, val_per_class, size)):

@@ -41,9 +41,9 @@ def main(argv=None) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from finetune import lr_find
-    from finetune.config import register_configs
-    from finetune.run import Run
+    from finetune.config.schema import register_configs
+    from finetune.engine.loop import Run
+    from finetune.recipes import lr_find
 
     register_configs()
     overrides = ["model=efficientnet_lite0", "data=digits", "experiment=full", "lr_spread.kind=none",

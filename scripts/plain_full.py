@@ -26,9 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench_transfer import RecipeStats, cached_run, save_results  # noqa: E402
-from plain_head_only import LITE0, add_data_arguments, chosen_data, image_folders, timed, val_accuracy  # noqa: E402
+from plain_head_only import (  # noqa: E402
+    LITE0,
+    add_data_arguments,
+    chosen_data,
+    image_folders,
+    timed,
+    val_accuracy,
+)
 
-from finetune.models import build_model  # noqa: E402
+from finetune.models.build import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from bench_transfer import RecipeStats, RunResult, cached_run, save_results, subset  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from finetune.config import ModelConfig  # noqa: E402
-from finetune.groups import build_groups  # noqa: E402
-from finetune.models import build_model  # noqa: E402
+from finetune.config.schema import ModelConfig  # noqa: E402
+from finetune.core.groups import build_groups  # noqa: E402
+from finetune.models.build import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 # the same model preset as `finetune train model=efficientnet_lite0`

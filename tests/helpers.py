@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from finetune.config import TrainConfig
-from finetune.groups import build_groups
-from finetune.train import Trainer
+from finetune.commands.train import Trainer
+from finetune.config.schema import TrainConfig
+from finetune.core.groups import build_groups
 
 
 def make_cfg(**overrides):

@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 import torch
 from test_resume import load
-from tiny_runs import QUIET, TINY, compose_cfg, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    QUIET,
+    TINY,
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 from torchvision.transforms import v2
 
-from finetune import datasets, sampling, transforms
-from finetune.models import build_model
-from finetune.weights import Preprocess
-from finetune.train import Interrupted, train
-from finetune.trainer import batch_mix
+from finetune.commands.train import Interrupted, train
+from finetune.data import datasets, sampling, transforms
+from finetune.engine.step import batch_mix
+from finetune.models.build import build_model
+from finetune.models.weights import Preprocess
 
 PRE = Preprocess((0.5,) * 3, (0.5,) * 3, 32, "bilinear", 0.875)
 

@@ -6,13 +6,19 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from tiny_runs import QUIET, TINY, compose_cfg, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    QUIET,
+    TINY,
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
-from finetune import auto, checkpoint
-from finetune.errors import UserError
-from finetune.groups import build_groups
-from finetune.train import train
+from finetune.base.errors import UserError
+from finetune.commands.train import train
+from finetune.core.groups import build_groups
+from finetune.engine import checkpoint
+from finetune.recipes import auto
 
 
 def evidence(*stages, images=200):
@@ -119,7 +125,7 @@ def test_probe_measures_every_group_and_finds_the_better_earlier_one():
 
 
 def test_group_outputs_are_whole_stages_of_a_real_model():
-    from finetune.run import build_run
+    from finetune.engine.loop import build_run
 
     bundle, groups, _ = build_run(compose_cfg())
     outputs = auto.group_outputs(bundle.model, groups)
@@ -203,7 +209,7 @@ def test_inspect_shows_the_near_recipe_and_names_the_far_one(capsys, tmp_path):
     assert err[0] == ("warning: experiment=auto chooses experiment=lp_ft or experiment=freezeout when training starts "
                       "(a probe of the train images); this plan is lp_ft's: inspect experiment=freezeout for the other")
     # the plan shown is auto.near's, with the user's overrides
-    from finetune import cli
+    from finetune.commands import cli
 
     capsys.readouterr()
     cli.main(["inspect", *TINY, "auto.near=linear_probe", "epochs=3", *QUIET, f"hydra.run.dir={tmp_path}",
@@ -214,7 +220,7 @@ def test_inspect_shows_the_near_recipe_and_names_the_far_one(capsys, tmp_path):
 
 
 def test_inspect_probe_shows_the_plan_auto_will_train(capsys, tmp_path, monkeypatch):
-    from finetune import cli
+    from finetune.commands import cli
 
     monkeypatch.chdir(tmp_path)
     far = evidence(("layer3", 0.99), ("layer4", 0.9), ("head input", 0.8))
@@ -254,7 +260,7 @@ def test_a_budget_too_small_to_probe_trains_the_near_recipe(capsys, tmp_path):
 
 
 def test_a_run_cannot_be_built_from_an_unresolved_auto_config(tmp_path):
-    from finetune.run import Run
+    from finetune.engine.loop import Run
 
     with pytest.raises(UserError, match="experiment=auto is resolved before a run is built"):
         Run(compose_cfg("experiment=auto"), tmp_path)
@@ -263,7 +269,7 @@ def test_a_run_cannot_be_built_from_an_unresolved_auto_config(tmp_path):
 def test_an_interrupted_auto_run_resumes_exactly(tmp_path, monkeypatch):
     """The checkpoint keeps the choice: the resumed run trains it without a second probe, and continues
     bit for bit; the checkpoint is read once (the choice and the run's state come from that read)."""
-    from finetune.train import Interrupted
+    from finetune.commands.train import Interrupted
 
     def composer(*extra):
         return lambda name: (compose_cfg(f"experiment={name}", "epochs=2", *extra), None)

@@ -1,7 +1,7 @@
 """Bad input through the command line: one line on stderr naming the problem, exit code 2, no traceback
 (unless verbose=true); pickles that would run code are refused without running it.
 
-Most cases call `finetune.cli.main` in-process (the same Hydra app and error path as the installed command,
+Most cases call `finetune.commands.cli.main` in-process (the same Hydra app and error path as the installed command,
 without a Python start-up per case); one runs the real `python -m finetune` to check what a shell sees."""
 
 import builtins
@@ -15,8 +15,12 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from tiny_runs import ONE_THREAD_ENV, QUIET, TINY
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    ONE_THREAD_ENV,
+    QUIET,
+    TINY,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 from tiny_runs import run_cli as run_finetune
 
 ARGS = [*TINY, "epochs=1", "experiment=none"]
@@ -242,7 +246,7 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
     code, lines = run_cli(tmp_path, capsys, *imagefolder(nowhere), "verbose=true")
     assert code == 2
     assert lines[0] == "Traceback (most recent call last):"
-    assert f"finetune.errors.UserError: data.root '{nowhere}' does not exist or is not a folder." in lines
+    assert f"finetune.base.errors.UserError: data.root '{nowhere}' does not exist or is not a folder." in lines
     assert lines[-1] == f"finetune: error: data.root '{nowhere}' does not exist or is not a folder."
 
 
@@ -275,7 +279,7 @@ def test_a_batch_of_one_image_with_batchnorm_in_train_mode_is_explained(tmp_path
 
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, capsys, monkeypatch):
-    from finetune import checkpoint
+    from finetune.engine import checkpoint
 
     real_save, saves = torch.save, []
 
@@ -294,7 +298,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, cap
 
 
 def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
-    from finetune.train import Trainer
+    from finetune.commands.train import Trainer
 
     real = Trainer.evaluate
     calls = []
@@ -314,7 +318,7 @@ def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
 
 
 def test_non_finite_batchnorm_statistics_are_never_checkpointed(tmp_path, capsys, monkeypatch):
-    from finetune.train import Trainer
+    from finetune.commands.train import Trainer
 
     real = Trainer.step_accumulated  # what the run calls for each optimizer step
 
@@ -353,7 +357,7 @@ def test_images_become_correct_8_bit_rgb(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from finetune.transforms import to_rgb
+    from finetune.data.transforms import to_rgb
 
     grey16 = np.full((4, 6), 32768, dtype=np.uint16)  # mid-grey in 16 bits
     Image.fromarray(grey16).save(tmp_path / "g16.png")

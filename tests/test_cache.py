@@ -7,13 +7,15 @@ import logging
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import compose_cfg
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
-from finetune import checkpoint
-from finetune.errors import UserError
-from finetune.interrupt import Interrupted
-from finetune.train import train
+from finetune.base.errors import UserError
+from finetune.commands.train import train
+from finetune.engine import checkpoint
+from finetune.engine.signals import Interrupted
 
 # lp_ft: epoch 0 trains the head alone (cached), epoch 1 everything (not); pretrained-style BN in eval
 LP = ["experiment=lp_ft", "epochs=2", "data.augment=false", "diag_every=0"]

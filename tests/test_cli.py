@@ -140,7 +140,7 @@ def test_installed_wheel_runs_from_any_directory(tmp_path):
     elsewhere.mkdir()
     out = finetune("inspect", *TINY, "inspect.format=json", cwd=elsewhere, env={"PYTHONPATH": str(target)}).stdout
     assert json.loads(out)["groups"][-1]["name"] == "head"
-    probe = subprocess.run([sys.executable, "-c", "import finetune.cli as c; print(c.CONFIG_PATH)"], cwd=elsewhere,
+    probe = subprocess.run([sys.executable, "-c", "import finetune.commands.cli as c; print(c.CONFIG_PATH)"], cwd=elsewhere,
                            env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
     assert probe.stdout.strip() == "pkg://finetune.conf"
 

@@ -1,4 +1,4 @@
-"""Tests for finetune.data: sources, validation, transforms and deterministic loaders."""
+"""Tests for finetune.data.loaders: sources, validation, transforms and deterministic loaders."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune import data as D
-from finetune import datasets, sampling, transforms
-from finetune.config import DataConfig
-from finetune.errors import UserError
+from finetune.base.errors import UserError
+from finetune.config.schema import DataConfig
+from finetune.data import datasets, sampling, transforms
+from finetune.data import loaders as D
 
 # ../shared sits next to the project root on every developer machine and in CI
 HYMENOPTERA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera")
@@ -330,7 +330,7 @@ def test_corrupt_image_is_named_or_skipped(tmp_path, caplog):
     bad.write_bytes(b"this is not a jpeg")
     with pytest.raises(UserError, match="cannot read image '.*broken.jpg'.*skip_bad"):
         build(folder_cfg(root))
-    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data.datasets"):
         b = build(folder_cfg(root, skip_bad=True))
     assert b.skipped == 1 and len(b.train) == 4
     assert "skipped 1 unreadable images" in caplog.text

@@ -4,14 +4,16 @@ freeze integrity, and files that a resume continues without a duplicate row."""
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import compose_cfg
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
-from finetune import checkpoint
-from finetune.diagnostics import ratio_warnings, resolve_every
-from finetune.errors import UserError
-from finetune.interrupt import Interrupted
-from finetune.train import Trainer, train
+from finetune.base.errors import UserError
+from finetune.commands.train import Trainer, train
+from finetune.engine import checkpoint
+from finetune.engine.diagnostics import ratio_warnings, resolve_every
+from finetune.engine.signals import Interrupted
 
 # plain SGD: the update is exactly lr x gradient, so the probe's numbers can be checked by hand
 SGD = ["experiment=none", "optimizer.name=sgd", "optimizer.momentum=0", "optimizer.weight_decay=0",

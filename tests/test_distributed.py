@@ -15,13 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import ONE_THREAD_ENV, QUIET, compose_cfg, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    ONE_THREAD_ENV,
+    QUIET,
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
-from finetune import checkpoint
-from finetune.sampling import EpochSampler, _Shard
-from finetune.errors import UserError
-from finetune.train import train
+from finetune.base.errors import UserError
+from finetune.commands.train import train
+from finetune.data.sampling import EpochSampler, Shard
+from finetune.engine import checkpoint
 
 # resnet18 at 16 px, 64 images: 8 global micro-batches of 8, 4 optimizer steps an epoch; groups
 # unfreeze at epochs 1 and 2 (each a DDP rebuild); with a weight average; pretrained BatchNorm statistics throughout, so
@@ -66,7 +71,7 @@ def test_every_rank_takes_its_slice_of_the_global_batch_one_process_would_take()
         for step in range(4 - start):  # rank r's step s: the r-th half of the global batch s
             assert shards[0][step * b:(step + 1) * b] + shards[1][step * b:(step + 1) * b] == \
                 single[step * b * world:(step + 1) * b * world]
-    val = [list(_Shard(10, r, 3)) for r in range(3)]
+    val = [list(Shard(10, r, 3)) for r in range(3)]
     assert sorted(sum(val, [])) == list(range(10)) and all(val)  # every val image once, on one rank
 
 

@@ -3,15 +3,16 @@ half-life is in epochs, and evaluation scores the average while metrics keep the
 
 import pytest
 import torch
-from tiny_runs import compose_cfg
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
-
-from finetune import ema
-from finetune.errors import UserError
-from finetune.train import train
-
 from helpers import SixGroupNet, batches, make_cfg, make_trainer, read_csv
 from test_training_core import run
+from tiny_runs import (
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
+
+from finetune.base.errors import UserError
+from finetune.commands.train import train
+from finetune.core import ema
 
 SPE = 4
 

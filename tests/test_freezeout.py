@@ -6,13 +6,15 @@ import math
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import compose_cfg
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
-from finetune import checkpoint
-from finetune.freeze import freezeout_ends
-from finetune.plan import build_plan
-from finetune.train import train
+from finetune.commands.train import train
+from finetune.core.freeze import freezeout_ends
+from finetune.core.plan import build_plan
+from finetune.engine import checkpoint
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
@@ -42,7 +44,7 @@ def test_a_freezeout_run_drops_groups_from_the_backward_and_keeps_them_bit_equal
 
 
 def test_a_milestone_may_freeze_groups_again(tmp_path):
-    from finetune.interrupt import Interrupted
+    from finetune.engine.signals import Interrupted
 
     cfg = ["experiment=none", "freeze.kind=milestones", "++freeze.milestones={1: 2}", "epochs=3"]
     run = tmp_path / "run"

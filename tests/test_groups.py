@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from finetune.errors import UserError
-from finetune.groups import assign_groups, auto_spec, build_groups
+from finetune.base.errors import UserError
+from finetune.core.groups import assign_groups, auto_spec, build_groups
 
 NAMES = ["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.conv1.weight", "layer1.0.bn1.weight",
          "layer2.0.conv1.weight", "fc.weight", "fc.bias"]

@@ -6,7 +6,7 @@ import json
 import pytest
 from tiny_runs import ROOT
 
-from finetune import cli
+from finetune.commands import cli
 
 RESNET = ["model=resnet18", "model.weights=null", "data=synthetic", "experiment=none"]
 

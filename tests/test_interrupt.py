@@ -17,11 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import ONE_THREAD_ENV, QUIET, TINY, compose_cfg, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    ONE_THREAD_ENV,
+    QUIET,
+    TINY,
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
-from finetune import checkpoint
-from finetune.train import NonFiniteLoss, train
+from finetune.base import files
+from finetune.commands.train import NonFiniteLoss, train
+from finetune.engine import checkpoint
 
 # 8 epochs of 3 steps: long enough to signal it mid-run; only the head trains, so steps are quick
 LONG = [*TINY, "epochs=8", "experiment=none", "unfreeze=1", "schedule=cosine"]
@@ -84,7 +91,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tmp_p
 def _write_forever(path: str, versions: list) -> None:
     """Child process: overwrite `path` with one version after another until killed."""
     for i in range(10**9):
-        checkpoint.atomic_save(versions[i % len(versions)], path)
+        files.atomic_save(versions[i % len(versions)], path)
 
 
 def test_sigkill_during_checkpoint_writes_never_corrupts_the_last_checkpoint(tmp_path):
@@ -108,7 +115,7 @@ def test_sigkill_during_checkpoint_writes_never_corrupts_the_last_checkpoint(tmp
         assert writer.exitcode == -signal.SIGKILL
         killed_mid_write += len(set(path.parent.glob("*.tmp")) - before)
 
-        loaded = checkpoint.safe_load(path)  # always a complete version, never a torn one
+        loaded = files.safe_load(path)  # always a complete version, never a torn one
         assert torch.equal(loaded["data"], versions[loaded["version"]]["data"])
         # what resume= reads, given the run directory, is that same file: the temporary ones are ignored
         assert checkpoint.load_checkpoint(str(tmp_path))[0] == path
@@ -118,10 +125,10 @@ def test_sigkill_during_checkpoint_writes_never_corrupts_the_last_checkpoint(tmp
 
 def test_a_write_that_fails_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.atomic_save({"version": 1}, path)
+    files.atomic_save({"version": 1}, path)
     with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
-        checkpoint.atomic_save({"version": 2, "bad": lambda: None}, path)  # cannot be pickled
-    assert checkpoint.safe_load(path) == {"version": 1}
+        files.atomic_save({"version": 2, "bad": lambda: None}, path)  # cannot be pickled
+    assert files.safe_load(path) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 

@@ -8,13 +8,19 @@ import math
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import QUIET, TINY, compose_cfg, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    QUIET,
+    TINY,
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
-from finetune import checkpoint, lr_find
-from finetune.errors import UserError
-from finetune.run import Run
-from finetune.train import train
+from finetune.base.errors import UserError
+from finetune.commands.train import train
+from finetune.engine import checkpoint
+from finetune.engine.loop import Run
+from finetune.recipes import lr_find
 
 FIND = ["lr_find.steps=30", "lr_find.start=1e-5", "lr_find.end=1"]
 

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import QUIET, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    QUIET,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
-from finetune.datasets import synthetic_images
+from finetune.data.datasets import synthetic_images
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -29,7 +32,7 @@ def write_folder(root: Path, split: str, n: int, classes=CLASSES, seed_split: in
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A resnet18 (random init, 32 px) trained 2 epochs on 3 classes, with a weight average."""
-    from finetune import cli
+    from finetune.commands import cli
 
     root = tmp_path_factory.mktemp("cmds")
     write_folder(root / "data", "train", 48, seed_split=0)

@@ -11,9 +11,17 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from finetune.errors import UserError
-from finetune.models import HeadLinear, build_model
-from finetune.weights import PACKAGED_WEIGHTS, Preprocess, load_packaged, map_by_position, read_state_dict, weights_kind
+from finetune.base.errors import UserError
+from finetune.models.build import build_model
+from finetune.models.heads import HeadLinear
+from finetune.models.weights import (
+    PACKAGED_WEIGHTS,
+    Preprocess,
+    load_packaged,
+    map_by_position,
+    read_state_dict,
+    weights_kind,
+)
 
 BEES_ANTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera" / "val"
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision uses for ResNet18_Weights.IMAGENET1K_V1
@@ -336,8 +344,8 @@ def test_packaged_weights_recognise_bees_and_ants(k):
 ], ids=["vit", "swin", "maxvit"])
 def test_no_weight_decay_on_position_embeddings_class_tokens_and_bias_tables(arch, no_decay):
     """torchvision's transformers declare no no_weight_decay(): their embeddings must get none all the same."""
-    from finetune.groups import build_groups
-    from finetune.optim import param_groups
+    from finetune.core.groups import build_groups
+    from finetune.core.optim import param_groups
 
     with torch.device("meta"):  # names and shapes only
         model = getattr(torchvision.models, arch)()

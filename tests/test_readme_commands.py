@@ -43,7 +43,7 @@ def jobs(command: str) -> list[list[str]]:
 
 def inspect_json(capsys, overrides: list[str]) -> dict:
     capsys.readouterr()
-    from finetune import cli
+    from finetune.commands import cli
 
     try:
         cli.main(["inspect", *overrides, "inspect.format=json"])

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.config import register_configs
-from finetune.plan import build_plan
-from finetune.train import build_run
+from finetune.commands.train import build_run
+from finetune.config.schema import register_configs
+from finetune.core.plan import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("linear_probe", "full", "discriminative", "gradual", "fine_tune", "lp_ft")
@@ -438,7 +438,7 @@ def test_recipes_never_set_head_lr():
 
 
 def test_the_recipe_report_lists_what_it_set_and_not_what_the_command_line_did():
-    from finetune import recipe
+    from finetune.config import recipe
 
     def report(*overrides):
         return recipe.describe("lp_ft", list(overrides), lambda o: compose_train(*o))

@@ -13,9 +13,10 @@ from helpers import read_csv
 from tiny_runs import compose_cfg as compose_tiny
 from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
-from finetune import checkpoint
-from finetune.errors import UserError
-from finetune.train import Interrupted, train
+from finetune.base import files
+from finetune.base.errors import UserError
+from finetune.commands.train import Interrupted, train
+from finetune.engine import checkpoint
 
 # 4 epochs: the head alone in epochs 0-1, layer4 joins at epoch 2 (step 6) with its own slanted triangle;
 # dropout before the head draws from the global RNG, so the RNG state must be restored too
@@ -87,7 +88,7 @@ def test_resume_from_a_periodic_mid_epoch_checkpoint(straight, tmp_path, monkeyp
     """checkpoint_every=4: keep the step-8 checkpoint (epoch 2, batch 2: just after the unfreeze, with AdamW
     state for layer4 and half an epoch's sums) of a complete run, resume from it, land on the same result."""
     saved_steps = []
-    real_save = checkpoint.atomic_save
+    real_save = files.atomic_save
 
     def save_and_keep(obj, path):
         real_save(obj, path)
@@ -95,7 +96,7 @@ def test_resume_from_a_periodic_mid_epoch_checkpoint(straight, tmp_path, monkeyp
         if obj["step"] == 8:
             shutil.copy(path, tmp_path / "step8.pt")
 
-    monkeypatch.setattr(checkpoint, "atomic_save", save_and_keep)
+    monkeypatch.setattr(files, "atomic_save", save_and_keep)
     train(compose_cfg("checkpoint_every=4"), tmp_path / "periodic")
     monkeypatch.undo()
     assert saved_steps == [3, 4, 6, 8, 9, 12, 12]  # epoch ends and every 4 steps (12: both)
@@ -181,14 +182,14 @@ def test_config_changes_lists_dotted_keys():
 def test_resuming_in_place_cuts_the_streamed_trace_back_to_the_checkpoint(straight, tmp_path, monkeypatch):
     """lr_trace.csv is written as the run goes; rows of steps after the checkpoint (a kill between two
     checkpoints) are dropped when the run resumes in its own directory, so the trace stays exact."""
-    real_save = checkpoint.atomic_save
+    real_save = files.atomic_save
 
     def keep_step4(obj, path):
         real_save(obj, path)
         if obj["step"] == 4:
             shutil.copy(path, tmp_path / "step4.pt")
 
-    monkeypatch.setattr(checkpoint, "atomic_save", keep_step4)
+    monkeypatch.setattr(files, "atomic_save", keep_step4)
     run = tmp_path / "run"
     train(compose_cfg("checkpoint_every=4"), run)
     monkeypatch.undo()

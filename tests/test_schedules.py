@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from finetune import schedules
-from finetune.errors import UserError
-from finetune.schedules import Schedule, lr_factor, momentum_at
+from finetune.base.errors import UserError
+from finetune.core import schedules
+from finetune.core.schedules import Schedule, lr_factor, momentum_at
 
 TOTAL = 40
 PEAK = 0.1

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from finetune import freeze
-from finetune.train import Trainer
-
 from helpers import SixGroupNet, batches, make_cfg, make_trainer
+
+from finetune.commands.train import Trainer
+from finetune.core import freeze
 
 SPE = 2  # steps per epoch
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,13 +7,18 @@ import math
 import pytest
 import torch
 from helpers import read_csv
-from tiny_runs import QUIET, TINY, compose_cfg, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    QUIET,
+    TINY,
+    compose_cfg,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
-from finetune import checkpoint
-from finetune.errors import UserError
-from finetune.events import best_epoch
-from finetune.train import Trainer, train
+from finetune.base.errors import UserError
+from finetune.commands.train import Trainer, train
+from finetune.engine import checkpoint
+from finetune.engine.listeners import best_epoch
 
 RUN = ["experiment=none", "unfreeze=1", "schedule=constant"]
 
@@ -168,7 +173,7 @@ def test_max_steps_ends_inside_an_epoch_and_the_schedule_ends_with_it(tmp_path):
 def test_tensorboard_logs_every_groups_lr_and_the_metrics_and_a_resume_does_not_fork(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from finetune.interrupt import Interrupted
+    from finetune.engine.signals import Interrupted
 
     run, tb = tmp_path / "run", ["epochs=2", "logger=tensorboard", "eval_every=2"]  # 3 steps an epoch
     with pytest.raises(Interrupted):

@@ -16,7 +16,8 @@ import yaml
 from helpers import read_csv
 from tiny_runs import ONE_THREAD_ENV, TINY, run_cli
 
-from finetune import checkpoint, cli
+from finetune.commands import cli
+from finetune.engine import checkpoint
 
 RUN = [*TINY, "epochs=1", "experiment=none", "unfreeze=1", "schedule=constant"]
 
@@ -77,7 +78,7 @@ def test_summary_csv_agrees_with_every_job(failing_sweep):
 
 
 def test_the_summary_names_the_recipe_auto_chose_for_each_job():
-    from finetune.sweep import recipe_cell
+    from finetune.commands.sweep import recipe_cell
 
     assert recipe_cell({"recipe": {"name": "full", "set": {}, "auto": {"recipe": "full"}}}) == "full (auto)"
     assert recipe_cell({"recipe": {"name": "lp_ft", "set": {}}}) == "lp_ft"
@@ -198,9 +199,9 @@ def test_the_resume_command_of_a_sweep_job_works_pasted_into_a_shell(tmp_path):
 
 def test_the_slurm_preset_composes_for_submitit():
     from hydra import compose, initialize_config_dir
-
-    from finetune.config import register_configs
     from tiny_runs import ROOT
+
+    from finetune.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -6,8 +6,12 @@ import re
 import shlex
 
 import pytest
-from tiny_runs import QUIET, ROOT, run_cli
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
+from tiny_runs import (
+    QUIET,
+    ROOT,
+    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+)
 
 README = (ROOT / "README.md").read_text()
 CODE = re.search(r"```python\n# my_model\.py\n(.*?)```", README, re.S).group(1)

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-
-from finetune import freeze
-from finetune.errors import UserError
-from finetune.plan import build_plan
-from finetune.schedules import Schedule, lr_factor
-from finetune.train import trace_rows
-
 from helpers import SixGroupNet, batches, make_cfg, make_trainer
+
+from finetune.base.errors import UserError
+from finetune.commands.train import trace_rows
+from finetune.core import freeze
+from finetune.core.plan import build_plan
+from finetune.core.schedules import Schedule, lr_factor
 
 SPE = 4  # steps per epoch
 
@@ -249,7 +248,7 @@ def test_per_group_errors():
 
 
 def test_resnet18_unfreeze_5_keeps_stem_and_its_bn_stats_bit_identical():
-    from finetune.models import build_model
+    from finetune.models.build import build_model
 
     torch.manual_seed(0)
     bundle = build_model(make_cfg(**{"model.name": "resnet18", "model.source": "torchvision",

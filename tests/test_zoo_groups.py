@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from finetune import zoo
-from finetune.groups import assign_groups
-from finetune.models import HeadConv1x1, HeadLinear, build_model, ready_spec
+from finetune.core.groups import assign_groups
+from finetune.models import zoo
+from finetune.models.build import build_model, ready_spec
+from finetune.models.heads import HeadConv1x1, HeadLinear
 
 TORCHVISION_MODELS = torchvision.models.list_models(module=torchvision.models)
 
@@ -243,8 +244,8 @@ def _layer_decay_lrs(model, groups) -> dict[str, float]:
     """Each parameter's peak LR under lr_spread.kind=layer_decay, decay 0.75, at lr 1 (the scale itself)."""
     from helpers import make_cfg
 
-    from finetune.optim import layer_depths
-    from finetune.plan import build_plan
+    from finetune.core.optim import layer_depths
+    from finetune.core.plan import build_plan
 
     cfg = make_cfg(lr=1.0, epochs=1, **{"lr_spread.kind": "layer_decay", "lr_spread.decay": 0.75,
                                        "schedule.kind": "constant"})
@@ -264,9 +265,9 @@ def test_layer_decay_matches_timm_on_a_vit_with_the_ready_groups():
 def test_layer_decay_matches_timm_on_a_convnext_at_timms_granularity():
     """Groups as fine as timm's layers (one per block): every parameter's scale equals timm's. The ready
     stage groups take the scale of their top block."""
-    from finetune.optim import timm_layer_ids
-
     from timm.models import group_parameters
+
+    from finetune.core.optim import timm_layer_ids
 
     bundle = build_model(model_cfg("convnext_atto", source="timm"), num_classes=5)
     model = bundle.model
@@ -286,7 +287,7 @@ def test_layer_decay_matches_timm_on_a_convnext_at_timms_granularity():
 
 
 def test_layer_decay_depths_without_timm_let_the_neck_count_with_the_last_block():
-    from finetune.optim import decay_depths
+    from finetune.core.optim import decay_depths
 
     assert decay_depths(["stem", "layer0", "layer1", "neck", "head"]) == [3, 2, 1, 1, 0]
     assert decay_depths(["stem", "layer1", "layer2", "head"]) == [3, 2, 1, 0]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from finetune import cli
-from finetune.config import register_configs
+from finetune.commands import cli
+from finetune.config.schema import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 # resnet18 at 16 px, random init, 2 synthetic classes, 3 steps of 8 images an epoch

@@ -1,0 +1,407 @@
+"""Command line: `finetune train <hydra overrides>` and `finetune inspect <hydra overrides>`.
+
+After the subcommand everything is Hydra (overrides, --cfg job, --help, -m multirun, completion).
+User errors print one line and exit with code 2 (set verbose=true for the traceback too). SIGINT/SIGTERM
+stop training after the current step with a checkpoint and the command that resumes, exit 128 + signal
+(time_limit: the same, exit 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from finetune.base.errors import UserError
+from finetune.config.presets import SOURCE_CONF
+from finetune.config.schema import register_configs
+
+USAGE = """usage: finetune <command> [hydra overrides...]
+
+Fine-tune pretrained vision models: layer groups, freezing, per-group LR schedules.
+
+commands:
+  train     fine-tune as configured (e.g. finetune train model=resnet18 unfreeze=5)
+  lr-find   the LR range test, aware of layer groups: lr_find.png and the lr= to pass
+            (e.g. finetune lr-find model=resnet18 data=imagefolder data.root=DIR)
+  inspect   print the layer groups, what trains when and every group's LR plan; trains nothing
+            (inspect.format=json for JSON)
+  summarize DIR  rebuild a sweep's summary.csv, summary.md and summary.png (also of an unfinished one)
+  eval      score a trained model: finetune eval ckpt=RUN_DIR [split=val|train|test] [data.root=DIR] [tta=true]
+  predict   top-k classes per image: finetune predict ckpt=RUN_DIR input=DIR|FILE|GLOB [out=predictions.csv]
+  export    finetune export ckpt=RUN_DIR format=onnx|torchscript|safetensors [out=DIR]
+
+After the command, everything is Hydra: `finetune train --help` lists the config groups,
+`finetune train --cfg job` prints the composed config, `finetune train -m unfreeze=1,3,all` sweeps.
+Tab completion: eval "$(finetune -sc install=bash)"
+"""
+
+# conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
+CONFIG_PATH = str(SOURCE_CONF) if (SOURCE_CONF / "train.yaml").is_file() else "pkg://finetune.conf"
+INSPECT_OVERRIDES = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
+                     "hydra/hydra_logging=none"]
+
+log = logging.getLogger("finetune")
+
+
+def _report_user_error(cfg: DictConfig, err: Exception) -> None:
+    """One line on stderr and exit 2; verbose=true prints the traceback above that line. Under torchrun
+    the other ranks' lines say which rank they come from (an unreadable image sits in one rank's shard)."""
+    if cfg.get("verbose"):
+        traceback.print_exception(err)
+    message = " ".join(str(err).split("\n"))  # one line, even for a message that slipped a newline in
+    world = _world()
+    where = f"[rank {world.rank}] " if not world.main else ""
+    print(f"finetune: error: {where}{message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _world():
+    from finetune.engine import distributed
+
+    try:
+        return distributed.from_env()
+    except UserError:
+        return distributed.SINGLE
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as one quoted string of Hydra's override grammar, which would otherwise read `,` as a sweep
+    and `=`, spaces or brackets as syntax (sweep job directories are named `3_lr=0.01,unfreeze=2`)."""
+    if re.fullmatch(r"[\w./\-+@:%]+", value, re.ASCII):
+        return value  # reads back as itself unquoted
+    # inside single quotes only the quote itself and backslashes right before a quote need escaping
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
+
+def _resume_command(out_dir: str) -> str:
+    """The command line that continues this run, ready to paste into a shell: its overrides, with resume=
+    pointing at its directory (under torchrun: with the same torchrun options, which finetune cannot see)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "+resume="))]
+    command = shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
+    if _world().enabled:
+        return command.replace("finetune train", "torchrun <the same options> -m finetune train", 1)
+    return command
+
+
+def _compose_here():
+    """(Hydra's config of this job, compose(overrides) -> this app's config for other overrides)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg, lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides)
+
+
+def _recipe(cfg: DictConfig) -> dict | None:
+    """What this run's recipe set that the command line did not (finetune/config/recipe.py); `cfg` is the
+    config Hydra composed for it."""
+    from finetune.config import recipe
+
+    hydra_cfg, compose_config = _compose_here()
+    return recipe.describe(hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task),
+                           compose_config, cfg)
+
+
+def _composer():
+    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
+    experiment=auto trains the recipe its probe chose with the user's overrides."""
+    from finetune.config import recipe
+
+    hydra_cfg, compose_config = _compose_here()
+    overrides = recipe.without_recipe(hydra_cfg.overrides.task)
+
+    def compose_recipe(name: str):
+        cfg = compose_config([*overrides, f"experiment={name}"])
+        return cfg, recipe.describe(name, overrides, compose_config, cfg)
+
+    return compose_recipe
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def train_task(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from finetune.commands.train import train
+    from finetune.config.recipe import line
+    from finetune.engine.signals import Interrupted
+
+    hydra_cfg = HydraConfig.get()
+    out_dir = hydra_cfg.runtime.output_dir
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    _submitit_ranks()
+    world = _world()
+    if not world.main:
+        log.setLevel(logging.ERROR)  # rank 0 logs for the run; the others' warnings would repeat its own
+    _share_cores(hydra_cfg)
+    try:
+        out_dir = _join_processes(cfg, out_dir)
+        recipe = _recipe(cfg)
+        log.info("%s", line(recipe))
+        summary = train(cfg, out_dir, recipe=recipe, compose=_composer())
+    except Interrupted as stop:
+        if world.main:
+            print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
+        sys.exit(stop.exit_code)  # 128 + signal (the shell's convention), or 3 for the time limit
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
+        print("finetune: interrupted; stopped at once (a checkpoint written before is kept)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if not in_sweep:
+            if not isinstance(err, UserError):
+                raise  # a bug: the traceback is what a report needs
+            _report_user_error(cfg, err)
+        # one failed job must not end the sweep: record it, say why in one line, let the next job run
+        from finetune.commands.hydra_callbacks import mark_failed
+
+        reason = mark_failed(Path(out_dir), err)
+        print(f"finetune: job {hydra_cfg.job.num} failed: {reason}", file=sys.stderr)
+        return float("nan")  # sweepers (optuna) record a NaN objective as a failed trial
+    finally:
+        from finetune.engine import distributed
+
+        distributed.close()
+    log.info("run directory: %s", out_dir)
+    return summary["final_val_acc"]  # what sweepers optimise
+
+
+def _submitit_ranks() -> None:
+    """A submitit job of several tasks (hydra/launcher=slurm with tasks_per_node) is one distributed run,
+    a task per rank: submitit's own helper exports torchrun's variables from SLURM's. CUDA_VISIBLE_DEVICES
+    stays as SLURM set it, so LOCAL_RANK picks the GPU."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    try:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except (ImportError, RuntimeError):  # not installed, or not a submitit job after all
+        return
+
+
+def _join_processes(cfg: DictConfig, out_dir: str) -> str:
+    """Under torchrun: join the process group and take rank 0's run directory (each rank's Hydra would
+    name its own by the second it started); with one process, `out_dir` as it is."""
+    from finetune.engine import distributed
+    from finetune.engine.step import resolve_device
+
+    world = distributed.from_env()
+    if not world.enabled:
+        return out_dir
+    distributed.init(world, resolve_device(distributed.device_name(cfg.device, world)))
+    return distributed.broadcast(out_dir)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def lr_find_task(cfg: DictConfig) -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from finetune.recipes import lr_find
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.auto.enabled:  # the range test under the recipe training would choose: its LR ratios
+            from finetune.recipes import auto
+
+            cfg, _ = auto.resolve(cfg, out_dir, _composer())
+        result = lr_find.run_finder(cfg, out_dir, "lr-find runs in one process (start it without torchrun)")
+    except UserError as err:
+        _report_user_error(cfg, err)
+    print(f"finetune: suggested {result['override']} (valley; steepest descent at {result['steepest']:.3g}); "
+          f"plot {out_dir / 'lr_find.png'}\nfinetune: then: finetune train {' '.join(_task_overrides())} "
+          f"{result['override']}".rstrip(), file=sys.stderr)
+    return result
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+").startswith(("lr", "lr_find."))
+            or o.startswith("lr_spread")]
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def inspect_task(cfg: DictConfig) -> dict | None:
+    from finetune.commands.inspect import inspect
+
+    try:
+        if cfg.auto.enabled and cfg.inspect.probe:  # the plan auto will train: its probe first (no files)
+            from finetune.recipes import auto
+
+            return inspect(*auto.resolve(cfg, None, _composer()))
+        if cfg.auto.enabled:  # no probe by default (inspect trains nothing): the plan of auto's near recipe
+            choices = (cfg.auto.near, cfg.auto.far)
+            cfg, recipe = _composer()(cfg.auto.near)
+            return inspect(cfg, recipe, auto=choices)
+        return inspect(cfg, _recipe(cfg))
+    except UserError as err:
+        _report_user_error(cfg, err)
+
+
+# a launcher or sweeper choice -> (the module its Hydra plugin installs, the PyPI package)
+PLUGINS = {
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+}
+
+
+def missing_plugin(overrides: list[str]) -> str | None:
+    """The one-line error for a launcher or sweeper whose plugin is not installed (else None); Hydra's
+    own is a "could not find" that does not say what to install."""
+    import importlib.util
+
+    for override in overrides:
+        for choice, (module, package) in PLUGINS.items():
+            if override.startswith(choice) and importlib.util.find_spec(module) is None:
+                return (f"{override} needs the Hydra plugin {package}, which is not installed: "
+                        f'pip install "finetune[sweep]" (or pip install {package})')
+    return None
+
+
+def threads_per_job(n_jobs: int, cores: int) -> int:
+    """Torch threads for each of joblib's parallel jobs so that together they use the cores once
+    (n_jobs < 0 counts as joblib does: -1 all cores, -2 all but one)."""
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // min(parallel, cores))
+
+
+def _share_cores(hydra_cfg) -> None:
+    launcher = hydra_cfg.get("launcher") or {}
+    if "JoblibLauncher" in str(launcher.get("_target_", "")):
+        import torch
+
+        from finetune.data.loaders import available_cores
+
+        torch.set_num_threads(threads_per_job(int(launcher.get("n_jobs", -1)), available_cores()))
+
+
+def summarize_command(args: list[str]) -> None:
+    """`finetune summarize DIR`: rebuild a sweep's summary (also of one partly finished or interrupted)."""
+    from finetune.commands import sweep
+
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: finetune summarize SWEEP_DIR", file=sys.stderr)
+        sys.exit(2)
+    sweep_dir = Path(args[0])
+    if not sweep_dir.is_dir():
+        print(f"finetune: error: summarize: no such directory: {sweep_dir}", file=sys.stderr)
+        sys.exit(2)
+    rows = sweep.summarize(sweep_dir)
+    if not rows:
+        print(f"finetune: error: summarize: {sweep_dir} holds no job directories", file=sys.stderr)
+        sys.exit(2)
+    print(f"finetune: {sweep.failure_line(rows)}; summary in {sweep_dir}/summary.md", file=sys.stderr)
+    sys.exit(1 if sweep.failed(rows) else 0)
+
+
+def _exit_for_sweep() -> None:
+    """After a multirun: the last line says how many jobs failed; any failure makes the exit code 1."""
+    from finetune.commands import hydra_callbacks as callbacks
+
+    if callbacks.LAST_SWEEP is None:
+        return
+    failed, total, sweep_dir = callbacks.LAST_SWEEP
+    callbacks.LAST_SWEEP = None
+    if failed:
+        print(f"finetune: {failed} of {total} jobs failed; summary in {sweep_dir}/summary.md", file=sys.stderr)
+        sys.exit(1)
+    print(f"finetune: all {total} jobs completed; summary in {sweep_dir}/summary.md", file=sys.stderr)
+
+
+COMMANDS = {"train": train_task, "inspect": inspect_task, "lr-find": lr_find_task}  # Hydra's
+ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "summarize"]
+
+
+def _shell_completion(argv: list[str]) -> None:
+    """Hydra's tab completion (`finetune -sc install=bash`); queries see the line without the command."""
+    line = os.environ.get("COMP_LINE")
+    if line is not None:
+        words = line.split()
+        if len(words) == 1 or (len(words) == 2 and not line.endswith(" ")):
+            print(" ".join(ALL_COMMANDS))  # completing the command itself
+            return
+        os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:]) + (" " if line.endswith(" ") else "")
+    register_configs()
+    sys.argv = ["finetune"] + argv
+    train_task()
+
+
+def model_command(command: str, args: list[str]) -> None:
+    """eval / predict / export: key=value arguments (not Hydra: they start from a checkpoint's config)."""
+    import importlib
+
+    module = importlib.import_module({"eval": "finetune.commands.evaluate", "predict": "finetune.commands.predict",
+                                      "export": "finetune.commands.export"}[command])
+    if args and args[0] in ("-h", "--help"):
+        print(module.__doc__)
+        sys.exit(0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        module.run(args)
+    except UserError as err:
+        print(f"finetune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command in ("-sc", "--shell-completion"):
+        _shell_completion(argv)
+        return
+    if command == "summarize":
+        summarize_command(rest)
+    if command in ("eval", "predict", "export"):
+        model_command(command, rest)
+    if command not in COMMANDS:
+        print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    from finetune.config import overrides
+    from finetune.engine import distributed
+
+    problem = missing_plugin(rest)
+    try:
+        overrides.check(rest)
+        world = distributed.from_env()
+    except UserError as err:
+        problem = problem or str(err)
+        world = distributed.SINGLE
+    if not problem and world.enabled and any(a in ("-m", "--multirun") for a in rest):
+        problem = ("a sweep (-m) under torchrun would start every job in every process; sweep with a launcher "
+                   "whose jobs each run torchrun, or give each job several tasks (README: Multi-GPU)")
+    if problem:
+        if world.main:  # the same line from every process would say nothing more
+            print(f"finetune: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    register_configs()
+    if command == "inspect":
+        rest = INSPECT_OVERRIDES + rest
+    elif world.enabled and not world.main:  # rank 0 alone writes the run directory, Hydra's files included
+        rest = [a for a in rest if not a.startswith("hydra.run.dir=")] + INSPECT_OVERRIDES
+    sys.argv = [f"finetune {command}"] + rest
+    COMMANDS[command]()
+    _exit_for_sweep()
+
+
+if __name__ == "__main__":
+    main()

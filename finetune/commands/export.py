@@ -1,0 +1,123 @@
+"""`finetune export ckpt=RUN_DIR_OR_FILE format=torchscript|onnx|safetensors [out=DIR]`: the trained model
+in a file a deployment can load, checked before it is called done: the export is run (TorchScript in
+torch, ONNX in onnxruntime when installed, safetensors loaded back into a fresh model) on a batch other
+than the one it was traced with, and compared with the model's own outputs; above the tolerance it fails.
+Beside it, preprocess.json says how to feed it: mean, std, input size, interpolation, crop and the
+class names in output order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING
+
+from finetune.base.errors import UserError, writing
+from finetune.commands.saved import SavedModel, load, parse_args
+
+log = logging.getLogger("finetune")
+FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
+
+
+@dataclass
+class ExportArgs:
+    ckpt: str = MISSING
+    format: str = "onnx"  # torchscript | onnx | safetensors
+    out: Optional[str] = None  # default: RUN_DIR/export
+    tolerance: float = 1e-4  # max abs difference of the logits allowed
+    average: bool = True
+    opset: int = 18  # ONNX opset
+
+
+def _check(name: str, expected: torch.Tensor, got: torch.Tensor, tolerance: float) -> float:
+    diff = float((expected.float() - torch.as_tensor(got).float()).abs().max())
+    if not diff <= tolerance:
+        raise UserError(f"export: the {name} export's outputs differ from the model's by {diff:.3g} "
+                        f"(tolerance {tolerance:g}); the file was written but should not be used")
+    return diff
+
+
+def _to_torchscript(saved: SavedModel, path: Path, example: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
+    # tracing follows the eval-mode forward; scripting would reject much of timm's Python. torch now
+    # calls TorchScript deprecated (torch.export's successor format is not yet what deployments load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(saved.model, example, check_trace=False)
+    with writing(path):
+        traced.save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")(check)
+
+
+def _to_onnx(saved: SavedModel, path: Path, example: torch.Tensor, check: torch.Tensor, opset: int):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    with writing(path), warnings.catch_warnings():
+        # the TorchScript-based exporter: 4x quicker here than the torch.export-based one and quiet, and it
+        # handles timm's and torchvision's models (torch calls it deprecated); a dynamic batch axis
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(saved.model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    if ort is None:
+        log.warning("onnxruntime is not installed (pip install \"finetune[export]\"): %s is not checked", path)
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"image": check.numpy()})[0])
+
+
+def _to_safetensors(saved: SavedModel, path: Path, check: torch.Tensor) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    from finetune.commands.saved import architecture
+
+    state = {k: v.detach().contiguous().cpu() for k, v in saved.model.state_dict().items()}
+    with writing(path):
+        save_file(state, str(path), metadata={"format": "pt", "classes": json.dumps(saved.classes)})
+    fresh = architecture(saved.config, len(saved.classes)).model
+    fresh.load_state_dict(load_file(str(path)))
+    return fresh.eval()(check)
+
+
+def run(argv: list[str]) -> Path:
+    args = parse_args(ExportArgs, argv, "export")
+    if args.format not in FORMATS:
+        raise UserError(f"export: format must be one of {', '.join(FORMATS)}, got '{args.format}'")
+    saved = load(args.ckpt, "cpu", args.average)  # exported from the CPU: the file runs anywhere
+    out = Path(args.out) if args.out else saved.run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    size = saved.preprocess.input_size
+    g = torch.Generator().manual_seed(0)
+    example, check = (torch.randn(n, 3, size, size, generator=g) for n in (2, 3))  # another batch size too
+    with torch.no_grad():
+        expected = saved.model(check)
+        path = out / FORMATS[args.format]
+        if args.format == "torchscript":
+            got = _to_torchscript(saved, path, example, check)
+        elif args.format == "onnx":
+            got = _to_onnx(saved, path, example, check, args.opset)
+        else:
+            got = _to_safetensors(saved, path, check)
+    diff = None if got is None else _check(args.format, expected, got, args.tolerance)
+    p = saved.preprocess
+    info = {"format": args.format, "file": path.name, "input": [None, 3, size, size], "mean": list(p.mean),
+            "std": list(p.std), "input_size": size, "interpolation": p.interpolation, "crop_pct": p.crop_pct,
+            "resize": "short side to input_size / crop_pct, then centre crop to input_size; RGB scaled to [0, 1], "
+                      "then (x - mean) / std", "classes": saved.classes,
+            "model": {k: saved.config["model"].get(k) for k in ("name", "source")},
+            "weights": "average" if saved.averaged else "live", "checkpoint": str(saved.path),
+            "max_abs_diff": diff}
+    with writing(out / "preprocess.json"):
+        (out / "preprocess.json").write_text(json.dumps(info, indent=2) + "\n")
+    checked = "not checked (no onnxruntime)" if diff is None else f"max abs difference {diff:.2e} on a batch of 3"
+    print(f"finetune: exported {path} ({checked}); preprocessing in {out / 'preprocess.json'}")
+    return path

@@ -1,0 +1,60 @@
+"""Hydra callbacks (configured under hydra.callbacks in conf/train.yaml): every job records its number and
+overrides when it starts; after a multirun the sweep's summary is written and printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from finetune.commands import sweep
+from finetune.output import report
+
+# the last multirun's (failed, total, sweep dir), read by the CLI to set its exit code
+LAST_SWEEP: tuple[int, int, Path] | None = None
+
+
+class SweepSummary(Callback):
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _is_multirun(config):
+            sweep.write_job_file(Path(config.hydra.runtime.output_dir), config.hydra.job.num,
+                                 list(config.hydra.overrides.task))
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
+        # the train task records its own failures; this catches one that escaped it (e.g. in Hydra's job set-up)
+        if _is_multirun(config) and job_return.status == JobStatus.FAILED:
+            # JobReturn.return_value re-raises a failed job's exception; the attribute holds it
+            mark_failed(Path(config.hydra.runtime.output_dir), job_return._return_value)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SWEEP
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():  # no job ran
+            return
+        rows = sweep.summarize(sweep_dir)
+        LAST_SWEEP = (sweep.failed(rows), len(rows), sweep_dir)
+
+
+def _is_multirun(config: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return config.hydra.mode == RunMode.MULTIRUN
+
+
+def mark_failed(job_dir: Path, err: BaseException) -> str:
+    """Record a failed job in its summary.json (kept metrics of finished epochs stay) and its traceback in
+    error.log; returns the one-line reason."""
+    import traceback
+
+    from finetune.base.errors import UserError
+
+    reason = " ".join(str(err).split()) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    summary = sweep.read_json(job_dir / "summary.json") or {}
+    summary.update(status="failed", reason=reason)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(job_dir / "summary.json", summary)
+    (job_dir / "error.log").write_text("".join(traceback.format_exception(err)))
+    return reason

@@ -1,0 +1,128 @@
+"""`finetune inspect`: the plan of a run (groups, sizes, when each trains, LRs, schedules) without training."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from finetune.core.plan import Plan
+
+
+def describe(plan: Plan, groups, sizes, batchnorm: str) -> dict:
+    """The plan as plain data: what `inspect.format=json` prints."""
+    out = []
+    for i, (gp, group, size) in enumerate(zip(plan.groups, groups, sizes)):
+        sched = dict(gp.schedule_cfg)
+        out.append({
+            "name": gp.name,
+            "patterns": list(group.patterns),
+            "params": size,
+            "trainable_from_epoch": gp.first_epoch,
+            "lr": plan.lr_range(i),
+            "weight_decay": gp.weight_decay,
+            "schedule": sched,
+        })
+    return {"groups": out, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "epochs": plan.epochs, "batchnorm": batchnorm}
+
+
+def _schedule_text(s: dict) -> str:
+    kind = s["kind"]
+    return kind + (f" (+{s['warmup']:g} ep warmup)" if s.get("warmup") else "")
+
+
+def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
+    if fmt == "json":
+        print(json.dumps(info, indent=2))
+        return
+    # piped output has no terminal width: do not squeeze the table into 80 columns
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    full = info["epochs"] * info["steps_per_epoch"]
+    cut = "" if info["total_steps"] == full else " (max_steps: the last epoch cut short)"
+    table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps"
+                        f"{' = ' if not cut else ', '}{info['total_steps']} steps{cut}",
+                  caption=f"BatchNorm: {info['batchnorm']}")
+    for col in ("group", "patterns", "params", "trains from", "lr start", "lr peak", "lr end", "wd", "schedule"):
+        table.add_column(col, justify="right" if col.startswith(("params", "lr", "wd", "trains")) else "left")
+    for g in info["groups"]:
+        first = "never" if g["trainable_from_epoch"] is None else f"epoch {g['trainable_from_epoch']}"
+        table.add_row(g["name"], " ".join(g["patterns"]), f"{g['params']:,}", first,
+                      f"{g['lr']['start']:.2e}", f"{g['lr']['peak']:.2e}", f"{g['lr']['end']:.2e}",
+                      f"{g['weight_decay']:g}", _schedule_text(g["schedule"]))
+    console.print(table)
+    if info.get("params"):
+        _print_params(info["params"], console)
+
+
+def tensor_rows(model, groups, plan: Plan, no_decay_norm_bias: bool) -> list[dict]:
+    """Every parameter tensor with its group, shape, effective peak LR and weight decay, from the same
+    param groups the optimizer gets."""
+    from finetune.core.optim import param_groups
+
+    lrs = [gp.lr for gp in plan.groups]
+    decay = {}
+    for pg in param_groups(model, groups, lrs, [gp.weight_decay for gp in plan.groups], no_decay_norm_bias):
+        for p in pg["params"]:
+            decay[id(p)] = (pg["group"], pg["weight_decay"])
+    rows = []
+    for name, p in model.named_parameters():
+        g, wd = decay[id(p)]
+        rows.append({"name": name, "group": plan.groups[g].name, "shape": list(p.shape),
+                     "lr_peak": plan.lr_range(g)["peak"], "weight_decay": wd,
+                     "trainable_from_epoch": plan.groups[g].first_epoch})
+    return rows
+
+
+def _print_params(rows: list[dict], console: Console) -> None:
+    table = Table(title=f"parameters: {len(rows)} tensors")
+    for col in ("tensor", "group", "shape", "lr peak", "wd", "trains from"):
+        table.add_column(col, justify="right" if col in ("lr peak", "wd") else "left")
+    for r in rows:
+        first = "never" if r["trainable_from_epoch"] is None else f"epoch {r['trainable_from_epoch']}"
+        table.add_row(r["name"], r["group"], "x".join(map(str, r["shape"])), f"{r['lr_peak']:.2e}",
+                      f"{r['weight_decay']:g}", first)
+    console.print(table)
+
+
+def inspect(cfg, recipe=None, auto: tuple[str, str] | None = None) -> dict:
+    """Build model (without downloading weights), groups and plan; print; return the description.
+    `recipe`: what the recipe set (finetune.config.recipe.describe), shown above the table and in the JSON.
+    `auto`: experiment=auto's (near, far) recipes, when `cfg` is the first of them (the plan shown)."""
+    from finetune.config.recipe import line
+    from finetune.core.freeze import batchnorm_mode
+    from finetune.core.optim import layer_depths
+    from finetune.core.plan import build_plan
+    from finetune.core.plan import warnings as plan_warnings
+    from finetune.data import loaders as data_mod
+    from finetune.engine.loop import build_run
+
+    random_init = cfg.model.weights is None
+    cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})  # names and shapes need no weights
+    bundle, groups, _ = build_run(cfg)
+    data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
+    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch, layer_depths(bundle.model, groups))
+    params = dict(bundle.model.named_parameters())
+    sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
+    info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
+    info["recipe"] = recipe
+    info["warnings"] = plan_warnings(cfg, plan, random_init)
+    if auto:  # the probe runs when training starts: inspect shows the near recipe and names the other
+        info["auto"] = {"near": auto[0], "far": auto[1]}
+        info["warnings"].insert(0, f"experiment=auto chooses experiment={auto[0]} or experiment={auto[1]} when "
+                                   "training starts (a probe of the train images); this plan is "
+                                   f"{auto[0]}'s: inspect experiment={auto[1]} for the other")
+    if cfg.inspect.params:
+        info["params"] = tensor_rows(bundle.model, groups, plan, cfg.optimizer.no_decay_norm_bias)
+    if cfg.inspect.format != "json":
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        if recipe and recipe.get("auto"):  # inspect.probe=true: what auto's probe chose, and why
+            console.print(f"auto: chose experiment={recipe['auto']['recipe']}: {recipe['auto']['reason']}", markup=False)
+        console.print(line(recipe), markup=False)
+        for warning in info["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+    print_plan(info, cfg.inspect.format)
+    return info

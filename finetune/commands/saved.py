@@ -1,0 +1,117 @@
+"""A trained model back from its checkpoint, for `finetune eval`, `predict` and `export`: the architecture
+from the run's config (built without downloading anything: the weights are in the checkpoint), the weight
+average when the run kept one, the class names and the preprocessing it was trained with.
+
+The arguments of those commands are `key=value` like Hydra's overrides, read into a small typed schema
+per command (`parse_args`), so a wrong key or type is one line naming it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune.base.errors import UserError
+from finetune.base.files import first_line
+from finetune.engine import checkpoint
+from finetune.models.weights import Preprocess
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class SavedModel:
+    model: nn.Module  # in eval mode, on `device`
+    classes: list[str]
+    preprocess: Preprocess  # input_size: the size it was trained at
+    config: dict  # the run's resolved config
+    path: Path  # the checkpoint file
+    averaged: bool  # the weights are the run's weight average (ema_half_life)
+    device: torch.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Softmax probabilities of a batch on the model's device; with `tta` the mean over each image
+        and its mirror."""
+        x = x.to(self.device)
+        p = torch.softmax(self.model(x).float(), dim=1)
+        if tta:
+            p = (p + torch.softmax(self.model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
+        return p
+
+
+def architecture(config: dict, num_classes: int):
+    """The run's model (a models.ModelBundle) built from its config without weights: they come from the
+    checkpoint, so nothing is downloaded."""
+    from finetune.models import build as models
+
+    return models.build_model(OmegaConf.create({**config["model"], "weights": None}), num_classes)
+
+
+def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
+    """The model of a run directory or checkpoint file; `average`: its weight average when it has one."""
+    from finetune.engine.step import resolve_device
+
+    path, saved = checkpoint.load_checkpoint(ckpt)
+    config = saved["config"]
+    head_shapes = [v.shape[0] for k, v in saved["model"].items() if k.endswith(".weight") and v.ndim >= 2]
+    classes = saved.get("classes") or [str(i) for i in range(head_shapes[-1])]
+    bundle = architecture(config, len(classes))
+    averaged = bool(average and saved.get("ema"))
+    state = saved["ema"]["model"] if averaged else saved["model"]
+    try:
+        bundle.model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit model {config['model']['name']} ({first_line(e)})") from None
+    if saved.get("preprocess"):
+        preprocess = Preprocess(**{**saved["preprocess"], "mean": tuple(saved["preprocess"]["mean"]),
+                                   "std": tuple(saved["preprocess"]["std"])})
+    else:  # a checkpoint of before they were saved: the architecture's own, at the configured size
+        preprocess = bundle.preprocess
+        size = config.get("data", {}).get("image_size")
+        if size:
+            preprocess.input_size = int(size)
+        log.warning("%s holds no preprocessing; using %s's defaults (%d px)", path, config['model']['name'],
+                    preprocess.input_size)
+    dev = resolve_device(device)
+    return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev)
+
+
+def parse_args(schema, args: list[str], command: str):
+    """`key=value` arguments into the dataclass `schema` (typed, defaults filled in); `data.*` keys are
+    collected in the `data` field as overrides of the run's data config."""
+    known = {f.name for f in fields(schema)}
+    values, data = {}, {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise UserError(f"{command}: expected key=value, got '{arg}'")
+        if key.startswith("data.") and "data" in known:
+            data[key[len("data."):]] = OmegaConf.from_dotlist([f"v={value}"]).v
+            continue
+        if key not in known or key == "data":
+            close = difflib.get_close_matches(key, sorted(known - {"data"}), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; keys: {', '.join(sorted(known - {'data'}))}"
+            raise UserError(f"{command}: unknown key '{key}'{hint}")
+        values[key] = value
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]))
+    except OmegaConfBaseException as e:
+        raise UserError(f"{command}: {str(e).splitlines()[0]}") from None
+    if "data" in known:
+        cfg.data = data
+    missing = [f.name for f in fields(schema) if OmegaConf.is_missing(cfg, f.name)]
+    if missing:
+        raise UserError(f"{command}: {missing[0]}= is required")
+    return cfg

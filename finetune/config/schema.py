@@ -1,0 +1,200 @@
+"""The typed config schema. Hydra composes conf/*.yaml on top of it, so a wrong type or an unknown key
+fails at composition time. Cross-field checks that need the model (unfreeze beyond the number of
+groups, warmup longer than training) happen in finetune.core.plan before any training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tf_efficientnet_lite0"
+    source: str = "timm"  # torchvision | timm
+    # DEFAULT | a weights enum name / timm pretrained tag | null (random init) | a local file
+    # (.pth/.pt/.safetensors) | pkg:<python package> (weights shipped inside an installed package)
+    weights: Optional[str] = "DEFAULT"
+    groups: Optional[Any] = None  # explicit layer-group spec; null: the ready grouping for the model
+    catch_all: Optional[str] = None  # group that takes every parameter no pattern matches
+    drop_rate: float = 0.0  # dropout before the new head
+    drop_path_rate: float = 0.0  # stochastic depth (timm models): residual branches dropped at up to this rate
+    # your own model class (finetune/models/targets.py): built by hydra.utils.instantiate with `args`; `head` is
+    # the module replaced by the new head (null: the last Linear)
+    _target_: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    head: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | imagefolder | a torchvision dataset (cifar10, ...)
+    root: Optional[str] = None
+    num_classes: int = 4  # synthetic only; real datasets count their classes
+    train_size: int = 192  # synthetic only
+    val_size: int = 96  # synthetic only
+    image_size: Optional[int] = None  # null: the model's pretrained input size
+    augment: bool = True
+    # with augment, through timm's factory (finetune/data/transforms.py): an auto-augment policy (rand-m9-mstd0.5-inc1:
+    # RandAugment; original; augmix-m5-w4-d2) and random erasing (probability, random pixels)
+    auto_augment: Optional[str] = None
+    re_prob: float = 0.0
+    # batch mixing (torchvision's MixUp / CutMix; both: one of the two per batch): the Beta alpha, 0: off
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    num_workers: int = -1  # -1: pick from the CPU count
+    download: bool = True  # torchvision datasets
+    skip_bad: bool = False  # skip unreadable images (counted) instead of failing
+    # your own dataset (finetune/models/targets.py): called with split=train|val and `args`
+    _target_: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # sgd | adamw | adam | rmsprop
+    momentum: float = 0.9  # sgd / rmsprop; beta1 for adam(w)
+    nesterov: bool = False
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    no_decay_norm_bias: bool = True  # no weight decay on biases and normalisation parameters
+
+
+@dataclass
+class ScheduleConfig:
+    # constant | step | multistep | exponential | cosine | one_cycle | sgdr | slanted_triangular
+    kind: str = "one_cycle"
+    warmup: float = 0.0  # epochs of linear warmup from 0 (combinable with every kind)
+    min_lr_ratio: float = 0.0  # cosine / sgdr / warmup floor, as a fraction of the group's LR
+    step_size: float = 1.0  # step: epochs between decays
+    gamma: float = 0.1  # step / multistep decay; exponential: factor per epoch
+    milestones: List[float] = field(default_factory=list)  # multistep: epochs
+    pct_start: float = 0.25  # one_cycle (fastai defaults)
+    div_factor: float = 25.0
+    final_div_factor: float = 1e5
+    cycle_momentum: bool = True
+    max_momentum: float = 0.95
+    base_momentum: float = 0.85
+    t0: float = 1.0  # sgdr: epochs of the first cycle
+    t_mult: float = 2.0  # sgdr: each cycle this many times longer
+    restart_decay: float = 1.0  # sgdr: peak LR multiplied by this at every restart
+    cut_frac: float = 0.1  # slanted triangular (ULMFiT)
+    ratio: float = 32.0
+    start_at_unfreeze: bool = True  # a group unfrozen later starts its schedule at its unfreeze step
+    end_at_freeze: bool = False  # a group frozen for good before the end ends its schedule there (freezeout)
+
+
+@dataclass
+class LRSpreadConfig:
+    kind: str = "none"  # none | body | geometric (fastai slice) | ulmfit | layer_decay
+    lo: Optional[float] = None  # geometric: LR of the first group (the last group gets `lr`)
+    factor: float = 2.6  # ulmfit: each lower group = the one above / factor
+    decay: float = 0.75  # layer_decay: lr * decay ** depth (depth 0 = head)
+    ratio: float = 0.1  # body: every group below the head at lr * ratio
+    ramp: float = 0.0  # epochs over which the spread grows from uniform (every group at lr) to its ratios
+
+
+@dataclass
+class FreezeConfig:
+    kind: str = "fixed"  # fixed | milestones | gradual | fine_tune | freezeout
+    t0: float = 0.5  # freezeout: the first group freezes after this share of the epochs, the others later
+    milestones: Dict[int, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
+    every: int = 1  # gradual: one more group every `every` epochs
+    head_epochs: int = 1  # fine_tune: head only for this many epochs, then all groups
+    train_bn: bool = False  # train BatchNorm affine params even in frozen groups (fastai train_bn)
+    bn_eval: bool = False  # every BatchNorm keeps its pretrained running statistics, trainable ones too
+
+
+@dataclass
+class InspectConfig:
+    format: str = "table"  # table | json
+    params: bool = False  # also every parameter tensor: its group, effective LR and weight decay
+    probe: bool = False  # under experiment=auto: run its probe (forward passes, no training), show its choice's plan
+
+
+@dataclass
+class LRFindConfig:
+    """`finetune lr-find` and `lr=auto`: the LR range test (finetune/recipes/lr_find.py)."""
+
+    steps: int = 100  # optimizer steps of the sweep
+    start: float = 1e-7  # the swept group's first LR
+    end: float = 10.0  # its last LR (the sweep stops earlier once the loss diverges)
+    group: Optional[str] = None  # sweep this group alone (the others keep their LRs); null: every group
+    epoch: int = 0  # the freeze state of this epoch of the recipe (0: its first)
+    smooth: float = 0.98  # exponential smoothing of the loss (debiased)
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+
+
+@dataclass
+class AutoConfig:
+    """experiment=auto: the probe that chooses the recipe before training (finetune/recipes/auto.py)."""
+
+    enabled: bool = False  # experiment=auto sets it
+    near: str = "lp_ft"  # the recipe when the pretrained top features fit the data
+    far: str = "freezeout"  # the recipe when an earlier group's features fit it clearly better
+    budget: float = 0.15  # the probe's compute, at most this share of the run's
+    # far only when the top probe loses at most this under the data's own BatchNorm statistics
+    bn_drop: float = 0.05
+    far_min_steps: int = 20  # far only when the run has at least this many optimizer steps
+    folds: int = 5  # cross-validation folds of the linear probes (within the train set)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr_spread: LRSpreadConfig = field(default_factory=LRSpreadConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
+    # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
+    per_group: Dict[str, Any] = field(default_factory=dict)
+    unfreeze: Any = "all"  # last N groups trainable (head counted), or all
+    epochs: int = 5
+    max_steps: Optional[int] = None  # end after this many optimizer steps (the plan spans them); null: epochs
+    # peak LR of the head group, under every recipe; lower groups per lr_spread. `auto`: the LR finder's
+    # suggestion (a number, or auto: Any rather than float)
+    lr: Any = 1e-3
+    head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head); recipes never set it
+    batch_size: int = 32  # per micro-batch (and per process)
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation): the step sees batch_size x accumulate
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: Optional[bool] = None  # null: on for CUDA
+    compile: bool = False
+    # torchrun: BatchNorm in train mode normalises over the whole global batch (CUDA only)
+    sync_bn: bool = False
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None
+    # EMA of the weights with this half-life in epochs; evaluation and the checkpoint's "ema" use it
+    ema_half_life: Optional[float] = None
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    eval_every: int = 0  # also evaluate every N steps (0: only at epoch ends); evals.csv, best.pt
+    diag_every: int = -1  # per-group diagnostics every N steps (-1: 4 times an epoch; 0: off)
+    # the frozen-prefix feature cache (finetune/engine/cache.py): used when the head alone trains above a frozen body
+    cache: bool = True
+    cache_views: Optional[int] = None  # K: augmentations repeat every K epochs, K views cached
+    cache_dir: Optional[str] = None  # memory-mapped feature files here (reused across runs); null: memory
+    cache_dtype: str = "fp32"  # fp32 | fp16 | bf16
+    head_init: str = "none"  # none | lbfgs: fit the new head on the cached features before training
+    best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
+    patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
+    min_delta: float = 0.0
+    time_limit: Optional[float] = None  # minutes: stop after the step that passes it, resumable (exit 3)
+    deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
+    resume: Optional[str] = None  # run dir or checkpoint file
+    overwrite: bool = False  # run in a directory that already holds a run, replacing it
+    logger: str = "none"  # none | tensorboard (RUN_DIR/tensorboard, beside the CSV files)
+    verbose: bool = False  # show tracebacks for user errors
+    progress: bool = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,269 @@
+"""The frozen-prefix feature cache: while the new head alone trains above a frozen body, the body's output
+for a sample does not change, so it is computed once per sample (and view) and the head trains on it.
+An epoch then costs the head's forward and backward instead of the whole network's forward.
+
+It is valid, and used without being asked (`cache=false` turns it off), when in an epoch:
+- the head is the only trainable group (lp_ft's linear-probe epoch, unfreeze=1, gradual's first epochs)
+  and no BatchNorm parameter below it trains (freeze.train_bn);
+- the body's forward is a function of the image alone: its BatchNorm layers in eval mode (frozen groups'
+  are, see Freezing), no active dropout or stochastic depth in it;
+- the train transform is deterministic (data.augment=false), or the augmentations repeat every
+  `cache_views` epochs: with cache_views=K, epoch e draws sample i's augmentation from (seed, e mod K, i),
+  cached or not, so the cache holds K views;
+- one process (under torchrun the head's gradients must go through DDP).
+Otherwise the log says why it is off. Features are held in memory, or with `cache_dir=DIR` in
+memory-mapped files there (reused by a later run whose model, data and views are the same), in fp32 or
+with `cache_dtype` fp16/bf16. Evaluation always runs the whole model.
+
+`head_init=lbfgs` fits the new head to convergence on the cached features first (multinomial logistic
+regression, L-BFGS, a little L2), so fine-tuning starts from the best linear probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.base.errors import UserError
+
+log = logging.getLogger("finetune")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def head_module(model: nn.Module, groups) -> tuple[str, nn.Module | None]:
+    """(name, module) of the head group (the last group): the module that owns exactly its parameters;
+    None when no single module does (the cache is then never used)."""
+    names = set(groups[-1].param_names)
+    for name, module in model.named_modules():
+        own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters()}
+        if own == names and name:
+            return name, module
+    return "", None
+
+
+def _stochastic(module: nn.Module) -> bool:
+    """A layer that draws random numbers in train mode: dropout or stochastic depth with p > 0."""
+    p = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else None
+    p = p if p is not None else getattr(module, "drop_prob", None)
+    return bool(p) and module.training
+
+
+def reason_off(run) -> str | None:
+    """Why the cache cannot serve the epoch the run is in (None: it can); the model is in its modes."""
+    cfg, trainer, model = run.cfg, run.trainer, run.model
+    if not cfg.cache:
+        return "cache=false"
+    if run.head is None:
+        return "the head group is not one module"
+    mask = trainer.mask
+    if not mask[-1] or any(mask[:-1]):
+        return "groups below the head train"
+    head = run.head
+    if not isinstance(head, nn.Linear):
+        return f"the head is a {type(head).__name__}, not a Linear layer"
+    body_params = [p for n, p in model.named_parameters() if not n.startswith(run.head_prefix)]
+    if any(p.requires_grad for p in body_params):
+        return "BatchNorm parameters below the head train (freeze.train_bn)"
+    inside_head = {id(m) for m in head.modules()}
+    for module in model.modules():
+        if id(module) in inside_head:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training:
+            return "a BatchNorm layer below the head uses batch statistics"
+        if _stochastic(module):
+            return f"{type(module).__name__} below the head is active"
+    if float(getattr(model, "drop_rate", 0.0) or 0.0) > 0:  # timm's functional dropout before the classifier
+        return "the model's dropout before the head (drop_rate) is active"
+    if trainer.mix is not None:
+        return "data.mixup / data.cutmix mix images, not features"
+    if cfg.data.augment and not cfg.cache_views:
+        return "data.augment=true draws new crops every epoch (cache_views=K caches K augmented views)"
+    if run.world.enabled:
+        return "several processes (the head's gradients must go through DDP)"
+    return None
+
+
+class _Features(Dataset):
+    """(feature vector, label) by the training sampler's (index, epoch) keys: view epoch mod K."""
+
+    def __init__(self, views: list, labels: torch.Tensor):
+        self.views, self.labels = views, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        # stored in fp16/bf16 to save memory; the head computes in its own precision (autocast on GPUs)
+        row = self.views[epoch % len(self.views)][index]
+        row = row.float() if isinstance(row, torch.Tensor) else torch.from_numpy(np.array(row, dtype=np.float32))
+        return row, int(self.labels[index])
+
+
+def _head_inputs(run, loader):
+    """(the head's input, flattened; labels on the CPU) per batch of `loader`, through the whole model
+    with a forward pre-hook on the head."""
+    captured = {}
+    hook = run.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
+    try:
+        for x, y in loader:
+            x, y = run.trainer.to_device(x, y)
+            with run.trainer.autocast():
+                run.model(x)
+            yield captured["x"].flatten(1), y.cpu()
+    finally:
+        hook.remove()
+
+
+def as_tensor(view) -> torch.Tensor:
+    """One cached view as a float32 tensor (a copy when it is a memory-mapped file)."""
+    return view.float() if isinstance(view, torch.Tensor) else torch.from_numpy(np.array(view, dtype=np.float32))
+
+
+class FeatureCache:
+    """Built on the first epoch that can use it; serves every such epoch's batches."""
+
+    def __init__(self, run):
+        cfg = run.cfg
+        if cfg.cache_dtype not in DTYPES:
+            raise UserError(f"cache_dtype must be one of {', '.join(DTYPES)}, got {cfg.cache_dtype}")
+        if cfg.cache_views is not None and cfg.cache_views < 1:
+            raise UserError(f"cache_views must be >= 1 (null: cache only a deterministic transform), got {cfg.cache_views}")
+        self.views: list | None = None
+        self.labels: torch.Tensor | None = None
+        self.val: tuple[torch.Tensor, torch.Tensor] | None = None  # the val set's features and labels
+        self.key: str | None = None  # of the body the features were computed with
+        self.said: set[str] = set()
+        self.build_seconds = 0.0
+
+    def usable(self, run, epoch: int) -> bool:
+        why = reason_off(run)
+        if why is None and (self.views is None or self._key(run) != self.key):  # a body trained since: rebuild
+            self.build(run)
+        if why not in self.said:  # each reason (and "on") once
+            self.said.add(why)
+            log.info("feature cache: %s", f"off in epoch {epoch}: {why}" if why else
+                     f"on from epoch {epoch} (the head alone trains above a frozen body; built in "
+                     f"{self.build_seconds:.1f} s)")
+        return why is None
+
+    def val_loader(self, run) -> DataLoader:
+        """The val set's cached features in order (evaluation of the head alone)."""
+        features, labels = self.val
+        return DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=run.data.batch_size * 2)
+
+    def loader(self, run, epoch: int, start_step: int) -> DataLoader:
+        sampler = run.data.train_sampler(epoch, start_step)
+        return DataLoader(_Features(self.views, self.labels), batch_size=run.data.batch_size, sampler=sampler,
+                          drop_last=run.data.drop_last)
+
+    # ------------------------------------------------------------------------------------ building
+
+    def _key(self, run) -> str:
+        from finetune.base.checksum import fingerprints
+
+        body = {n: p for n, p in run.model.state_dict().items() if not n.startswith(run.head_prefix)}
+        parts = {"model": run.cfg.model.name, "source": run.cfg.model.source, "body": sum(fingerprints(body).values()),
+                 "data": str(run.cfg.data), "views": run.cfg.cache_views or 1, "seed": run.cfg.seed,
+                 "dtype": run.cfg.cache_dtype, "n": len(run.data.train)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @torch.no_grad()
+    def build(self, run) -> None:
+        from finetune.output.progress import bar
+
+        t0 = time.perf_counter()
+        data = run.data
+        k = run.cfg.cache_views or 1
+        dtype = DTYPES[run.cfg.cache_dtype]
+        n = len(data.train)
+        self.key = self._key(run)
+        store = Path(run.cfg.cache_dir).expanduser() / self.key if run.cfg.cache_dir else None
+        self.val = self._val_features(run, dtype)
+        if store is not None and (store / "done").is_file():
+            self.views = [np.load(store / f"view{v}.npy", mmap_mode="r") for v in range(k)]
+            self.labels = torch.from_numpy(np.load(store / "labels.npy"))
+            self.build_seconds = time.perf_counter() - t0
+            log.info("feature cache: reusing %s", store)
+            return
+        views, labels = [], torch.empty(n, dtype=torch.long)
+        with bar(k * -(-n // (data.batch_size * 2)), "caching features", enabled=run.cfg.progress) as advance:
+            for v in range(k):
+                loader = DataLoader(data.train, batch_size=data.batch_size * 2,
+                                    sampler=[(i, v) for i in range(n)], num_workers=data.num_workers)
+                out, at = None, 0
+                for feats, y in _head_inputs(run, loader):
+                    feats = feats.to(dtype).cpu()
+                    if out is None:
+                        out = self._allocate(store, v, (n, feats.shape[1]), dtype)
+                    out[at:at + len(feats)] = feats.float().numpy() if store is not None else feats
+                    labels[at:at + len(y)] = y
+                    at += len(feats)
+                    advance()
+                views.append(out)
+        if store is not None:
+            np.save(store / "labels.npy", labels.numpy())
+            for out in views:
+                out.flush()
+            (store / "done").write_text("")
+        self.views, self.labels = views, labels
+        self.build_seconds = time.perf_counter() - t0
+        shape = tuple(views[0].shape)
+        log.info("feature cache: %d images x %d view(s) x %d features (%s, %s) in %.1f s", shape[0], k, shape[1],
+                 run.cfg.cache_dtype, store or "in memory", self.build_seconds)
+
+    @torch.no_grad()
+    def _val_features(self, run, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's input for every val image (eval transform; the model in eval mode, as evaluation
+        runs it; the body is frozen, so it is the same for the weight average)."""
+        model = run.model
+        feats, labels = [], []
+        was = [m.training for m in model.modules()]
+        model.eval()
+        try:
+            for f, y in _head_inputs(run, run.data.val_loader()):
+                feats.append(f.to(dtype).float().cpu())
+                labels.append(y)
+        finally:
+            for m, mode in zip(model.modules(), was):
+                m.training = mode
+        return torch.cat(feats), torch.cat(labels)
+
+    @staticmethod
+    def _allocate(store: Path | None, view: int, shape: tuple[int, int], dtype: torch.dtype):
+        if store is None:
+            return torch.empty(shape, dtype=dtype)
+        store.mkdir(parents=True, exist_ok=True)
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32  # numpy has no bf16: stored as fp32
+        return np.lib.format.open_memmap(store / f"view{view}.npy", mode="w+", dtype=np_dtype, shape=shape)
+
+
+def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-4,
+             steps: int = 100) -> float:
+    """Multinomial logistic regression of the head on the features, to convergence (full-batch L-BFGS):
+    the best linear probe, as a starting point. Returns the final training loss."""
+    params = [p for p in head.parameters()]
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+    x, y = features.float(), labels
+
+    def closure():
+        opt.zero_grad()
+        weight = head.weight.flatten(1) if hasattr(head, "weight") else params[0]
+        loss = F.cross_entropy(head(x), y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    head.train(False)  # no dropout while fitting
+    opt.step(closure)
+    head.train(True)
+    with torch.no_grad():
+        return float(F.cross_entropy(head(x), y))

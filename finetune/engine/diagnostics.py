@@ -1,0 +1,264 @@
+"""Per-group diagnostics and freeze integrity: what no other fine-tuning tool shows per layer group.
+
+Every `diag_every` steps (default: 4 times an epoch; 0: off), for each group: the gradient norm, the
+weight norm and the update-to-weight ratio ||dW|| / ||W||, measured from the update the optimizer
+actually made (weights copied before its step, compared after), into diagnostics.csv and
+diagnostics.png; and the distribution of each group's output activations (forward hooks on the group's
+last module) into activations.csv and activations.png. A trainable group whose update ratio stays far
+from the usual ~1e-3 over an epoch (above 1e-2 or below 1e-5) gets a one-line warning with an LR for it.
+
+Freeze integrity: whenever a group is frozen, a fingerprint of its weights and of the BatchNorm
+statistics that must not move (those in eval mode) is taken; at every epoch's end a change is an error
+naming the tensor (a frozen weight that weight decay, an optimizer or a stray in-place op touched).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+from finetune.base.checksum import fingerprints
+from finetune.engine.observers import Listener
+from finetune.output.trace import NoTrace, TraceFile
+
+log = logging.getLogger("finetune")
+
+FIELDS = ("step", "epoch", "group", "trainable", "grad_norm", "weight_norm", "update_ratio")
+BINS = 40
+LOG10_RANGE = (-4.0, 2.0)  # activation magnitudes 1e-4 .. 1e2, log-spaced; outside: the end bins
+ACT_FIELDS = ("step", "epoch", "group", *[f"b{i}" for i in range(BINS)])
+RATIO_BAND = (1e-5, 1e-2)
+SAMPLE = 1 << 16  # activations histogrammed per group and diagnostic step, at most  # update ratios outside it get a warning; ~1e-3 is the usual
+
+
+def resolve_every(every: int, steps_per_epoch: int) -> int:
+    """-1: four times an epoch (at least every step of a short epoch); 0: off."""
+    if every < -1:
+        from finetune.base.errors import UserError
+
+        raise UserError(f"diag_every must be -1 (4 times an epoch), 0 (off) or a number of steps, got {every}")
+    return max(1, steps_per_epoch // 4) if every == -1 else every
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of several tensors together (one fused kernel per dtype and device)."""
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)])))
+
+
+class Probe:
+    """One diagnostic step: gradients and weights before the optimizer step, the update after it."""
+
+    def __init__(self, groups: list[list[nn.Parameter]]):
+        self.groups = groups
+        self.grad_norms: list[float] = []
+        self.before: list[list[torch.Tensor]] = []
+
+    def before_step(self, grad_scale: float) -> None:
+        self.grad_norms = [_norm([p.grad for p in g if p.grad is not None]) / grad_scale for g in self.groups]
+        self.before = [[p.detach().clone() for p in g if p.grad is not None] for g in self.groups]
+
+    def after_step(self) -> list[dict]:
+        rows = []
+        for g, grad, before in zip(self.groups, self.grad_norms, self.before):
+            moved = [p for p in g if p.grad is not None] if before else []
+            weight = _norm([p.detach() for p in g])
+            update = _norm(torch._foreach_sub([p.detach() for p in moved], before)) if before else 0.0
+            rows.append({"grad_norm": grad, "weight_norm": weight,
+                         "update_ratio": update / weight if weight > 0 else 0.0})
+        self.before = []
+        return rows
+
+
+def last_modules(model: nn.Module, groups) -> list[nn.Module | None]:
+    """Each group's last module (in registration order) that owns one of its parameters: its output."""
+    owner = {}
+    for name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owner[f"{name}.{pname}" if name else pname] = module
+    out = []
+    for group in groups:
+        modules = [owner[n] for n in group.param_names if n in owner]
+        out.append(modules[-1] if modules else None)
+    return out
+
+
+class Activations:
+    """Forward hooks that histogram each group's output (log10 |a|, BINS bins) during one forward."""
+
+    def __init__(self, modules: list[nn.Module | None]):
+        self.modules = modules
+        self.hists: list[torch.Tensor | None] = [None] * len(modules)
+        self.handles = []
+
+    def __enter__(self):
+        for i, module in enumerate(self.modules):
+            if module is not None:
+                self.handles.append(module.register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, i: int):
+        lo, hi = LOG10_RANGE
+
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                flat = output.detach().flatten()
+                # a strided sample of at most SAMPLE values: the histogram's shape at a fraction of the cost
+                flat = flat[:: max(1, flat.numel() // SAMPLE)]
+                a = flat.float().abs().clamp_min(10 ** lo).log10().clamp(lo, hi - 1e-6)
+                h = torch.histc(a, bins=BINS, min=lo, max=hi).cpu()
+                self.hists[i] = h if self.hists[i] is None else self.hists[i] + h
+        return hook
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def ratio_warnings(ratios: dict[str, list[float]], peaks: dict[str, float], epoch: int) -> dict[str, str]:
+    """{group: warning} for groups whose update ratios over the epoch (geometric mean, at peak LR) lie
+    outside RATIO_BAND, each with the LR that would bring them to ~1e-3 (updates scale with the LR)."""
+    out = {}
+    lo, hi = RATIO_BAND
+    for name, values in ratios.items():
+        if not values:
+            continue
+        mean = math.exp(sum(math.log(v) for v in values) / len(values))
+        if lo <= mean <= hi:
+            continue
+        lr, better = peaks[name], peaks[name] * 1e-3 / mean
+        out[name] = (f"group {name}: its updates were {mean:.1e} of its weights in epoch {epoch} (usually ~1e-3): "
+                     f"its LR {lr:.2g} looks too {'high' if mean > hi else 'low'}; try ++per_group.{name}.lr={better:.2g}")
+    return out
+
+
+class Diagnostics(Listener):
+    """diagnostics.csv / activations.csv as training goes (cut back on resume like the LR trace), the
+    update-ratio warning per epoch, and the plots at the end."""
+
+    def __init__(self, run, every: int):
+        self.every = every
+        names = [g.name for g in run.groups]
+        params = dict(run.model.named_parameters())
+        self.params = [[params[n] for n in g.param_names] for g in run.groups]
+        self.names = names
+        self.modules = last_modules(run.model, run.groups)
+        self.main = run.world.main  # rank 0 alone writes the files
+        kind = TraceFile if self.main else NoTrace
+        self.csv = kind(run.out_dir / "diagnostics.csv", FIELDS)
+        self.act_csv = kind(run.out_dir / "activations.csv", ACT_FIELDS)
+        self.ratios: dict[int, list[float]] = defaultdict(list)  # this epoch's update ratios per group
+        self.warned: set[str] = set()
+        self.started = False
+        self.before = {}  # a resumed run's files, beside its checkpoint
+        if run.cfg.resume:
+            from finetune.engine import checkpoint
+
+            old_dir = checkpoint.resolve_resume_path(run.cfg.resume).parent.parent
+            self.before = {"diagnostics": old_dir / "diagnostics.csv", "activations": old_dir / "activations.csv"}
+
+    def due(self, run) -> bool:
+        return run.state.step % self.every == 0
+
+    # the Run asks for these around a due step (finetune/engine/loop.py, train_epoch)
+    def probe(self) -> Probe:
+        return Probe(self.params)
+
+    def activations(self) -> Activations:
+        return Activations(self.modules)
+
+    def record(self, run, probe_rows: list[dict], hists: list) -> None:
+        step, epoch, mask = run.last_step, run.state.epoch, run.trainer.mask
+        rows = [{"step": step, "epoch": epoch, "group": n, "trainable": int(on), **r}
+                for n, on, r in zip(self.names, mask, probe_rows)]
+        for i, r in enumerate(rows):
+            # the ratio the group's peak LR would give: warmup and annealing are not a wrong LR
+            factor = run.plan.lr(i, step) / run.plan.peak(i, step)
+            if r["trainable"] and factor > 0.1 and r["update_ratio"] > 0:
+                self.ratios[i].append(r["update_ratio"] / factor)
+        self.csv.write(rows)
+        self.act_csv.write([{"step": step, "epoch": epoch, "group": n,
+                             **{f"b{k}": int(v) for k, v in enumerate(h.tolist())}}
+                            for n, h in zip(self.names, hists) if h is not None])
+
+    def on_epoch_start(self, run) -> None:
+        if self.started:
+            return
+        self.started = True  # rows of the steps the checkpoint holds come over from the resumed run's files
+        self.csv.start(run.state.step, self.before.get("diagnostics"))
+        self.act_csv.start(run.state.step, self.before.get("activations"))
+
+    def on_epoch_end(self, run) -> None:
+        # the new head (the last group) is exempt: a freshly initialised layer under Adam moves by far
+        # more than 1e-3 of its small initial weights, and that is how it should train
+        ratios = {self.names[i]: r for i, r in self.ratios.items() if i < len(self.names) - 1}
+        peaks = {g.name: g.lr for g in run.plan.groups}
+        for name, line in ratio_warnings(ratios, peaks, run.state.epoch - 1).items():
+            if name not in self.warned:
+                self.warned.add(name)
+                log.warning("%s", line)
+        self.ratios.clear()
+        self.csv.flush()
+        self.act_csv.flush()
+
+    def on_end(self, run) -> None:
+        if self.main and self.started:
+            self.plot(run)
+
+    def plot(self, run) -> None:
+        from finetune.output import report
+        from finetune.output.trace import read_rows
+
+        self.csv.flush()
+        self.act_csv.flush()
+        report.plot_diagnostics(run.out_dir / "diagnostics.png", read_rows(self.csv.path), self.names)
+        report.plot_activations(run.out_dir / "activations.png", read_rows(self.act_csv.path), self.names, BINS,
+                                LOG10_RANGE)
+
+    def on_close(self, run) -> None:
+        self.csv.close()
+        self.act_csv.close()
+
+
+# ------------------------------------------------------------------------------------ freeze integrity
+
+
+class FreezeIntegrity(Listener):
+    """Frozen weights, and the BatchNorm statistics kept in eval mode, must not change while frozen."""
+
+    def __init__(self):
+        self.held: dict[str, int] = {}
+
+    def _frozen(self, run) -> dict[str, torch.Tensor]:
+        model, trainer = run.model, run.trainer
+        out = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        names = {id(m): n for n, m in model.named_modules()}
+        for module in trainer.frozen_norms:
+            prefix = names.get(id(module), "")
+            for bname, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point():
+                    out[f"{prefix}.{bname}" if prefix else bname] = buf
+        return out
+
+    def on_epoch_start(self, run) -> None:
+        # taken at the start of every epoch: a freeze change has just been applied, and a resumed run
+        # fingerprints what it loaded
+        self.held = fingerprints(self._frozen(run))
+
+    def on_epoch_end(self, run) -> None:
+        if not self.held:
+            return
+        now = fingerprints({n: t for n, t in self._frozen(run).items() if n in self.held})
+        changed = [n for n, fp in now.items() if fp != self.held[n]]
+        if changed:
+            from finetune.base.errors import UserError
+
+            raise UserError(f"freeze integrity: {changed[0]} changed during epoch {run.state.epoch - 1} although "
+                            f"its group was frozen ({len(changed)} tensor(s) changed); please report this with the "
+                            "config (a model that writes to its own weights, or a finetune bug)")

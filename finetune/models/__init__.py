@@ -1,0 +1,2 @@
+"""Models: the zoo's ready layer groups, weights and the preprocessing they expect, fresh heads, the
+user's own model class, and build_model that joins them."""

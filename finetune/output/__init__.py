@@ -1,0 +1,1 @@
+"""What a run writes and shows: CSV/JSON reports and plots, the streamed LR trace, progress bars."""
