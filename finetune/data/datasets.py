@@ -103,7 +103,7 @@ def splits(cfg, size: int) -> tuple[Dataset, Dataset, list[str], int]:
 # --------------------------------------------------------------------------------------------- digits
 
 # the embedded real images (finetune/assets/README.md): handwritten digits, far from ImageNet photos
-DIGITS_FILE = Path(__file__).resolve().parent / "assets" / "digits.npz"
+DIGITS_FILE = Path(__file__).resolve().parents[1] / "assets" / "digits.npz"
 DIGIT_CLASSES = [str(d) for d in range(10)]
 DIGITS_PER_CLASS = {"train": 30, "val": 50}
 DIGITS_STORED_PX = 32  # upscaled once like the benchmark's PNG folders, before the model's transform
