@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-all bench bench-speed bench-transfer clean
+.PHONY: install run test test-fast bench bench-speed bench-transfer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,12 +20,16 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/finetune train
 
-# installs first: `make test` works as the first command on a fresh clone
-test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+# one test worker per core (pytest-xdist), a module's tests on one worker (they share its fixtures)
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadscope
 
-test-all: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+# installs first: `make test` works as the first command on a fresh clone; every test
+test: $(VENV)/.installed
+	$(PYTEST)
+
+# the edit loop: without the heavy end-to-end tests (torchrun, plugin sweeps, benchmarks, CLI subprocesses)
+test-fast: $(VENV)/.installed
+	$(PYTEST) -m "not slow"
 
 bench: bench-speed bench-transfer
 

@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from finetune.config.schema import TrainConfig  # noqa: E402
 from finetune.core import freeze  # noqa: E402
 from finetune.data import loaders as data_mod  # noqa: E402
-from finetune.engine.loop import build_run  # noqa: E402
+from finetune.engine.setup import build_parts  # noqa: E402
 from finetune.engine.step import Trainer, resolve_precision  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hymenoptera"
@@ -133,7 +133,7 @@ def make_cfg(s: Settings, **overrides):
 def finetune_trainer(cfg, s: Settings, device: torch.device, steps_per_epoch: int = 100_000):
     """finetune's Trainer built the way `train` builds it, in the plan's epoch-0 freeze state."""
     torch.manual_seed(0)
-    bundle, groups, _ = build_run(cfg)
+    bundle, groups, _ = build_parts(cfg)
     model = bundle.model.to(device)
     trainer = Trainer.from_config(cfg, model, groups, steps_per_epoch, device, amp_dtype(s), s.channels_last)
     trainer.set_epoch(0)
@@ -413,7 +413,7 @@ def measure_pipeline(s: Settings, device: torch.device, root: Path, log) -> dict
         log(f"pipeline  skipped: no ImageFolder data at {root}")
         return {"pipeline_ratio": None}
     cfg = make_cfg(s, **{"data.name": "imagefolder", "data.root": str(root)})
-    bundle, groups, _ = build_run(cfg)
+    bundle, groups, _ = build_parts(cfg)
     data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=s.batch, seed=0,
                                pin_memory=device.type == "cuda", persistent_workers=True)
     torch.manual_seed(0)

@@ -197,7 +197,8 @@ def same_run(old, new) -> bool:
 def _probe_child(cfg, run_dir: Path) -> None:
     from finetune.recipes import auto
 
-    auto.choose(cfg, run_dir)  # auto.json
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "auto.json").write_text(json.dumps(auto.choose(cfg), indent=2) + "\n")
 
 
 def _in_child(target, *args) -> float:

@@ -9,14 +9,20 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from finetune.commands.train import Trainer
 from finetune.config.schema import TrainConfig
 from finetune.core.groups import build_groups
+from finetune.engine.step import Trainer
+
+# what a config group file sets on the command line's config; the tests' own choice: a timm model on
+# generated data
+GROUPS = {"model.name": "tf_efficientnet_lite0", "data.name": "synthetic"}
 
 
 def make_cfg(**overrides):
     """The schema's defaults with dotted overrides, e.g. make_cfg(**{"schedule.kind": "cosine"})."""
     cfg = OmegaConf.structured(TrainConfig)
+    for key, value in GROUPS.items():
+        OmegaConf.update(cfg, key, value)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=False)
     return cfg

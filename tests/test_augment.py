@@ -12,13 +12,13 @@ from tiny_runs import (
     QUIET,
     TINY,
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 from torchvision.transforms import v2
 
-from finetune.commands.train import Interrupted, train
+from finetune.commands.train import train
 from finetune.data import datasets, sampling, transforms
+from finetune.engine.signals import Interrupted
 from finetune.engine.step import batch_mix
 from finetune.models.build import build_model
 from finetune.models.weights import Preprocess

@@ -10,7 +10,6 @@ from tiny_runs import (
     QUIET,
     TINY,
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 
@@ -125,9 +124,9 @@ def test_probe_measures_every_group_and_finds_the_better_earlier_one():
 
 
 def test_group_outputs_are_whole_stages_of_a_real_model():
-    from finetune.engine.loop import build_run
+    from finetune.engine.setup import build_parts
 
-    bundle, groups, _ = build_run(compose_cfg())
+    bundle, groups, _ = build_parts(compose_cfg())
     outputs = auto.group_outputs(bundle.model, groups)
     assert outputs == {"conv1": "stem", "bn1": "stem", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3",
                        "layer4": "layer4", "fc": "head"}
@@ -150,7 +149,10 @@ def test_auto_trains_exactly_the_chosen_recipe_with_the_users_overrides(capsys, 
     assert code == 0, err
     a = torch.load(tmp_path / "auto" / "checkpoints" / checkpoint.LAST, weights_only=True)
     b = torch.load(tmp_path / "freezeout" / "checkpoints" / checkpoint.LAST, weights_only=True)
-    assert a["config"] == b["config"] and a["config"]["lr"] == 0.005  # the override won over freezeout's 1e-3
+    assert a["config"]["lr"] == 0.005  # the override won over freezeout's 1e-3
+    # the same config as experiment=freezeout's; the recipe it records adds auto's choice
+    assert {**a["config"], "recipe": None} == {**b["config"], "recipe": None}
+    assert a["config"]["recipe"] == {**b["config"]["recipe"], "auto": choice}
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -199,7 +201,7 @@ def test_bad_auto_settings(capsys, tmp_path):
     assert code == 2 and err[-1].startswith("finetune: error: auto.far: 'auto' is not a fixed recipe; choose one of ")
     code, err = run_cli(capsys, "train", *TINY, "experiment=auto", "auto.budget=0", *QUIET, f"hydra.run.dir={tmp_path}")
     assert code == 2 and err[-1] == "finetune: error: auto.budget must be in (0, 1], got 0.0"
-    with pytest.raises(UserError, match="experiment=auto composes the recipe it chooses"):
+    with pytest.raises(UserError, match="experiment=auto chooses its recipe when the config is composed"):
         train(compose_cfg("experiment=auto"), tmp_path / "lib")
 
 
@@ -268,28 +270,25 @@ def test_a_run_cannot_be_built_from_an_unresolved_auto_config(tmp_path):
 
 def test_an_interrupted_auto_run_resumes_exactly(tmp_path, monkeypatch):
     """The checkpoint keeps the choice: the resumed run trains it without a second probe, and continues
-    bit for bit; the checkpoint is read once (the choice and the run's state come from that read)."""
-    from finetune.commands.train import Interrupted
+    bit for bit."""
+    import finetune
+    from finetune.engine.signals import Interrupted
 
-    def composer(*extra):
-        return lambda name: (compose_cfg(f"experiment={name}", "epochs=2", *extra), None)
+    def composed(*extra):
+        return finetune.compose([*TINY, "experiment=auto", "epochs=2", *extra])
 
-    straight = train(compose_cfg("experiment=auto", "epochs=2"), tmp_path / "straight", compose=composer())
+    straight = finetune.train(composed(), tmp_path / "straight")
     with pytest.raises(Interrupted):
-        train(compose_cfg("experiment=auto", "epochs=2"), tmp_path / "first", stop_at_step=3, compose=composer())
+        finetune.train(composed(), tmp_path / "first", stop_at_step=3)
 
     def no_probe(cfg):
         raise AssertionError("a resumed auto run probed again")
 
     monkeypatch.setattr(auto, "measure", no_probe)
-    reads, load = [], checkpoint.load_checkpoint
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda resume: reads.append(resume) or load(resume))
-    resumed = train(compose_cfg("experiment=auto", "epochs=2", f"resume={tmp_path / 'first'}"), tmp_path / "second",
-                    compose=composer(f"resume={tmp_path / 'first'}"))
+    resumed = finetune.train(composed(f"resume={tmp_path / 'first'}"), tmp_path / "second")
     first = json.loads((tmp_path / "first" / "auto.json").read_text())
     assert json.loads(json.dumps(resumed["recipe"]["auto"])) == {**first, "resumed": True}  # as auto.json has it
     assert resumed["recipe"]["auto"]["recipe"] == straight["recipe"]["auto"]["recipe"]
-    assert len(reads) == 1, reads
     a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
     b = torch.load(tmp_path / "second" / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -19,7 +19,6 @@ from tiny_runs import (
     ONE_THREAD_ENV,
     QUIET,
     TINY,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 from tiny_runs import run_cli as run_finetune
 
@@ -138,7 +137,7 @@ def test_unfreeze_out_of_range_and_unknown_schedule_kind(tmp_path, capsys):
     assert_one_line_error(run_cli(tmp_path, capsys, "unfreeze=0"),
                           "unfreeze=0 is out of range: the model has 6 layer groups (use 1..6 or 'all')")
     code, lines = run_cli(tmp_path, capsys, "schedule.kind=cosin")
-    assert code == 2 and len(lines) == 1 and "schedule.kind: unknown schedule kind 'cosin'" in lines[0]
+    assert code == 2 and len(lines) == 1 and "schedule.kind: unknown value 'cosin'" in lines[0]
 
 
 # ------------------------------------------------------------------------------------ weights, resume
@@ -232,6 +231,7 @@ def finetune(*args, cwd):
                           capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD_ENV})
 
 
+@pytest.mark.slow
 def test_real_command_line_error_is_one_line_without_traceback(tmp_path):
     nowhere = tmp_path / "nowhere"
     proc = finetune("data=imagefolder", f"data.root={nowhere}", cwd=tmp_path)
@@ -298,7 +298,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, cap
 
 
 def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
-    from finetune.commands.train import Trainer
+    from finetune.engine.step import Trainer
 
     real = Trainer.evaluate
     calls = []
@@ -318,7 +318,7 @@ def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
 
 
 def test_non_finite_batchnorm_statistics_are_never_checkpointed(tmp_path, capsys, monkeypatch):
-    from finetune.commands.train import Trainer
+    from finetune.engine.step import Trainer
 
     real = Trainer.step_accumulated  # what the run calls for each optimizer step
 

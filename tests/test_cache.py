@@ -2,6 +2,7 @@
 recomputing the body gives; augmented views repeat; the log says why it is off; cache_dir is reused;
 head_init=lbfgs; an exact resume in a cached epoch."""
 
+import json
 import logging
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from helpers import read_csv
 from tiny_runs import (
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
 )
 
 from finetune.base.errors import UserError
@@ -60,8 +61,6 @@ def test_the_log_says_why_the_cache_is_off(tmp_path, caplog):
     assert "off in epoch 0: BatchNorm parameters below the head train (freeze.train_bn)" in caplog.text
     train(compose_cfg(*LP, "epochs=1", "model.drop_rate=0.3"), tmp_path / "c")  # dropout inside the head: fine
     assert caplog.text.count("feature cache: on from epoch 0") == 1
-    with pytest.raises(UserError, match="cache_dtype must be one of"):
-        train(compose_cfg(*LP, "cache_dtype=int8"), tmp_path / "d")
 
 
 def test_cache_dir_is_reused_by_the_next_run(tmp_path, caplog):
@@ -103,3 +102,20 @@ def test_a_body_that_trained_in_between_is_cached_again(tmp_path, caplog):
     assert caplog.text.count("feature cache: 24 images x 1 view(s)") == 2
     train(compose_cfg(*again, "cache=false"), tmp_path / "plain")
     assert_same_run(tmp_path / "cached", tmp_path / "plain")
+
+
+def test_the_averages_val_metrics_in_a_cached_epoch_are_those_of_the_saved_average(tmp_path, capsys, caplog):
+    """Epoch 0 trains every group, epoch 1 the head alone on cached features: the weight average's body
+    then still differs from the live one, so its val metrics come from the images, as `finetune eval`
+    of the saved average computes them."""
+    caplog.set_level(logging.INFO, logger="finetune")
+    train(compose_cfg("experiment=none", "epochs=2", "ema_half_life=1", "data.augment=false",
+                      "freeze.kind=milestones", "++freeze.milestones={1: 1}"), tmp_path / "run")
+    assert "feature cache: on from epoch 1" in caplog.text
+    code, err = run_cli(capsys, "eval", f"ckpt={tmp_path / 'run'}", "num_workers=0")
+    assert code == 0, err
+    result = json.loads((tmp_path / "run" / "eval" / "val" / "metrics.json").read_text())
+    last = read_csv(tmp_path / "run" / "metrics.csv")[-1]
+    assert result["weights"] == "average"
+    assert float(last["val_loss"]) == pytest.approx(result["loss"], rel=1e-5)
+    assert float(last["val_acc"]) == pytest.approx(result["accuracy"], abs=1e-6)

@@ -7,12 +7,12 @@ import os
 import pickle
 import struct
 import urllib.error
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 from finetune.base.errors import UserError
@@ -20,8 +20,6 @@ from finetune.config.schema import DataConfig
 from finetune.data import datasets, sampling, transforms
 from finetune.data import loaders as D
 
-# ../shared sits next to the project root on every developer machine and in CI
-HYMENOPTERA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera")
 IMAGENET = SimpleNamespace(
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=224, interpolation="bicubic", crop_pct=0.875
 )
@@ -29,7 +27,7 @@ IMAGENET = SimpleNamespace(
 
 def small(**kw) -> DataConfig:
     """A small, fast synthetic config."""
-    base = dict(image_size=32, train_size=40, val_size=20, num_classes=4, num_workers=0)
+    base = dict(name="synthetic", image_size=32, train_size=40, val_size=20, num_classes=4, num_workers=0)
     base.update(kw)
     return DataConfig(**base)
 
@@ -46,17 +44,17 @@ def same_batches(a, b) -> bool:
 
 
 def test_num_classes_per_source(tmp_path):
-    assert datasets.num_classes(DataConfig(num_classes=7)) == 7
+    assert datasets.num_classes(DataConfig(name="synthetic", num_classes=7)) == 7
     assert datasets.num_classes(DataConfig(name="cifar100")) == 100
     assert datasets.num_classes(DataConfig(name="Fashion-MNIST")) == 10
-    assert datasets.num_classes(DataConfig(name="imagefolder", root=HYMENOPTERA)) == 2
+    assert datasets.num_classes(DataConfig(name="imagefolder", root=str(shared_data("hymenoptera")))) == 2
 
 
 def test_unknown_name_and_bad_synthetic_sizes():
     with pytest.raises(UserError, match="unknown data.name 'imagenet'.*cifar10"):
         datasets.num_classes(DataConfig(name="imagenet"))
     with pytest.raises(UserError, match="data.num_classes must be at least 2"):
-        datasets.num_classes(DataConfig(num_classes=1))
+        datasets.num_classes(DataConfig(name="synthetic", num_classes=1))
     with pytest.raises(UserError, match="data.train_size"):
         D.build_data(small(train_size=0), IMAGENET, batch_size=4, seed=0)
 
@@ -80,9 +78,9 @@ def test_synthetic_is_deterministic_balanced_and_disjoint():
 
 
 def test_synthetic_size_follows_weights_or_override():
-    b = D.build_data(DataConfig(train_size=8, val_size=4), replace_pp(input_size=48), batch_size=4, seed=0)
+    b = D.build_data(DataConfig(name="synthetic", train_size=8, val_size=4), replace_pp(input_size=48), batch_size=4, seed=0)
     assert b.train[0][0].shape == (3, 48, 48) and b.val[0][0].shape == (3, 48, 48)
-    cfg = DataConfig(train_size=8, val_size=4, image_size=40)
+    cfg = DataConfig(name="synthetic", train_size=8, val_size=4, image_size=40)
     b = D.build_data(cfg, replace_pp(input_size=48), batch_size=4, seed=0)
     assert b.train[0][0].shape == (3, 40, 40)
     assert b.classes == ["class_0", "class_1", "class_2", "class_3"] and b.num_workers == 0
@@ -238,7 +236,7 @@ def test_resolve_workers():
 
 
 def test_hymenoptera_imagefolder():
-    cfg = DataConfig(name="imagefolder", root=HYMENOPTERA, image_size=32, num_workers=0)
+    cfg = DataConfig(name="imagefolder", root=str(shared_data("hymenoptera")), image_size=32, num_workers=0)
     b = D.build_data(cfg, IMAGENET, batch_size=16, seed=0)
     assert (len(b.train), len(b.val), b.classes, b.skipped) == (245, 153, ["ants", "bees"], 0)
     labels = [label for _, label in b.val.base.samples]

@@ -6,14 +6,14 @@ import torch
 from helpers import read_csv
 from tiny_runs import (
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 from finetune.base.errors import UserError
-from finetune.commands.train import Trainer, train
+from finetune.commands.train import train
 from finetune.engine import checkpoint
 from finetune.engine.diagnostics import ratio_warnings, resolve_every
 from finetune.engine.signals import Interrupted
+from finetune.engine.step import Trainer
 
 # plain SGD: the update is exactly lr x gradient, so the probe's numbers can be checked by hand
 SGD = ["experiment=none", "optimizer.name=sgd", "optimizer.momentum=0", "optimizer.weight_decay=0",

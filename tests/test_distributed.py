@@ -19,7 +19,6 @@ from tiny_runs import (
     ONE_THREAD_ENV,
     QUIET,
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 
@@ -75,6 +74,7 @@ def test_every_rank_takes_its_slice_of_the_global_batch_one_process_would_take()
     assert sorted(sum(val, [])) == list(range(10)) and all(val)  # every val image once, on one rank
 
 
+@pytest.mark.slow
 def test_gradual_unfreeze_under_torchrun_keeps_replicas_equal_and_matches_one_process(straight, tmp_path):
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["images_per_step"] == 16
@@ -97,6 +97,7 @@ def test_gradual_unfreeze_under_torchrun_keeps_replicas_equal_and_matches_one_pr
     assert read_csv(straight / "lr_trace.csv") == read_csv(tmp_path / "one" / "lr_trace.csv")
 
 
+@pytest.mark.slow
 def test_sigterm_and_resume_under_torchrun_equal_the_straight_run_bit_for_bit(straight, tmp_path):
     proc = torchrun(tmp_path, "hydra.run.dir=run", wait=False)
     ckpt = tmp_path / "run" / "checkpoints" / checkpoint.LAST
@@ -129,6 +130,7 @@ def test_sigterm_and_resume_under_torchrun_equal_the_straight_run_bit_for_bit(st
         train(compose_cfg(*RUN, "batch_size=8", f"resume={tmp_path / 'run'}", "overwrite=true"), tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_the_default_auto_under_torchrun_probes_once_and_every_rank_trains_its_choice(tmp_path):
     # the default recipe (no experiment=): rank 0 probes, the choice is broadcast
     args = [a for a in RUN if a != "experiment=none" and not a.startswith(("freeze", "accumulate", "ema", "check"))]
@@ -160,6 +162,7 @@ def test_what_does_not_work_across_processes_is_one_line(capsys, monkeypatch, tm
     assert code == 2 and "the rank must lie in [0, WORLD_SIZE)" in err[-1]
 
 
+@pytest.mark.slow
 def test_a_submitit_job_of_two_tasks_is_one_distributed_run(tmp_path):
     """hydra/launcher=submitit_local with tasks_per_node=2, as hydra/launcher=slurm runs a job per node."""
     out = subprocess.run([sys.executable, "-m", "finetune", "train", "-m", "hydra/launcher=submitit_local",

@@ -7,7 +7,6 @@ from helpers import SixGroupNet, batches, make_cfg, make_trainer, read_csv
 from test_training_core import run
 from tiny_runs import (
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 from finetune.base.errors import UserError

@@ -8,7 +8,6 @@ import torch
 from helpers import read_csv
 from tiny_runs import (
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 from finetune.commands.train import train

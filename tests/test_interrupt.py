@@ -22,13 +22,13 @@ from tiny_runs import (
     QUIET,
     TINY,
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 
 from finetune.base import files
-from finetune.commands.train import NonFiniteLoss, train
+from finetune.commands.train import train
 from finetune.engine import checkpoint
+from finetune.engine.divergence import NonFiniteLoss
 
 # 8 epochs of 3 steps: long enough to signal it mid-run; only the head trains, so steps are quick
 LONG = [*TINY, "epochs=8", "experiment=none", "unfreeze=1", "schedule=cosine"]
@@ -50,6 +50,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tmp_path, sig):
     run = tmp_path / "run"
@@ -94,6 +95,7 @@ def _write_forever(path: str, versions: list) -> None:
         files.atomic_save(versions[i % len(versions)], path)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_never_corrupts_the_last_checkpoint(tmp_path):
     # 16 MB per version, written over and over: most of the writer's time is spent inside a write
     versions = [{"format": checkpoint.FORMAT, "version": v, "data": torch.full((4_000_000,), v, dtype=torch.int32)}

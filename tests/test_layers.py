@@ -114,3 +114,14 @@ def test_no_private_name_crosses_a_module():
 def test_the_layer_checks_see_function_local_imports():
     tree = ast.parse("def f():\n    from finetune.commands import cli\n")
     assert [t for t, _, _ in _imports(tree)] == ["finetune.commands.cli"]
+
+
+def test_the_config_has_one_source_of_defaults():
+    """conf/train.yaml chooses config groups and sets Hydra's options, nothing else: every other default
+    is the schema's, and what a group's file sets is the only other source."""
+    import yaml
+
+    from finetune.config.presets import conf_dir
+
+    main = yaml.safe_load((conf_dir() / "train.yaml").read_text())
+    assert set(main) == {"defaults", "hydra"}

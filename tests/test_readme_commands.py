@@ -9,6 +9,7 @@ import re
 import shlex
 
 import pytest
+from conftest import shared_data
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from tiny_runs import ROOT
 
@@ -212,9 +213,9 @@ CHECKS = {
     "finetune inspect model=resnet18": check_groups(RESNET),
     "finetune train model=resnet18 'model.groups={stem: [conv1, bn1], early: [layer1, layer2], late: [layer3, "
     "layer4], head: fc}'": check_groups(["stem", "early", "late", "head"]),
-    "finetune train -m data=hymenoptera unfreeze=1,3,all epochs=3":
+    "finetune train -m data=imagefolder data.root=../shared/data/hymenoptera unfreeze=1,3,all epochs=3":
         by_job(lambda info, unfreeze: check_lp_ft_unfreeze(info, unfreeze, epochs=3), "unfreeze"),
-    "finetune train -m data=hymenoptera lr=3e-3,1e-2,3e-2 epochs=3": by_job(check_sweep_lr, "lr"),
+    "finetune train -m data=imagefolder data.root=../shared/data/hymenoptera lr=3e-3,1e-2,3e-2 epochs=3": by_job(check_sweep_lr, "lr"),
     "finetune train -m lr=1e-4,1e-3,1e-2 hydra/launcher=joblib hydra.launcher.n_jobs=2": by_job(check_sweep_lr, "lr"),
     "finetune train -m lr=1e-4,1e-3 hydra/launcher=submitit_local": by_job(check_sweep_lr, "lr"),
     "finetune train -m lr=1e-4,1e-3 hydra/launcher=slurm hydra.launcher.partition=gpu": by_job(check_sweep_lr, "lr"),
@@ -252,6 +253,8 @@ def test_every_readme_command_is_checked():
 
 @pytest.mark.parametrize("command", list(CHECKS))
 def test_readme_command_does_what_the_readme_says(command, capsys, monkeypatch):
+    for name in re.findall(r"\.\./shared/data/(\w+)", command):
+        shared_data(name)  # skips where the shared images are missing
     monkeypatch.chdir(ROOT)  # data.root=../shared/... is relative to the checkout, as the README types it
     check = CHECKS[command]
     for overrides in jobs(command):

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.commands.train import build_run
 from finetune.config.schema import register_configs
 from finetune.core.plan import build_plan
+from finetune.engine.setup import build_parts
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("linear_probe", "full", "discriminative", "gradual", "fine_tune", "lp_ft")
@@ -36,7 +36,7 @@ def compose_train(*overrides: str):
 def lite0_groups() -> list[str]:
     """EfficientNet-Lite0's ready layer groups (random init: names and shapes need no weights)."""
     cfg = compose_train("model.weights=null")
-    _, groups, _ = build_run(cfg)
+    _, groups, _ = build_parts(cfg)
     return [g.name for g in groups]
 
 
@@ -323,6 +323,7 @@ def test_bench_transfer_quick_end_to_end(tmp_path):
     assert not (out / "runs" / "fine_tune" / "seed0" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
     """auto trains exactly its choice (test_auto), so the benchmark reuses that recipe's run for the seed.
     In a subprocess: the benchmark forks its runs, which is safe only from a process with no torch threads."""

@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import read_csv
 from tiny_runs import compose_cfg as compose_tiny
-from tiny_runs import one_thread  # noqa: F401  (autouse fixture)
 
 from finetune.base import files
 from finetune.base.errors import UserError
-from finetune.commands.train import Interrupted, train
+from finetune.commands.train import train
 from finetune.engine import checkpoint
+from finetune.engine.signals import Interrupted
 
 # 4 epochs: the head alone in epochs 0-1, layer4 joins at epoch 2 (step 6) with its own slanted triangle;
 # dropout before the head draws from the global RNG, so the RNG state must be restored too

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import SixGroupNet, batches, make_cfg, make_trainer
 
-from finetune.commands.train import Trainer
 from finetune.core import freeze
+from finetune.engine.step import Trainer
 
 SPE = 2  # steps per epoch
 ROOT = Path(__file__).resolve().parents[1]

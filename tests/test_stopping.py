@@ -11,14 +11,14 @@ from tiny_runs import (
     QUIET,
     TINY,
     compose_cfg,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 
 from finetune.base.errors import UserError
-from finetune.commands.train import Trainer, train
+from finetune.commands.train import train
 from finetune.engine import checkpoint
-from finetune.engine.listeners import best_epoch
+from finetune.engine.best import best_epoch
+from finetune.engine.step import Trainer
 
 RUN = ["experiment=none", "unfreeze=1", "schedule=constant"]
 
@@ -81,8 +81,8 @@ def test_deterministic_runs_with_deterministic_algorithms_and_restores_the_flags
 
 
 @pytest.mark.parametrize("override, message", [
-    ("best_metric=val_f1", "best_metric: unknown metric 'val_f1'; choose one of val_acc, val_loss, train_acc, "
-                           "train_loss, live_val_acc, live_val_loss"),
+    ("best_metric=val_f1", "best_metric: unknown value 'val_f1'; choose one of val_acc, val_loss, train_acc, "
+                           "train_loss, live_val_acc, live_val_loss (closest: val_acc, val_loss)"),
     ("best_metric=live_val_acc", "best_metric=live_val_acc exists only with a weight average (set ema_half_life)"),
     ("patience=-1", "patience and min_delta must be >= 0, got -1 and 0.0"),
 ])

@@ -39,6 +39,7 @@ def failing_sweep(tmp_path_factory):
     return proc, cwd / "sweep"
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_next_jobs_run(failing_sweep):
     proc, sweep_dir = failing_sweep
     assert proc.returncode == 1, proc.stderr
@@ -55,6 +56,7 @@ def test_a_failing_job_is_recorded_and_the_next_jobs_run(failing_sweep):
     assert "UserError: lr must be > 0" in (jobs[1] / "error.log").read_text()  # the traceback, for a report
 
 
+@pytest.mark.slow
 def test_summary_csv_agrees_with_every_job(failing_sweep):
     _, sweep_dir = failing_sweep
     rows = read_csv(sweep_dir / "summary.csv")
@@ -85,6 +87,7 @@ def test_the_summary_names_the_recipe_auto_chose_for_each_job():
     assert recipe_cell({"recipe": None}) == "none" and recipe_cell({"status": "failed"}) == ""
 
 
+@pytest.mark.slow
 def test_summarize_rebuilds_a_partly_finished_sweep(failing_sweep, tmp_path, capsys):
     _, sweep_dir = failing_sweep
     partial = tmp_path / "partial"
@@ -102,6 +105,7 @@ def test_summarize_rebuilds_a_partly_finished_sweep(failing_sweep, tmp_path, cap
     assert run_cli(capsys, "summarize", str(tmp_path / "nowhere"))[0] == 2
 
 
+@pytest.mark.slow
 def test_joblib_runs_jobs_in_parallel_with_a_share_of_the_cores(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch would take every core
     proc = subprocess.run([sys.executable, "-m", "finetune", "train", "-m", *RUN, "lr=1e-3,1e-2",
@@ -124,6 +128,7 @@ def test_threads_per_job_shares_the_cores():
     assert cli.threads_per_job(-2, 9) == 1 and cli.threads_per_job(-7, 8) == 4  # -7 on 8 cores: 2 jobs
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_sweep(tmp_path):
     proc = finetune("train", "-m", *RUN, "lr=1e-3,1e-2", "hydra/launcher=submitit_local",
                     "hydra.launcher.timeout_min=10", "hydra.sweep.dir=sweep", cwd=tmp_path)
@@ -134,6 +139,7 @@ def test_submitit_local_runs_a_sweep(tmp_path):
     assert list((tmp_path / "sweep").glob(".submitit/*/*_result.pkl"))  # it went through submitit's executor
 
 
+@pytest.mark.slow
 def test_optuna_study_best_value_is_the_best_job(tmp_path):
     proc = finetune("train", *RUN, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweep.dir=study",
                     cwd=tmp_path)
@@ -169,6 +175,7 @@ def test_hydra_quote_reads_back_as_the_value(value):
     assert override.value() == value
 
 
+@pytest.mark.slow
 def test_the_resume_command_of_a_sweep_job_works_pasted_into_a_shell(tmp_path):
     """SIGTERM a sweep job whose directory holds `=`, `,`, a space and non-ASCII; run the printed line in bash."""
     long_run = [*TINY, "epochs=8", "experiment=none", "unfreeze=1", "schedule=cosine"]

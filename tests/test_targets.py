@@ -9,7 +9,6 @@ import pytest
 from tiny_runs import (
     QUIET,
     ROOT,
-    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from finetune.commands import cli
@@ -21,16 +19,6 @@ TINY = ["model=resnet18", "model.weights=null", "data=synthetic", "data.image_si
 QUIET = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 # subprocesses: one OpenMP thread each (see one_thread)
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a shared 2-core machine oversubscribe and run up to 10x slower; runs compared with
-    each other all use this same setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # library runs name a fixed recipe: the default, experiment=auto, composes its choice through the CLI

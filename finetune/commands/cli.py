@@ -8,11 +8,13 @@ stop training after the current step with a checkpoint and the command that resu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shlex
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -95,38 +97,18 @@ def _resume_command(out_dir: str) -> str:
     return command
 
 
-def _compose_here():
-    """(Hydra's config of this job, compose(overrides) -> this app's config for other overrides)."""
+def _resolve(cfg: DictConfig, probe: bool = True) -> DictConfig:
+    """The config Hydra composed for this command line, its recipe resolved (finetune.commands.compose):
+    the one composition path the command line and finetune.compose share."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
+    from finetune.commands.compose import resolve
+
     hydra_cfg = HydraConfig.get()
-    return hydra_cfg, lambda overrides: compose(hydra_cfg.job.config_name, overrides=overrides)
-
-
-def _recipe(cfg: DictConfig) -> dict | None:
-    """What this run's recipe set that the command line did not (finetune/config/recipe.py); `cfg` is the
-    config Hydra composed for it."""
-    from finetune.config import recipe
-
-    hydra_cfg, compose_config = _compose_here()
-    return recipe.describe(hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task),
-                           compose_config, cfg)
-
-
-def _composer():
-    """compose(recipe) -> (this command line's config under experiment=<recipe>, what the recipe set):
-    experiment=auto trains the recipe its probe chose with the user's overrides."""
-    from finetune.config import recipe
-
-    hydra_cfg, compose_config = _compose_here()
-    overrides = recipe.without_recipe(hydra_cfg.overrides.task)
-
-    def compose_recipe(name: str):
-        cfg = compose_config([*overrides, f"experiment={name}"])
-        return cfg, recipe.describe(name, overrides, compose_config, cfg)
-
-    return compose_recipe
+    return resolve(cfg, list(hydra_cfg.overrides.task),
+                   lambda overrides: compose(hydra_cfg.job.config_name, overrides=list(overrides)),
+                   hydra_cfg.runtime.choices.get("experiment"), probe=probe)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
@@ -134,8 +116,10 @@ def train_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from finetune.commands.compose import recipe_of
     from finetune.commands.train import train
     from finetune.config.recipe import line
+    from finetune.engine import checkpoint
     from finetune.engine.signals import Interrupted
 
     hydra_cfg = HydraConfig.get()
@@ -143,14 +127,18 @@ def train_task(cfg: DictConfig) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     _submitit_ranks()
     world = _world()
+    level = log.level
     if not world.main:
         log.setLevel(logging.ERROR)  # rank 0 logs for the run; the others' warnings would repeat its own
     _share_cores(hydra_cfg)
     try:
         out_dir = _join_processes(cfg, out_dir)
-        recipe = _recipe(cfg)
-        log.info("%s", line(recipe))
-        summary = train(cfg, out_dir, recipe=recipe, compose=_composer())
+        checkpoint.refuse_used_dir(Path(out_dir), cfg)  # before the probe runs or anything is written
+        if cfg.auto.enabled:
+            log.info("%s", line({"name": "auto"}))
+        cfg = _resolve(cfg)
+        log.info("%s", line(recipe_of(cfg)))
+        summary = train(cfg, out_dir)
     except Interrupted as stop:
         if world.main:
             print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
@@ -173,6 +161,7 @@ def train_task(cfg: DictConfig) -> float | None:
         from finetune.engine import distributed
 
         distributed.close()
+        log.setLevel(level)
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise
 
@@ -209,14 +198,14 @@ def _join_processes(cfg: DictConfig, out_dir: str) -> str:
 def lr_find_task(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from finetune.commands.compose import recipe_of
+    from finetune.commands.train import write_auto_choice
     from finetune.recipes import lr_find
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        if cfg.auto.enabled:  # the range test under the recipe training would choose: its LR ratios
-            from finetune.recipes import auto
-
-            cfg, _ = auto.resolve(cfg, out_dir, _composer())
+        cfg = _resolve(cfg)  # the range test under the recipe training would train: its LR ratios
+        write_auto_choice(recipe_of(cfg), out_dir)
         result = lr_find.run_finder(cfg, out_dir, "lr-find runs in one process (start it without torchrun)")
     except UserError as err:
         _report_user_error(cfg, err)
@@ -238,15 +227,9 @@ def inspect_task(cfg: DictConfig) -> dict | None:
     from finetune.commands.inspect import inspect
 
     try:
-        if cfg.auto.enabled and cfg.inspect.probe:  # the plan auto will train: its probe first (no files)
-            from finetune.recipes import auto
-
-            return inspect(*auto.resolve(cfg, None, _composer()))
-        if cfg.auto.enabled:  # no probe by default (inspect trains nothing): the plan of auto's near recipe
-            choices = (cfg.auto.near, cfg.auto.far)
-            cfg, recipe = _composer()(cfg.auto.near)
-            return inspect(cfg, recipe, auto=choices)
-        return inspect(cfg, _recipe(cfg))
+        # under experiment=auto the probe runs only with inspect.probe=true (inspect trains nothing): the
+        # plan is then auto's near recipe, marked provisional
+        return inspect(_resolve(cfg, probe=bool(cfg.inspect.probe)))
     except UserError as err:
         _report_user_error(cfg, err)
 
@@ -310,14 +293,13 @@ def summarize_command(args: list[str]) -> None:
     sys.exit(1 if sweep.failed(rows) else 0)
 
 
-def _exit_for_sweep() -> None:
-    """After a multirun: the last line says how many jobs failed; any failure makes the exit code 1."""
-    from finetune.commands import hydra_callbacks as callbacks
-
-    if callbacks.LAST_SWEEP is None:
+def _exit_for_sweep(report: Path) -> None:
+    """After a multirun: the last line says how many jobs failed; any failure makes the exit code 1.
+    `report`: the file the sweep's summary callback wrote its counts to (absent: no job ran)."""
+    if not report.is_file() or not report.read_text():
         return
-    failed, total, sweep_dir = callbacks.LAST_SWEEP
-    callbacks.LAST_SWEEP = None
+    result = json.loads(report.read_text())
+    failed, total, sweep_dir = result["failed"], result["total"], result["sweep_dir"]
     if failed:
         print(f"finetune: {failed} of {total} jobs failed; summary in {sweep_dir}/summary.md", file=sys.stderr)
         sys.exit(1)
@@ -398,9 +380,16 @@ def main(argv: list[str] | None = None) -> None:
         rest = INSPECT_OVERRIDES + rest
     elif world.enabled and not world.main:  # rank 0 alone writes the run directory, Hydra's files included
         rest = [a for a in rest if not a.startswith("hydra.run.dir=")] + INSPECT_OVERRIDES
-    sys.argv = [f"finetune {command}"] + rest
-    COMMANDS[command]()
-    _exit_for_sweep()
+    if not any(a in ("-m", "--multirun") for a in rest):
+        sys.argv = [f"finetune {command}"] + rest
+        COMMANDS[command]()
+        return
+    # a sweep: its summary callback writes the counts the exit code comes from to this file
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "sweep.json"
+        sys.argv = [f"finetune {command}"] + rest + [f"++hydra.callbacks.sweep_summary.report={report}"]
+        COMMANDS[command]()
+        _exit_for_sweep(report)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from finetune.base.errors import UserError, writing
 from finetune.commands.saved import SavedModel, load, parse_args
 from finetune.data import datasets, transforms
 from finetune.data import loaders as data_mod
+from finetune.output import report
+from finetune.output.progress import bar
 
 log = logging.getLogger("finetune")
 
@@ -46,7 +48,6 @@ class EvalArgs:
 @dataclass
 class Scored:
     """Per image: its path (or index), true label, the predicted probabilities and its loss."""
-
     names: list[str]
     targets: torch.Tensor  # (N,)
     probs: torch.Tensor  # (N, C)
@@ -58,7 +59,6 @@ class Scored:
 
 class _Named(Dataset):
     """(image tensor, label, name) from a base (image, label) dataset and each sample's name."""
-
     def __init__(self, base: Dataset, names: list[str], transform):
         self.base, self.names, self.transform = base, names, transform
 
@@ -105,8 +105,6 @@ def split_dataset(saved: SavedModel, args) -> tuple[Dataset, list[str]]:
 def score(saved: SavedModel, dataset: Dataset, batch_size: int, tta: bool = False, num_workers: int = -1,
           progress: bool = True) -> Scored:
     """Softmax probabilities of every image (with `tta`: the mean over the image and its mirror)."""
-    from finetune.output.progress import bar
-
     in_memory = not isinstance(getattr(dataset, "base", None), datasets.CheckedImageFolder)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=data_mod.resolve_workers(num_workers, in_memory))
     probs, targets, names = [], [], []
@@ -147,8 +145,6 @@ def metrics(scored: Scored, classes: list[str]) -> dict:
 
 
 def write_reports(out: Path, result: dict, scored: Scored, classes: list[str], top: int) -> None:
-    from finetune.output import report
-
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", result)
     report.write_csv(out / "per_class.csv", result["per_class"], ("class", "precision", "recall", "f1", "support"))

@@ -19,7 +19,7 @@ import torch
 from omegaconf import MISSING
 
 from finetune.base.errors import UserError, writing
-from finetune.commands.saved import SavedModel, load, parse_args
+from finetune.commands.saved import SavedModel, architecture, load, parse_args
 
 log = logging.getLogger("finetune")
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -78,7 +78,6 @@ def _to_onnx(saved: SavedModel, path: Path, example: torch.Tensor, check: torch.
 def _to_safetensors(saved: SavedModel, path: Path, check: torch.Tensor) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
 
-    from finetune.commands.saved import architecture
 
     state = {k: v.detach().contiguous().cpu() for k, v in saved.model.state_dict().items()}
     with writing(path):

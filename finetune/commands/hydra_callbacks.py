@@ -3,6 +3,7 @@ overrides when it starts; after a multirun the sweep's summary is written and pr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +11,18 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from finetune.base.errors import UserError
 from finetune.commands import sweep
 from finetune.output import report
 
-# the last multirun's (failed, total, sweep dir), read by the CLI to set its exit code
-LAST_SWEEP: tuple[int, int, Path] | None = None
-
 
 class SweepSummary(Callback):
+    """job.json in every job directory; after a multirun, the sweep's summary in its directory and, when
+    the command line asks for it (`report`: a file), the counts it ends with."""
+
+    def __init__(self, report: str | None = None):
+        self.report = report
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _is_multirun(config):
             sweep.write_job_file(Path(config.hydra.runtime.output_dir), config.hydra.job.num,
@@ -26,16 +31,19 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
         # the train task records its own failures; this catches one that escaped it (e.g. in Hydra's job set-up)
         if _is_multirun(config) and job_return.status == JobStatus.FAILED:
-            # JobReturn.return_value re-raises a failed job's exception; the attribute holds it
-            mark_failed(Path(config.hydra.runtime.output_dir), job_return._return_value)
+            try:
+                job_return.return_value  # re-raises a failed job's exception
+            except Exception as err:
+                mark_failed(Path(config.hydra.runtime.output_dir), err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global LAST_SWEEP
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():  # no job ran
             return
         rows = sweep.summarize(sweep_dir)
-        LAST_SWEEP = (sweep.failed(rows), len(rows), sweep_dir)
+        if self.report:
+            Path(self.report).write_text(json.dumps({"failed": sweep.failed(rows), "total": len(rows),
+                                                     "sweep_dir": str(sweep_dir)}))
 
 
 def _is_multirun(config: DictConfig) -> bool:
@@ -49,7 +57,6 @@ def mark_failed(job_dir: Path, err: BaseException) -> str:
     error.log; returns the one-line reason."""
     import traceback
 
-    from finetune.base.errors import UserError
 
     reason = " ".join(str(err).split()) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
     summary = sweep.read_json(job_dir / "summary.json") or {}

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from finetune.commands.compose import recipe_of
+from finetune.config.recipe import line
+from finetune.core.freeze import batchnorm_mode
+from finetune.core.optim import param_groups
 from finetune.core.plan import Plan
+from finetune.core.plan import warnings as plan_warnings
+from finetune.engine.setup import setup
+from finetune.recipes.lr_find import resolve_lr
 
 
 def describe(plan: Plan, groups, sizes, batchnorm: str) -> dict:
@@ -61,8 +67,6 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
 def tensor_rows(model, groups, plan: Plan, no_decay_norm_bias: bool) -> list[dict]:
     """Every parameter tensor with its group, shape, effective peak LR and weight decay, from the same
     param groups the optimizer gets."""
-    from finetune.core.optim import param_groups
-
     lrs = [gp.lr for gp in plan.groups]
     decay = {}
     for pg in param_groups(model, groups, lrs, [gp.weight_decay for gp in plan.groups], no_decay_norm_bias):
@@ -88,39 +92,37 @@ def _print_params(rows: list[dict], console: Console) -> None:
     console.print(table)
 
 
-def inspect(cfg, recipe=None, auto: tuple[str, str] | None = None) -> dict:
-    """Build model (without downloading weights), groups and plan; print; return the description.
-    `recipe`: what the recipe set (finetune.config.recipe.describe), shown above the table and in the JSON.
-    `auto`: experiment=auto's (near, far) recipes, when `cfg` is the first of them (the plan shown)."""
-    from finetune.config.recipe import line
-    from finetune.core.freeze import batchnorm_mode
-    from finetune.core.optim import layer_depths
-    from finetune.core.plan import build_plan
-    from finetune.core.plan import warnings as plan_warnings
-    from finetune.data import loaders as data_mod
-    from finetune.engine.loop import build_run
-
+def inspect(cfg) -> dict:
+    """Build model (without downloading weights), groups and plan as training would; print; return the
+    description. cfg.recipe (finetune.compose records it) is shown above the table and in the JSON; under
+    experiment=auto without its probe the plan is auto.near's, provisional, and a warning names the other.
+    lr=auto runs the LR finder (which trains a few steps on a copy, then restores it; no files)."""
     random_init = cfg.model.weights is None
-    cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})  # names and shapes need no weights
-    bundle, groups, _ = build_run(cfg)
-    data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
-    plan = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch, layer_depths(bundle.model, groups))
-    params = dict(bundle.model.named_parameters())
-    sizes = [sum(params[n].numel() for n in g.param_names) for g in groups]
-    info = describe(plan, groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
+    recipe = recipe_of(cfg)
+    choice = (recipe or {}).get("auto")
+    if choice and choice.get("provisional"):
+        recipe = {k: v for k, v in recipe.items() if k != "auto"}
+    cfg, _ = resolve_lr(cfg, None, None)
+    parts = setup(cfg, training=False, weights=False)  # names and shapes need no weights
+    parts.data.close()
+    plan = parts.plan(cfg)
+    params = dict(parts.model.named_parameters())
+    sizes = [sum(params[n].numel() for n in g.param_names) for g in parts.groups]
+    info = describe(plan, parts.groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
     info["recipe"] = recipe
     info["warnings"] = plan_warnings(cfg, plan, random_init)
-    if auto:  # the probe runs when training starts: inspect shows the near recipe and names the other
-        info["auto"] = {"near": auto[0], "far": auto[1]}
-        info["warnings"].insert(0, f"experiment=auto chooses experiment={auto[0]} or experiment={auto[1]} when "
+    if choice and choice.get("provisional"):  # the probe runs when training starts: the near recipe, the other named
+        near, far = cfg.auto.near, cfg.auto.far
+        info["auto"] = {"near": near, "far": far}
+        info["warnings"].insert(0, f"experiment=auto chooses experiment={near} or experiment={far} when "
                                    "training starts (a probe of the train images); this plan is "
-                                   f"{auto[0]}'s: inspect experiment={auto[1]} for the other")
+                                   f"{near}'s: inspect experiment={far} for the other")
     if cfg.inspect.params:
-        info["params"] = tensor_rows(bundle.model, groups, plan, cfg.optimizer.no_decay_norm_bias)
+        info["params"] = tensor_rows(parts.model, parts.groups, plan, cfg.optimizer.no_decay_norm_bias)
     if cfg.inspect.format != "json":
         console = Console(width=None if sys.stdout.isatty() else 200)
-        if recipe and recipe.get("auto"):  # inspect.probe=true: what auto's probe chose, and why
-            console.print(f"auto: chose experiment={recipe['auto']['recipe']}: {recipe['auto']['reason']}", markup=False)
+        if choice and not choice.get("provisional"):  # inspect.probe=true: what auto's probe chose, and why
+            console.print(f"auto: chose experiment={choice['recipe']}: {choice['reason']}", markup=False)
         console.print(line(recipe), markup=False)
         for warning in info["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)

@@ -19,6 +19,8 @@ from finetune.base.errors import UserError
 from finetune.commands.saved import load, parse_args
 from finetune.data import datasets, transforms
 from finetune.data import loaders as data_mod
+from finetune.output import report
+from finetune.output.progress import bar
 
 
 @dataclass
@@ -50,7 +52,6 @@ def find_images(spec: str) -> list[str]:
 
 class _Files(Dataset):
     """(image tensor, index, error) per file; an unreadable file yields a blank image and its error."""
-
     def __init__(self, files: list[str], transform, size: int):
         self.files, self.transform, self.size = files, transform, size
 
@@ -66,9 +67,6 @@ class _Files(Dataset):
 
 @torch.no_grad()
 def run(argv: list[str]) -> Path:
-    from finetune.output import report
-    from finetune.output.progress import bar
-
     args = parse_args(PredictArgs, argv, "predict")
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError("predict: top_k and batch_size must be >= 1")

@@ -21,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune.base.errors import UserError
 from finetune.base.files import first_line
 from finetune.engine import checkpoint
+from finetune.engine.step import resolve_device
+from finetune.models import build as models
 from finetune.models.weights import Preprocess
 
 log = logging.getLogger("finetune")
@@ -54,19 +56,17 @@ class SavedModel:
 def architecture(config: dict, num_classes: int):
     """The run's model (a models.ModelBundle) built from its config without weights: they come from the
     checkpoint, so nothing is downloaded."""
-    from finetune.models import build as models
-
     return models.build_model(OmegaConf.create({**config["model"], "weights": None}), num_classes)
 
 
 def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
     """The model of a run directory or checkpoint file; `average`: its weight average when it has one."""
-    from finetune.engine.step import resolve_device
-
     path, saved = checkpoint.load_checkpoint(ckpt)
     config = saved["config"]
-    head_shapes = [v.shape[0] for k, v in saved["model"].items() if k.endswith(".weight") and v.ndim >= 2]
-    classes = saved.get("classes") or [str(i) for i in range(head_shapes[-1])]
+    classes = saved.get("classes")
+    if not classes:  # the head's size alone would be a guess at which tensor is the head
+        raise UserError(f"{path} holds no class names (a checkpoint of an older finetune); train the run again to "
+                        "use it with eval, predict or export")
     bundle = architecture(config, len(classes))
     averaged = bool(average and saved.get("ema"))
     state = saved["ema"]["model"] if averaged else saved["model"]

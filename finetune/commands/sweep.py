@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from finetune.output.report import subplots
+
 JOB_FILE = "job.json"  # written when a job starts: its number and overrides
 OBJECTIVE = "final_val_acc"  # what `train` returns to sweepers
 FIELDS = ("job", "overrides", "status", "recipe", "final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds",
@@ -212,10 +214,6 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
     curves = {row["dir"]: _val_acc_curve(sweep_dir / row["dir"]) for row in rows}
     if not any(curves.values()):
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     swept = swept_keys(rows)
@@ -225,7 +223,7 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
         if None not in xs:
             points = [(x, row[OBJECTIVE]) for x, row in zip(xs, rows)
                       if row["status"] == "completed" and row[OBJECTIVE] is not None]
-    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(12 if points else 7, 4.5), squeeze=False)
+    fig, axes = subplots(1, 2 if points else 1, figsize=(12 if points else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     for row in sorted(rows, key=lambda r: (r["job"] is None, r["job"])):
         curve = curves[row["dir"]]
@@ -253,7 +251,6 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
         ax.set_title(f"{OBJECTIVE} against {swept[0]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

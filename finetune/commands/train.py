@@ -1,28 +1,25 @@
-"""`train(cfg, out_dir)`: fine-tune as configured. The run and its loop live in finetune/engine/loop.py (what
-attaches to the loop in finetune/engine/listeners.py), one training step in finetune/engine/step.py; their public
-names are importable from here as well, where scripts and tests have always found them."""
+"""`train(cfg, out_dir)`: fine-tune as configured, the run directory written to `out_dir`.
+
+`cfg` is a resolved config: from `finetune.compose(...)` (what the command line trains) or any config of
+the schema with a fixed recipe. The run and its loop live in finetune/engine/loop.py.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from finetune.base.errors import UserError
-from finetune.config.recipe import line
-from finetune.engine.divergence import NonFiniteLoss  # noqa: F401
-from finetune.engine.loop import Run, RunState, build_run  # noqa: F401
-from finetune.engine.signals import Interrupted  # noqa: F401
-from finetune.engine.step import (  # noqa: F401
-    Trainer,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    trace_rows,
-)
+from finetune.commands.compose import recipe_of
+from finetune.engine import checkpoint, distributed
+from finetune.engine.loop import Run
+from finetune.recipes import lr_find
+
+log = logging.getLogger("finetune")
 
 
-def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
-          compose=None) -> dict:
+def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc).
 
     `cfg.resume` (a run directory or checkpoint file) continues that run exactly: same weights, optimizer
@@ -32,44 +29,24 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: 
     `stop_at_step` (library only) stops the same way once that many steps are done (at an epoch's end:
     after its evaluation): it splits one plan over several runs (time-limited jobs; tests of exact
     resume), where a run with fewer `epochs` would follow a different schedule.
-    `recipe` (what the recipe set, finetune.config.recipe.describe) is saved in summary.json.
-    `lr=auto` runs the LR finder first (lr_find.png in `out_dir`) and trains with its suggestion, which
-    summary.json keeps under lr_auto.
-    `experiment=auto` (cfg.auto.enabled) probes the data first and trains the recipe it chooses
-    (finetune/recipes/auto.py): `compose(recipe)` gives (the config under experiment=<recipe> with the same
-    overrides, what that recipe set); the CLI passes it. summary.json keeps the choice under recipe.auto.
+    `cfg.recipe` (finetune.compose records it: what the recipe set, auto's choice) goes to summary.json
+    and, under auto, to auto.json. `lr=auto` runs the LR finder first (lr_find.png in `out_dir`) and
+    trains with its suggestion, which summary.json keeps under lr_auto.
     """
-    from finetune.engine import checkpoint
-
-    # read once: auto's choice, lr=auto's LR and the run's state all come from it
-    saved = checkpoint.resumed(cfg.resume)
     if cfg.auto.enabled:
-        if compose is None:
-            raise UserError("experiment=auto composes the recipe it chooses: run it with `finetune train`, or "
-                            "pass train(..., compose=...)")
-        from finetune.recipes import auto
-
-        cfg, recipe = auto.resolve(cfg, out_dir, compose, saved)
-        logging.getLogger("finetune").info("%s", line(recipe))
-    lr_auto = None
-    if str(cfg.lr) == "auto":
-        cfg, lr_auto = _auto_lr(cfg, Path(out_dir), saved)
+        raise UserError("experiment=auto chooses its recipe when the config is composed: pass "
+                        "finetune.compose([...]) to train, or name a recipe (experiment=lp_ft)")
+    out_dir = Path(out_dir)
+    checkpoint.refuse_used_dir(out_dir, cfg)  # before anything is written there
+    saved = checkpoint.resumed(cfg.resume)  # read once: lr=auto's LR and the run's state both come from it
+    recipe = recipe_of(cfg)
+    write_auto_choice(recipe, out_dir)
+    cfg, lr_auto = lr_find.resolve_lr(cfg, out_dir, saved)
     return Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe, lr_auto=lr_auto, saved=saved).fit()
 
 
-def _auto_lr(cfg, out_dir: Path, saved: dict | None):
-    """lr=auto: the LR finder's suggestion (finetune/recipes/lr_find.py) becomes lr; a resumed run keeps the LR
-    its checkpoint (`saved`) was trained with."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from finetune.recipes import lr_find
-
-    if saved is not None:
-        chosen = {"lr": saved["config"]["lr"], "resumed": True}
-    else:
-        chosen = lr_find.choose(cfg, out_dir)
-    cfg = copy.deepcopy(cfg)
-    OmegaConf.update(cfg, "lr", chosen["lr"])
-    return cfg, chosen
+def write_auto_choice(recipe: dict | None, out_dir: Path) -> None:
+    """auto.json in `out_dir`: experiment=auto's choice, its reason and its probe (rank 0)."""
+    if recipe and recipe.get("auto") and distributed.from_env().main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "auto.json").write_text(json.dumps(recipe["auto"], indent=2) + "\n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from typing import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, EnumNode, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.base.errors import UserError
@@ -48,7 +48,7 @@ def check_key(key: str, schema: DictConfig) -> bool:
             return False
         if not isinstance(node, DictConfig):
             raise UserError(f"'{key}': {'.'.join(path)} is a value, it has no key '{part}'")
-        if part not in node:
+        if part not in node.keys():  # `in node` is False for a key whose value is ??? (model.name)
             siblings = [".".join([*path, str(k)]) for k in node.keys()]
             raise UserError(f"unknown key '{key}'{_closest('.'.join([*path, part]), siblings)}")
         path.append(part)
@@ -125,8 +125,22 @@ def _check_type(key: str, value, schema: DictConfig) -> None:
     try:
         OmegaConf.update(probe, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as err:
+        choices = choices_of(key, schema)
+        if choices is not None:
+            raise UserError(f"{key}: unknown value '{_text(value)}'; choose one of {', '.join(choices)}"
+                            f"{_closest(_text(value), choices)}") from None
         message = str(err).split("\n")[0].rstrip(".")
         raise UserError(f"{key}={_text(value)}: {message}") from None
+
+
+def choices_of(key: str, schema: DictConfig) -> list[str] | None:
+    """The choices of an enum key of the schema (schedule.kind: constant, step, ...), else None."""
+    parent, _, leaf = key.rpartition(".")
+    node = (OmegaConf.select(schema, parent) if parent else schema)
+    node = node._get_node(leaf) if isinstance(node, DictConfig) else None
+    if isinstance(node, EnumNode):
+        return [member.name for member in node.enum_type]
+    return None
 
 
 def _text(value) -> str:

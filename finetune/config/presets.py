@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,3 +30,10 @@ def schedule_preset(kind: str) -> dict:
     if path.is_file():
         preset.update(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     return preset
+
+
+@functools.lru_cache(maxsize=1)
+def schedule_presets() -> dict[str, dict]:
+    """schedule_preset of every kind conf/schedule/ offers: what build_plan starts a per-group schedule
+    of another kind from."""
+    return {path.stem: schedule_preset(path.stem) for path in sorted((conf_dir() / "schedule").glob("*.yaml"))}

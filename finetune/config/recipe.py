@@ -31,8 +31,8 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def recipe_settings(cfg: DictConfig, base: DictConfig) -> dict[str, Any]:
     """The values that differ between `cfg` (composed with the recipe and the overrides) and `base` (the
     same overrides, experiment=none): what the recipe set and the command line did not."""
-    full = flatten(OmegaConf.to_container(cfg, resolve=True))
-    plain = flatten(OmegaConf.to_container(base, resolve=True))
+    full = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    plain = flatten(OmegaConf.to_container(base, resolve=True, enum_to_str=True))
     return {k: (None if full.get(k, _MISSING) is _MISSING else full[k]) for k in sorted(full.keys() | plain.keys())
             if full.get(k, _MISSING) != plain.get(k, _MISSING)}
 

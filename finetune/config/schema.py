@@ -5,15 +5,100 @@ groups, warmup longer than training) happen in finetune.core.plan before any tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# The choices of every key that takes one word from a fixed list: OmegaConf checks them when the config
+# is composed (a wrong word is refused there, naming the choices), and the code that acts on a choice
+# takes its list from here. Member names equal their values (OmegaConf reads a choice by name).
+
+
+class ModelSource(StrEnum):
+    torchvision = "torchvision"
+    timm = "timm"
+    custom = "custom"  # model._target_: your own class
+
+
+class OptimizerName(StrEnum):
+    sgd = "sgd"
+    adamw = "adamw"
+    adam = "adam"
+    rmsprop = "rmsprop"
+
+
+class ScheduleKind(StrEnum):
+    constant = "constant"
+    step = "step"
+    multistep = "multistep"
+    exponential = "exponential"
+    linear = "linear"
+    cosine = "cosine"
+    one_cycle = "one_cycle"
+    sgdr = "sgdr"
+    slanted_triangular = "slanted_triangular"
+
+
+class SpreadKind(StrEnum):
+    none = "none"
+    body = "body"
+    geometric = "geometric"
+    ulmfit = "ulmfit"
+    layer_decay = "layer_decay"
+
+
+class FreezeKind(StrEnum):
+    fixed = "fixed"
+    milestones = "milestones"
+    gradual = "gradual"
+    fine_tune = "fine_tune"
+    freezeout = "freezeout"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class CacheDtype(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class HeadInit(StrEnum):
+    none = "none"
+    lbfgs = "lbfgs"
+
+
+class BestMetric(StrEnum):
+    val_acc = "val_acc"
+    val_loss = "val_loss"
+    train_acc = "train_acc"
+    train_loss = "train_loss"
+    live_val_acc = "live_val_acc"
+    live_val_loss = "live_val_loss"
+
+
+class Logger(StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"
+
+
+class InspectFormat(StrEnum):
+    table = "table"
+    json = "json"
+
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tf_efficientnet_lite0"
-    source: str = "timm"  # torchvision | timm
+    name: str = MISSING  # conf/model/<choice>.yaml sets it (conf/train.yaml's defaults: efficientnet_lite0)
+    source: ModelSource = ModelSource.timm
     # DEFAULT | a weights enum name / timm pretrained tag | null (random init) | a local file
     # (.pth/.pt/.safetensors) | pkg:<python package> (weights shipped inside an installed package)
     weights: Optional[str] = "DEFAULT"
@@ -30,7 +115,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | imagefolder | a torchvision dataset (cifar10, ...)
+    # digits | synthetic | imagefolder | custom | a torchvision dataset (cifar10, ...): conf/data/<choice>.yaml
+    # sets it (conf/train.yaml's defaults: digits)
+    name: str = MISSING
     root: Optional[str] = None
     num_classes: int = 4  # synthetic only; real datasets count their classes
     train_size: int = 192  # synthetic only
@@ -54,7 +141,7 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # sgd | adamw | adam | rmsprop
+    name: OptimizerName = OptimizerName.adamw
     momentum: float = 0.9  # sgd / rmsprop; beta1 for adam(w)
     nesterov: bool = False
     beta2: float = 0.999
@@ -65,8 +152,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    # constant | step | multistep | exponential | cosine | one_cycle | sgdr | slanted_triangular
-    kind: str = "one_cycle"
+    kind: ScheduleKind = ScheduleKind.one_cycle
     warmup: float = 0.0  # epochs of linear warmup from 0 (combinable with every kind)
     min_lr_ratio: float = 0.0  # cosine / sgdr / warmup floor, as a fraction of the group's LR
     step_size: float = 1.0  # step: epochs between decays
@@ -89,7 +175,7 @@ class ScheduleConfig:
 
 @dataclass
 class LRSpreadConfig:
-    kind: str = "none"  # none | body | geometric (fastai slice) | ulmfit | layer_decay
+    kind: SpreadKind = SpreadKind.none  # geometric: fastai's slice
     lo: Optional[float] = None  # geometric: LR of the first group (the last group gets `lr`)
     factor: float = 2.6  # ulmfit: each lower group = the one above / factor
     decay: float = 0.75  # layer_decay: lr * decay ** depth (depth 0 = head)
@@ -99,7 +185,7 @@ class LRSpreadConfig:
 
 @dataclass
 class FreezeConfig:
-    kind: str = "fixed"  # fixed | milestones | gradual | fine_tune | freezeout
+    kind: FreezeKind = FreezeKind.fixed
     t0: float = 0.5  # freezeout: the first group freezes after this share of the epochs, the others later
     milestones: Dict[int, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
     every: int = 1  # gradual: one more group every `every` epochs
@@ -110,7 +196,7 @@ class FreezeConfig:
 
 @dataclass
 class InspectConfig:
-    format: str = "table"  # table | json
+    format: InspectFormat = InspectFormat.table
     params: bool = False  # also every parameter tensor: its group, effective LR and weight decay
     probe: bool = False  # under experiment=auto: run its probe (forward passes, no training), show its choice's plan
 
@@ -166,7 +252,7 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation): the step sees batch_size x accumulate
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto  # auto: bf16/fp16 on CUDA, fp32 on the CPU
     channels_last: Optional[bool] = None  # null: on for CUDA
     compile: bool = False
     # torchrun: BatchNorm in train mode normalises over the whole global batch (CUDA only)
@@ -182,18 +268,20 @@ class TrainConfig:
     cache: bool = True
     cache_views: Optional[int] = None  # K: augmentations repeat every K epochs, K views cached
     cache_dir: Optional[str] = None  # memory-mapped feature files here (reused across runs); null: memory
-    cache_dtype: str = "fp32"  # fp32 | fp16 | bf16
-    head_init: str = "none"  # none | lbfgs: fit the new head on the cached features before training
-    best_metric: str = "val_acc"  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
+    cache_dtype: CacheDtype = CacheDtype.fp32
+    head_init: HeadInit = HeadInit.none  # lbfgs: fit the new head on the cached features before training
+    best_metric: BestMetric = BestMetric.val_acc  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
     min_delta: float = 0.0
     time_limit: Optional[float] = None  # minutes: stop after the step that passes it, resumable (exit 3)
     deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
     resume: Optional[str] = None  # run dir or checkpoint file
     overwrite: bool = False  # run in a directory that already holds a run, replacing it
-    logger: str = "none"  # none | tensorboard (RUN_DIR/tensorboard, beside the CSV files)
+    logger: Logger = Logger.none  # tensorboard: RUN_DIR/tensorboard, beside the CSV files
     verbose: bool = False  # show tracebacks for user errors
     progress: bool = True
+    # set by finetune.compose, not on the command line: the recipe applied, what it set, auto's choice
+    recipe: Optional[Any] = None
 
 
 def register_configs() -> None:

@@ -21,9 +21,10 @@ from typing import Sequence
 import torch.nn as nn
 
 from finetune.base.errors import UserError
+from finetune.config.schema import FreezeKind
 from finetune.core.groups import LayerGroup
 
-FREEZE_KINDS = ("fixed", "milestones", "gradual", "fine_tune", "freezeout")
+FREEZE_KINDS = tuple(FreezeKind)
 
 
 def resolve_count(value, n_groups: int, key: str = "unfreeze") -> int:

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 
 from finetune.base.errors import UserError
+from finetune.config.schema import OptimizerName, SpreadKind
 from finetune.core.groups import LayerGroup
 
-SPREAD_KINDS = ("none", "body", "geometric", "ulmfit", "layer_decay")
-OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
+SPREAD_KINDS = tuple(SpreadKind)
+OPTIMIZERS = tuple(OptimizerName)
 
 
 def decay_depths(group_names: Sequence[str], layer_of: Sequence[int] | None = None,

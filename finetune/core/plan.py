@@ -6,13 +6,13 @@ and returns a `Plan` whose methods are pure functions of the step or epoch. The 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.base.errors import UserError
-from finetune.config.presets import schedule_preset
+from finetune.config.schema import ScheduleConfig
 from finetune.core import freeze, schedules
 from finetune.core.optim import decay_depths, set_momentum, spread_lrs
 
@@ -99,7 +99,7 @@ def _as_dict(node) -> dict:
     if node is None:
         return {}
     if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     return dict(node)
 
 
@@ -118,9 +118,17 @@ def _check_lr(value, key: str) -> float:
     return value
 
 
-def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Sequence[int] | None = None) -> Plan:
+def total_steps(epochs: int, max_steps: int | None, steps_per_epoch: int) -> int:
+    """The optimizer steps of a run: every epoch's, or max_steps where that is fewer."""
+    return min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
+
+
+def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Sequence[int] | None = None,
+               presets: Mapping[str, dict] | None = None) -> Plan:
     """Validate the config against the model's groups and compute the plan. `depths`: each group's depth
-    for lr_spread.kind=layer_decay (optim.layer_depths of the model; default: from the group names)."""
+    for lr_spread.kind=layer_decay (optim.layer_depths of the model; default: from the group names).
+    `presets`: what `schedule=<kind>` gives for each kind (finetune.config.presets), where a per-group
+    schedule of another kind starts (default: the schema's defaults)."""
     n = len(group_names)
     if cfg.epochs < 1:
         raise UserError(f"epochs must be >= 1, got {cfg.epochs}")
@@ -153,7 +161,7 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
     if cfg.head_lr is not None:
         lrs[-1] = _check_lr(cfg.head_lr, "head_lr")
     base_schedule = _as_dict(cfg.schedule)
-    total = min(epochs * steps_per_epoch, max_steps or epochs * steps_per_epoch)
+    total = total_steps(epochs, max_steps, steps_per_epoch)
     plans = []
     for i, name in enumerate(group_names):
         own = per_group.get(name) or {}
@@ -165,7 +173,8 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
         start_from = base_schedule
         if own_schedule.get("kind", base_schedule["kind"]) != base_schedule["kind"]:
             # another kind starts from its own defaults (schedule=<kind>), not the global one's warmup etc.
-            start_from = {**schedule_preset(own_schedule["kind"]),
+            kind = own_schedule["kind"]
+            start_from = {**((presets or {}).get(kind) or {**asdict(ScheduleConfig()), "kind": kind}),
                           "start_at_unfreeze": base_schedule["start_at_unfreeze"]}
         sched_cfg = {**start_from, **own_schedule}
         unknown = set(sched_cfg) - set(base_schedule)

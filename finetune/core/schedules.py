@@ -12,18 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 from finetune.base.errors import UserError
+from finetune.config.schema import ScheduleKind
 
-KINDS = (
-    "constant",
-    "step",
-    "multistep",
-    "exponential",
-    "linear",
-    "cosine",
-    "one_cycle",
-    "sgdr",
-    "slanted_triangular",
-)
+KINDS = tuple(ScheduleKind)  # per-group schedules are plain text: checked against the same list
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,9 @@ class DataBundle:
         return self._val_loader
 
     def close(self) -> None:
-        """Stop persistent workers now instead of at garbage collection (several runs in one process)."""
+        """Stop persistent workers now instead of at garbage collection (several runs in one process).
+        torch offers no public way to end a persistent DataLoader's workers: this calls what the worker
+        iterator's own __del__ calls, as torch's tests do."""
         for loader in (self._train_loader, self._val_loader):
             iterator = getattr(loader, "_iterator", None)
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):

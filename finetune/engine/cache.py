@@ -13,7 +13,8 @@ It is valid, and used without being asked (`cache=false` turns it off), when in 
 - one process (under torchrun the head's gradients must go through DDP).
 Otherwise the log says why it is off. Features are held in memory, or with `cache_dir=DIR` in
 memory-mapped files there (reused by a later run whose model, data and views are the same), in fp32 or
-with `cache_dtype` fp16/bf16. Evaluation always runs the whole model.
+with `cache_dtype` fp16/bf16. A cached epoch's evaluation scores the head on the val set's cached
+features; the weight average's body, once it differs from the live one, runs on the images.
 
 `head_init=lbfgs` fits the new head to convergence on the cached features first (multinomial logistic
 regression, L-BFGS, a little L2), so fine-tuning starts from the best linear probe.
@@ -33,21 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.base.checksum import fingerprints
 from finetune.base.errors import UserError
+from finetune.config.schema import CacheDtype
+from finetune.output.progress import bar
 
 log = logging.getLogger("finetune")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def head_module(model: nn.Module, groups) -> tuple[str, nn.Module | None]:
-    """(name, module) of the head group (the last group): the module that owns exactly its parameters;
-    None when no single module does (the cache is then never used)."""
-    names = set(groups[-1].param_names)
-    for name, module in model.named_modules():
-        own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters()}
-        if own == names and name:
-            return name, module
-    return "", None
+DTYPES = {CacheDtype.fp32: torch.float32, CacheDtype.fp16: torch.float16, CacheDtype.bf16: torch.bfloat16}
 
 
 def _stochastic(module: nn.Module) -> bool:
@@ -57,20 +50,20 @@ def _stochastic(module: nn.Module) -> bool:
     return bool(p) and module.training
 
 
-def reason_off(run) -> str | None:
-    """Why the cache cannot serve the epoch the run is in (None: it can); the model is in its modes."""
-    cfg, trainer, model = run.cfg, run.trainer, run.model
+def reason_off(cfg, trainer, head_name: str, head: nn.Module | None, world) -> str | None:
+    """Why the cache cannot serve the epoch the trainer is set up for (None: it can); the model is in its
+    modes. `head`: the head group's module, `head_name` its name (None, "": no single module)."""
+    model = trainer.model
     if not cfg.cache:
         return "cache=false"
-    if run.head is None:
+    if head is None:
         return "the head group is not one module"
     mask = trainer.mask
     if not mask[-1] or any(mask[:-1]):
         return "groups below the head train"
-    head = run.head
     if not isinstance(head, nn.Linear):
         return f"the head is a {type(head).__name__}, not a Linear layer"
-    body_params = [p for n, p in model.named_parameters() if not n.startswith(run.head_prefix)]
+    body_params = [p for n, p in model.named_parameters() if not n.startswith(f"{head_name}.")]
     if any(p.requires_grad for p in body_params):
         return "BatchNorm parameters below the head train (freeze.train_bn)"
     inside_head = {id(m) for m in head.modules()}
@@ -87,14 +80,13 @@ def reason_off(run) -> str | None:
         return "data.mixup / data.cutmix mix images, not features"
     if cfg.data.augment and not cfg.cache_views:
         return "data.augment=true draws new crops every epoch (cache_views=K caches K augmented views)"
-    if run.world.enabled:
+    if world.enabled:
         return "several processes (the head's gradients must go through DDP)"
     return None
 
 
 class _Features(Dataset):
     """(feature vector, label) by the training sampler's (index, epoch) keys: view epoch mod K."""
-
     def __init__(self, views: list, labels: torch.Tensor):
         self.views, self.labels = views, labels
 
@@ -109,16 +101,16 @@ class _Features(Dataset):
         return row, int(self.labels[index])
 
 
-def _head_inputs(run, loader):
+def _head_inputs(trainer, head: nn.Module, loader):
     """(the head's input, flattened; labels on the CPU) per batch of `loader`, through the whole model
     with a forward pre-hook on the head."""
     captured = {}
-    hook = run.head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
+    hook = head.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
     try:
         for x, y in loader:
-            x, y = run.trainer.to_device(x, y)
-            with run.trainer.autocast():
-                run.model(x)
+            x, y = trainer.to_device(x, y)
+            with trainer.autocast():
+                trainer.model(x)
             yield captured["x"].flatten(1), y.cpu()
     finally:
         hook.remove()
@@ -130,12 +122,11 @@ def as_tensor(view) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Built on the first epoch that can use it; serves every such epoch's batches."""
+    """Built on the first epoch that can use it; serves every such epoch's batches. Its inputs: the run's
+    config, its trainer (model, freeze state, device), the head group's module and the run's data."""
 
-    def __init__(self, run):
-        cfg = run.cfg
-        if cfg.cache_dtype not in DTYPES:
-            raise UserError(f"cache_dtype must be one of {', '.join(DTYPES)}, got {cfg.cache_dtype}")
+    def __init__(self, cfg, trainer, head_name: str, head: nn.Module | None, data, world):
+        self.cfg, self.trainer, self.head_name, self.head, self.data, self.world = cfg, trainer, head_name, head, data, world
         if cfg.cache_views is not None and cfg.cache_views < 1:
             raise UserError(f"cache_views must be >= 1 (null: cache only a deterministic transform), got {cfg.cache_views}")
         self.views: list | None = None
@@ -145,10 +136,13 @@ class FeatureCache:
         self.said: set[str] = set()
         self.build_seconds = 0.0
 
-    def usable(self, run, epoch: int) -> bool:
-        why = reason_off(run)
-        if why is None and (self.views is None or self._key(run) != self.key):  # a body trained since: rebuild
-            self.build(run)
+    def reason_off(self) -> str | None:
+        return reason_off(self.cfg, self.trainer, self.head_name, self.head, self.world)
+
+    def usable(self, epoch: int) -> bool:
+        why = self.reason_off()
+        if why is None and (self.views is None or self._key() != self.key):  # a body trained since: rebuild
+            self.build()
         if why not in self.said:  # each reason (and "on") once
             self.said.add(why)
             log.info("feature cache: %s", f"off in epoch {epoch}: {why}" if why else
@@ -156,39 +150,36 @@ class FeatureCache:
                      f"{self.build_seconds:.1f} s)")
         return why is None
 
-    def val_loader(self, run) -> DataLoader:
+    def val_loader(self) -> DataLoader:
         """The val set's cached features in order (evaluation of the head alone)."""
         features, labels = self.val
-        return DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=run.data.batch_size * 2)
+        return DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=self.data.batch_size * 2)
 
-    def loader(self, run, epoch: int, start_step: int) -> DataLoader:
-        sampler = run.data.train_sampler(epoch, start_step)
-        return DataLoader(_Features(self.views, self.labels), batch_size=run.data.batch_size, sampler=sampler,
-                          drop_last=run.data.drop_last)
+    def loader(self, epoch: int, start_step: int) -> DataLoader:
+        sampler = self.data.train_sampler(epoch, start_step)
+        return DataLoader(_Features(self.views, self.labels), batch_size=self.data.batch_size, sampler=sampler,
+                          drop_last=self.data.drop_last)
 
     # ------------------------------------------------------------------------------------ building
 
-    def _key(self, run) -> str:
-        from finetune.base.checksum import fingerprints
-
-        body = {n: p for n, p in run.model.state_dict().items() if not n.startswith(run.head_prefix)}
-        parts = {"model": run.cfg.model.name, "source": run.cfg.model.source, "body": sum(fingerprints(body).values()),
-                 "data": str(run.cfg.data), "views": run.cfg.cache_views or 1, "seed": run.cfg.seed,
-                 "dtype": run.cfg.cache_dtype, "n": len(run.data.train)}
+    def _key(self) -> str:
+        cfg = self.cfg
+        body = {n: p for n, p in self.trainer.model.state_dict().items() if not n.startswith(f"{self.head_name}.")}
+        parts = {"model": cfg.model.name, "source": cfg.model.source, "body": sum(fingerprints(body).values()),
+                 "data": str(cfg.data), "views": cfg.cache_views or 1, "seed": cfg.seed,
+                 "dtype": cfg.cache_dtype, "n": len(self.data.train)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @torch.no_grad()
-    def build(self, run) -> None:
-        from finetune.output.progress import bar
-
+    def build(self) -> None:
         t0 = time.perf_counter()
-        data = run.data
-        k = run.cfg.cache_views or 1
-        dtype = DTYPES[run.cfg.cache_dtype]
+        cfg, data = self.cfg, self.data
+        k = cfg.cache_views or 1
+        dtype = DTYPES[cfg.cache_dtype]
         n = len(data.train)
-        self.key = self._key(run)
-        store = Path(run.cfg.cache_dir).expanduser() / self.key if run.cfg.cache_dir else None
-        self.val = self._val_features(run, dtype)
+        self.key = self._key()
+        store = Path(cfg.cache_dir).expanduser() / self.key if cfg.cache_dir else None
+        self.val = self._val_features(dtype)
         if store is not None and (store / "done").is_file():
             self.views = [np.load(store / f"view{v}.npy", mmap_mode="r") for v in range(k)]
             self.labels = torch.from_numpy(np.load(store / "labels.npy"))
@@ -196,12 +187,12 @@ class FeatureCache:
             log.info("feature cache: reusing %s", store)
             return
         views, labels = [], torch.empty(n, dtype=torch.long)
-        with bar(k * -(-n // (data.batch_size * 2)), "caching features", enabled=run.cfg.progress) as advance:
+        with bar(k * -(-n // (data.batch_size * 2)), "caching features", enabled=cfg.progress) as advance:
             for v in range(k):
                 loader = DataLoader(data.train, batch_size=data.batch_size * 2,
                                     sampler=[(i, v) for i in range(n)], num_workers=data.num_workers)
                 out, at = None, 0
-                for feats, y in _head_inputs(run, loader):
+                for feats, y in _head_inputs(self.trainer, self.head, loader):
                     feats = feats.to(dtype).cpu()
                     if out is None:
                         out = self._allocate(store, v, (n, feats.shape[1]), dtype)
@@ -219,18 +210,18 @@ class FeatureCache:
         self.build_seconds = time.perf_counter() - t0
         shape = tuple(views[0].shape)
         log.info("feature cache: %d images x %d view(s) x %d features (%s, %s) in %.1f s", shape[0], k, shape[1],
-                 run.cfg.cache_dtype, store or "in memory", self.build_seconds)
+                 cfg.cache_dtype, store or "in memory", self.build_seconds)
 
     @torch.no_grad()
-    def _val_features(self, run, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _val_features(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's input for every val image (eval transform; the model in eval mode, as evaluation
         runs it; the body is frozen, so it is the same for the weight average)."""
-        model = run.model
+        model = self.trainer.model
         feats, labels = [], []
         was = [m.training for m in model.modules()]
         model.eval()
         try:
-            for f, y in _head_inputs(run, run.data.val_loader()):
+            for f, y in _head_inputs(self.trainer, self.head, self.data.val_loader()):
                 feats.append(f.to(dtype).float().cpu())
                 labels.append(y)
         finally:

@@ -28,7 +28,7 @@ from finetune.base.files import safe_load
 FORMAT = "finetune-checkpoint/1"
 LAST = "last.pt"
 # config keys that do not change what a run computes: a resume may change them silently
-NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite", "time_limit", "logger")
+NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite", "time_limit", "logger", "recipe")
 
 
 def resolve_resume_path(resume: str) -> Path:
@@ -135,3 +135,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def refuse_used_dir(out_dir: Path, cfg) -> None:
+    """A run directory holds one run: a second one there would replace its checkpoint and mix the logs."""
+    held = [p for p in (out_dir / "checkpoints" / LAST, out_dir / "summary.json") if p.is_file()]
+    if not held or cfg.overwrite:
+        return
+    if cfg.resume and resolve_resume_path(cfg.resume).resolve().parent.parent == out_dir.resolve():
+        return  # continuing the run that is there
+    raise UserError(f"{out_dir} already holds a run ({held[0].name}); continue it with resume={out_dir}, "
+                    "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")

@@ -17,13 +17,15 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from finetune.base.checksum import fingerprints
-from finetune.engine.observers import Listener
-from finetune.output.trace import NoTrace, TraceFile
+from finetune.base.errors import UserError
+from finetune.output import report
+from finetune.output.trace import NoTrace, TraceFile, read_rows
 
 log = logging.getLogger("finetune")
 
@@ -38,8 +40,6 @@ SAMPLE = 1 << 16  # activations histogrammed per group and diagnostic step, at m
 def resolve_every(every: int, steps_per_epoch: int) -> int:
     """-1: four times an epoch (at least every step of a short epoch); 0: off."""
     if every < -1:
-        from finetune.base.errors import UserError
-
         raise UserError(f"diag_every must be -1 (4 times an epoch), 0 (off) or a number of steps, got {every}")
     return max(1, steps_per_epoch // 4) if every == -1 else every
 
@@ -53,7 +53,6 @@ def _norm(tensors: list[torch.Tensor]) -> float:
 
 class Probe:
     """One diagnostic step: gradients and weights before the optimizer step, the update after it."""
-
     def __init__(self, groups: list[list[nn.Parameter]]):
         self.groups = groups
         self.grad_norms: list[float] = []
@@ -90,7 +89,6 @@ def last_modules(model: nn.Module, groups) -> list[nn.Module | None]:
 
 class Activations:
     """Forward hooks that histogram each group's output (log10 |a|, BINS bins) during one forward."""
-
     def __init__(self, modules: list[nn.Module | None]):
         self.modules = modules
         self.hists: list[torch.Tensor | None] = [None] * len(modules)
@@ -138,48 +136,52 @@ def ratio_warnings(ratios: dict[str, list[float]], peaks: dict[str, float], epoc
     return out
 
 
-class Diagnostics(Listener):
+class Diagnostics:
     """diagnostics.csv / activations.csv as training goes (cut back on resume like the LR trace), the
-    update-ratio warning per epoch, and the plots at the end."""
+    update-ratio warning per epoch, and the plots at the end. The loop asks `due(step)`; on a due step
+    it runs the step under `activations()` with `probe()` and hands the results to `record`."""
 
-    def __init__(self, run, every: int):
-        self.every = every
-        names = [g.name for g in run.groups]
-        params = dict(run.model.named_parameters())
-        self.params = [[params[n] for n in g.param_names] for g in run.groups]
-        self.names = names
-        self.modules = last_modules(run.model, run.groups)
-        self.main = run.world.main  # rank 0 alone writes the files
-        kind = TraceFile if self.main else NoTrace
-        self.csv = kind(run.out_dir / "diagnostics.csv", FIELDS)
-        self.act_csv = kind(run.out_dir / "activations.csv", ACT_FIELDS)
+    def __init__(self, model: nn.Module, groups, plan, out_dir: Path, every: int, main: bool,
+                 resumed_dir: Path | None = None):
+        self.every, self.plan, self.out_dir, self.main = every, plan, out_dir, main  # rank 0 alone writes
+        self.names = [g.name for g in groups]
+        params = dict(model.named_parameters())
+        self.params = [[params[n] for n in g.param_names] for g in groups]
+        self.modules = last_modules(model, groups)
+        kind = TraceFile if main else NoTrace
+        self.csv = kind(out_dir / "diagnostics.csv", FIELDS)
+        self.act_csv = kind(out_dir / "activations.csv", ACT_FIELDS)
         self.ratios: dict[int, list[float]] = defaultdict(list)  # this epoch's update ratios per group
         self.warned: set[str] = set()
         self.started = False
-        self.before = {}  # a resumed run's files, beside its checkpoint
-        if run.cfg.resume:
-            from finetune.engine import checkpoint
+        # a resumed run's files, beside its checkpoint
+        self.before = ({"diagnostics": resumed_dir / "diagnostics.csv", "activations": resumed_dir / "activations.csv"}
+                       if resumed_dir is not None else {})
 
-            old_dir = checkpoint.resolve_resume_path(run.cfg.resume).parent.parent
-            self.before = {"diagnostics": old_dir / "diagnostics.csv", "activations": old_dir / "activations.csv"}
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
 
-    def due(self, run) -> bool:
-        return run.state.step % self.every == 0
-
-    # the Run asks for these around a due step (finetune/engine/loop.py, train_epoch)
     def probe(self) -> Probe:
         return Probe(self.params)
 
     def activations(self) -> Activations:
         return Activations(self.modules)
 
-    def record(self, run, probe_rows: list[dict], hists: list) -> None:
-        step, epoch, mask = run.last_step, run.state.epoch, run.trainer.mask
+    def start(self, step: int) -> None:
+        """At the first epoch this process trains: rows of the steps the checkpoint holds come over from
+        the resumed run's files."""
+        if self.started:
+            return
+        self.started = True
+        self.csv.start(step, self.before.get("diagnostics"))
+        self.act_csv.start(step, self.before.get("activations"))
+
+    def record(self, step: int, epoch: int, mask: list[bool], probe_rows: list[dict], hists: list) -> None:
         rows = [{"step": step, "epoch": epoch, "group": n, "trainable": int(on), **r}
                 for n, on, r in zip(self.names, mask, probe_rows)]
         for i, r in enumerate(rows):
             # the ratio the group's peak LR would give: warmup and annealing are not a wrong LR
-            factor = run.plan.lr(i, step) / run.plan.peak(i, step)
+            factor = self.plan.lr(i, step) / self.plan.peak(i, step)
             if r["trainable"] and factor > 0.1 and r["update_ratio"] > 0:
                 self.ratios[i].append(r["update_ratio"] / factor)
         self.csv.write(rows)
@@ -187,19 +189,13 @@ class Diagnostics(Listener):
                              **{f"b{k}": int(v) for k, v in enumerate(h.tolist())}}
                             for n, h in zip(self.names, hists) if h is not None])
 
-    def on_epoch_start(self, run) -> None:
-        if self.started:
-            return
-        self.started = True  # rows of the steps the checkpoint holds come over from the resumed run's files
-        self.csv.start(run.state.step, self.before.get("diagnostics"))
-        self.act_csv.start(run.state.step, self.before.get("activations"))
-
-    def on_epoch_end(self, run) -> None:
+    def end_epoch(self, epoch: int) -> None:
+        """The update-ratio warnings of `epoch` (once per group), and the files flushed."""
         # the new head (the last group) is exempt: a freshly initialised layer under Adam moves by far
         # more than 1e-3 of its small initial weights, and that is how it should train
         ratios = {self.names[i]: r for i, r in self.ratios.items() if i < len(self.names) - 1}
-        peaks = {g.name: g.lr for g in run.plan.groups}
-        for name, line in ratio_warnings(ratios, peaks, run.state.epoch - 1).items():
+        peaks = {g.name: g.lr for g in self.plan.groups}
+        for name, line in ratio_warnings(ratios, peaks, epoch).items():
             if name not in self.warned:
                 self.warned.add(name)
                 log.warning("%s", line)
@@ -207,21 +203,17 @@ class Diagnostics(Listener):
         self.csv.flush()
         self.act_csv.flush()
 
-    def on_end(self, run) -> None:
-        if self.main and self.started:
-            self.plot(run)
-
-    def plot(self, run) -> None:
-        from finetune.output import report
-        from finetune.output.trace import read_rows
-
+    def plot(self) -> None:
+        """diagnostics.png and activations.png from the files (rank 0, once something was recorded)."""
+        if not (self.main and self.started):
+            return
         self.csv.flush()
         self.act_csv.flush()
-        report.plot_diagnostics(run.out_dir / "diagnostics.png", read_rows(self.csv.path), self.names)
-        report.plot_activations(run.out_dir / "activations.png", read_rows(self.act_csv.path), self.names, BINS,
+        report.plot_diagnostics(self.out_dir / "diagnostics.png", read_rows(self.csv.path), self.names)
+        report.plot_activations(self.out_dir / "activations.png", read_rows(self.act_csv.path), self.names, BINS,
                                 LOG10_RANGE)
 
-    def on_close(self, run) -> None:
+    def close(self) -> None:
         self.csv.close()
         self.act_csv.close()
 
@@ -229,36 +221,34 @@ class Diagnostics(Listener):
 # ------------------------------------------------------------------------------------ freeze integrity
 
 
-class FreezeIntegrity(Listener):
+class FreezeIntegrity:
     """Frozen weights, and the BatchNorm statistics kept in eval mode, must not change while frozen."""
-
     def __init__(self):
         self.held: dict[str, int] = {}
 
-    def _frozen(self, run) -> dict[str, torch.Tensor]:
-        model, trainer = run.model, run.trainer
+    @staticmethod
+    def _frozen(model: nn.Module, frozen_norms) -> dict[str, torch.Tensor]:
         out = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         names = {id(m): n for n, m in model.named_modules()}
-        for module in trainer.frozen_norms:
+        for module in frozen_norms:
             prefix = names.get(id(module), "")
             for bname, buf in module.named_buffers(recurse=False):
                 if buf.is_floating_point():
                     out[f"{prefix}.{bname}" if prefix else bname] = buf
         return out
 
-    def on_epoch_start(self, run) -> None:
-        # taken at the start of every epoch: a freeze change has just been applied, and a resumed run
-        # fingerprints what it loaded
-        self.held = fingerprints(self._frozen(run))
+    def hold(self, model: nn.Module, frozen_norms) -> None:
+        """At the start of every epoch: a freeze change has just been applied, and a resumed run
+        fingerprints what it loaded."""
+        self.held = fingerprints(self._frozen(model, frozen_norms))
 
-    def on_epoch_end(self, run) -> None:
+    def check(self, model: nn.Module, frozen_norms, epoch: int) -> None:
+        """At an epoch's end: a frozen tensor that changed during `epoch` is an error naming it."""
         if not self.held:
             return
-        now = fingerprints({n: t for n, t in self._frozen(run).items() if n in self.held})
+        now = fingerprints({n: t for n, t in self._frozen(model, frozen_norms).items() if n in self.held})
         changed = [n for n, fp in now.items() if fp != self.held[n]]
         if changed:
-            from finetune.base.errors import UserError
-
-            raise UserError(f"freeze integrity: {changed[0]} changed during epoch {run.state.epoch - 1} although "
+            raise UserError(f"freeze integrity: {changed[0]} changed during epoch {epoch} although "
                             f"its group was frozen ({len(changed)} tensor(s) changed); please report this with the "
                             "config (a model that writes to its own weights, or a finetune bug)")

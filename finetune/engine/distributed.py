@@ -20,12 +20,12 @@ import torch.nn as nn
 
 from finetune.base.checksum import bit_sum
 from finetune.base.errors import UserError
+from finetune.data.sampling import mix_seed
 
 
 @dataclass(frozen=True)
 class World:
     """This process's place: rank among `size` processes, `local_rank` on its node (its GPU)."""
-
     rank: int = 0
     local_rank: int = 0
     size: int = 1
@@ -116,8 +116,6 @@ def barrier() -> None:
 
 def rank_seed(seed: int, rank: int) -> int:
     """Rank `rank`'s torch seed once the replicas are built (rank 0 keeps `seed`'s own stream position)."""
-    from finetune.data.sampling import mix_seed
-
     return mix_seed(seed, 0x7E57, rank)
 
 

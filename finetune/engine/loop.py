@@ -1,16 +1,18 @@
-"""A fine-tuning run as one object: its state, trainer, data and output directory, and the loop that
-reads top to bottom (`Run.fit`: for each epoch, set the freeze state, `train_epoch`, `evaluate`, `end_epoch`).
+"""A fine-tuning run as one object and its loop, read top to bottom as timm's and nanoGPT's are.
 
-What happens around the loop attaches to its events (finetune/engine/listeners.py): the LR trace, the NaN check,
-the progress bar, checkpoints and reports. `save` and `report` are the run's own: every listener and
-the interruption path call them, so a checkpoint is always checked for finite values first and the
-reports always describe the same state.
+`Run.fit`: for each epoch, `begin_epoch` (freeze state, cache, BatchNorm modes), `train_epoch`, then
+`evaluate`, `end_epoch`. Every decision is made here, in the order it is written: after each step the
+LR trace row, the NaN check, an evaluation inside the epoch (eval_every) with best.pt, a checkpoint
+(checkpoint_every) and the stop check; after each epoch the freeze-integrity check, diagnostics' warnings,
+early stopping, the checkpoint, best.pt and the reports. Observers (finetune.engine.observers: the
+progress bar, TensorBoard) are told what happened and cannot steer the run. `save` and `report` are the
+only ways to write a checkpoint and the reports, so a checkpoint is always checked for finite values
+first and the reports always describe the same state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -21,34 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
 
 from finetune.base import files
 from finetune.base.errors import UserError, writing
 from finetune.core import freeze
-from finetune.core.groups import build_groups
 from finetune.core.plan import warnings as plan_warnings
-from finetune.engine import cache as cache_mod
-from finetune.engine import checkpoint, distributed
-from finetune.engine.diagnostics import Diagnostics
+from finetune.engine import best, checkpoint, distributed
+from finetune.engine.cache import FeatureCache, as_tensor, fit_head
+from finetune.engine.diagnostics import Diagnostics, FreezeIntegrity, resolve_every
 from finetune.engine.distributed import World
 from finetune.engine.divergence import check_finite_state, diverged, first_bad
-from finetune.engine.listeners import (
-    BEST_METRICS,
-    LOGGERS,
-    best_epoch,
-    default_listeners,
-)
-from finetune.engine.observers import check_due
+from finetune.engine.observers import StepView, check_due, observers
+from finetune.engine.setup import setup
 from finetune.engine.signals import TIME_LIMIT_EXIT, Interrupted, StopFlag
-from finetune.engine.step import (
-    Trainer,
-    chunks,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
+from finetune.engine.step import Trainer, chunks, trace_rows
 from finetune.output import report
 from finetune.output.trace import NoTrace, TraceFile
 from finetune.output.trace import read as read_trace
@@ -59,7 +48,6 @@ log = logging.getLogger("finetune")
 @dataclass
 class RunState:
     """Everything that must survive an interruption, besides model/optimizer/scaler state."""
-
     epoch: int = 0
     batch: int = 0
     step: int = 0
@@ -76,20 +64,6 @@ class RunState:
     evals: list[dict] = field(default_factory=list)  # eval_every: {step, epoch, val_*} of every evaluation
 
 
-def build_run(cfg):
-    """Model, groups, data and plan from the config: everything `train` and `inspect` share."""
-    from finetune.data import datasets
-    from finetune.models import build as models
-
-    num_classes = datasets.num_classes(cfg.data)
-    bundle = models.build_model(cfg.model, num_classes)
-    spec = cfg.model.groups if cfg.model.groups is not None else bundle.group_spec
-    if OmegaConf.is_config(spec):
-        spec = OmegaConf.to_container(spec, resolve=True)
-    groups = build_groups(bundle.model, spec, cfg.model.catch_all)
-    return bundle, groups, num_classes
-
-
 class Run:
     """Everything one run owns. Build it, then `fit()`; `stop_at_step` (library only) stops like a signal
     once that many steps are done (at an epoch's end: after its evaluation).
@@ -102,59 +76,31 @@ class Run:
 
     def __init__(self, cfg, out_dir: str | Path, *, stop_at_step: int | None = None, recipe: dict | None = None,
                  world: World | None = None, lr_auto: dict | None = None, saved: dict | None = None):
-        from finetune.data import loaders as data_mod
-        from finetune.data import transforms
-
         if cfg.auto.enabled:  # it would train the config under no recipe, not the one auto chooses
-            raise UserError("experiment=auto is resolved before a run is built: use finetune.commands.train.train(cfg, "
-                            "out_dir, compose=...) or `finetune train`, or name a recipe (experiment=lp_ft)")
+            raise UserError("experiment=auto is resolved before a run is built: compose the config with "
+                            "finetune.compose(...) or run `finetune train`, or name a recipe (experiment=lp_ft)")
         self.cfg, self.out_dir, self.stop_at_step, self.recipe = cfg, Path(out_dir), stop_at_step, recipe
         self.lr_auto = lr_auto  # what lr=auto chose (summary.json)
         self.world = world = world or distributed.from_env()
-        for key in ("checkpoint_every", "eval_every"):
-            if cfg[key] < 0:
-                raise UserError(f"{key} must be >= 0 (0: at epoch ends only), got {cfg[key]}")
         _check_settings(cfg)
-        _refuse_finished_dir(self.out_dir, cfg)
-        seed_everything(cfg.seed)  # the same on every rank: the replicas start equal
-        self.device = device = resolve_device(distributed.device_name(cfg.device, world))
-        distributed.init(world, device)
-        self.amp_dtype = resolve_precision(cfg.precision, device)
-        channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+        checkpoint.refuse_used_dir(self.out_dir, cfg)
         # read the checkpoint first (unless train() has): a wrong path or an unsafe file fails before
         # anything is built
         if saved is None:
             saved = checkpoint.resumed(cfg.resume)
 
-        bundle, self.groups, _ = build_run(cfg)
-        self.model = _sync_batchnorm(bundle.model, cfg.sync_bn, device, world)
-        self.data = data_mod.build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
-                                        pin_memory=device.type == "cuda", persistent_workers=True,
-                                        rank=world.rank, world=world.size, views=cfg.cache_views)
-        size = transforms.image_size(cfg.data, bundle.preprocess)
-        log.info("data: %d train / %d val images, %d classes, %d px", len(self.data.train), len(self.data.val),
-                 len(self.data.classes), size)
-        # what eval / predict / export need to use the model without the training data
-        self.preprocess = {**dataclasses.asdict(bundle.preprocess), "input_size": size}
-        if world.enabled:
-            _check_world_batch(len(self.data.train), cfg.batch_size, world)
-            log.info("distributed: %d processes (%s), batch_size %d per process: %d images per step", world.size,
-                     "nccl" if device.type == "cuda" else "gloo", cfg.batch_size,
-                     cfg.batch_size * world.size * cfg.accumulate)
-        self.model.to(device)
-        self.accumulate = _check_accumulate(cfg.accumulate, self.data.steps_per_epoch)
-        # the plan counts optimizer steps; micro-batches left over at an epoch's end are not trained
-        self.trainer = Trainer.from_config(cfg, self.model, self.groups, self.data.steps_per_epoch // self.accumulate,
-                                           device, self.amp_dtype, channels_last, num_classes=len(self.data.classes))
+        parts = setup(cfg, world)
+        self.device, self.amp_dtype, self.model, self.groups = parts.device, parts.amp_dtype, parts.model, parts.groups
+        self.data, self.preprocess, self.accumulate = parts.data, parts.preprocess, parts.accumulate
+        self.trainer = Trainer.from_config(cfg, self.model, self.groups, parts.steps_per_epoch, self.device,
+                                           self.amp_dtype, parts.channels_last, num_classes=len(self.data.classes))
         self.plan, self.optimizer = self.trainer.plan, self.trainer.optimizer
         for warning in plan_warnings(cfg, self.plan, random_init=cfg.model.weights is None):
             log.warning("%s", warning)
 
-        name, self.head = cache_mod.head_module(self.model, self.groups)
-        self.head_prefix = f"{name}."
-        self.cache, self.cached = cache_mod.FeatureCache(self), False
-        if cfg.head_init not in ("none", "lbfgs"):
-            raise UserError(f"head_init must be none or lbfgs, got {cfg.head_init}")
+        self.head_name, self.head = parts.head_name, parts.head
+        self.cache = FeatureCache(cfg, self.trainer, self.head_name, self.head, self.data, world)
+        self.cached = False  # the epoch in progress trains the head on cached features
         self.config = _config_container(cfg)
         self.group_list = [[g.name, list(g.param_names)] for g in self.groups]
         self.state = RunState()
@@ -171,22 +117,30 @@ class Run:
         self.ckpt_path = self.out_dir / "checkpoints" / checkpoint.LAST
         self.trace = TraceFile(self.out_dir / "lr_trace.csv") if world.main else NoTrace(self.out_dir / "lr_trace.csv")
         self._trace_before = _previous_trace(cfg.resume, saved) if saved else (None, None)
-        self.last_rows: list[dict] = []  # the LR trace rows of the step just done
-        self.listeners = default_listeners(self)
-        self.diagnostics = next((x for x in self.listeners if isinstance(x, Diagnostics)), None)
+        names = [g.name for g in self.groups]
+        self.observers = observers(cfg.logger, cfg.progress, world.main, names, self.out_dir, self.state.step)
+        every = resolve_every(cfg.diag_every, self.plan.steps_per_epoch)
+        resumed_dir = checkpoint.resolve_resume_path(cfg.resume).parent.parent if cfg.resume else None
+        self.diagnostics = (Diagnostics(self.model, self.groups, self.plan, self.out_dir, every, world.main, resumed_dir)
+                            if every else None)
+        self.integrity = FreezeIntegrity()
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN/inf
+        # the epoch in progress: sums as device tensors (no sync per step), images seen, and its start
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = self.seen_before = 0
+        self.epoch_t0: float | None = None  # perf_counter at the start of the epoch in progress
+        self.epoch_before = 0.0  # its training seconds before an interruption
+        self.stop = StopFlag()
         self.summary: dict | None = None
         self.replicas: list[int] | None = None  # every rank's weight fingerprint at the last epoch's end
-        self._saved_at: int | None = None  # the step of the last checkpoint written by this process
-        self._epoch_t0: float | None = None  # perf_counter at the start of the epoch in progress
-        self._run_t0, self._wall_before = time.perf_counter(), self.state.wall_seconds
-        self._late = False  # another rank passed the time limit
+        self.saved_at: int | None = None  # the step of the last checkpoint written by this process
+        self.run_t0, self.wall_before = time.perf_counter(), self.state.wall_seconds
+        self.late = False  # another rank passed the time limit
 
-    # ------------------------------------------------------------------------------------------ events
-
-    def emit(self, event: str) -> None:
-        for listener in self.listeners:
-            getattr(listener, event)(self)
+    def observe(self, event: str, *args) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(*args)
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -194,10 +148,8 @@ class Run:
         """Train to the end of the plan; returns the summary (with final_val_acc)."""
         if self.world.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        with StopFlag() as self.stop, contextlib.ExitStack() as cleanup:
-            cleanup.callback(self.emit, "on_close")  # also on errors: leave the terminal usable
-            cleanup.callback(self.data.close)  # persistent loader workers end with the run
-            cleanup.callback(self.trace.close)
+        with self.stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.close)  # also on errors: leave the terminal usable, end the workers
             cleanup.enter_context(_algorithms(self.cfg.deterministic, self.device))
             self.trace.start(self.state.step, *self._trace_before)
             while self.state.epoch < self.plan.epochs and not self.state.finished_early:
@@ -207,38 +159,49 @@ class Run:
                 if self.stopping(epoch_end=True) and self.state.epoch < self.plan.epochs:
                     raise self.stop_here()
         self.summary = self.report("completed")
-        self.emit("on_end")
+        self.observe("end", self.state.metrics, self.summary)
+        if self.diagnostics is not None:
+            self.diagnostics.plot()
         return self.summary
+
+    def close(self) -> None:
+        self.observe("close")
+        if self.diagnostics is not None:
+            self.diagnostics.close()
+        self.data.close()  # persistent loader workers end with the run
+        self.trace.close()
 
     def begin_epoch(self) -> None:
         state, trainer = self.state, self.trainer
-        if trainer.set_epoch(state.epoch):
-            self.emit("on_freeze_change")
+        trainer.set_epoch(state.epoch)
         if len(state.trainable_params) <= state.epoch:
             state.trainable_params.append(trainer.trainable_params())
         freeze.set_train_mode(self.model, trainer.frozen_norms)
-        self.cached = self.cache.usable(self, state.epoch)
+        self.cached = self.cache.usable(state.epoch)
         trainer.head_only = self.head if self.cached else None
         if self.cfg.head_init == "lbfgs" and state.step == 0 and state.epoch == 0:
             self._init_head()
-        # per-epoch sums: tensors (no device sync per step); a resumed epoch starts from the saved ones
+        # a resumed epoch starts from the saved sums
         self.loss_sum = torch.tensor(state.epoch_loss_sum, device=self.device)
         self.correct = torch.tensor(state.epoch_correct, device=self.device, dtype=torch.long)
         self.seen = self.seen_before = state.epoch_seen
-        self._epoch_t0, self._epoch_before = time.perf_counter(), state.epoch_seconds
+        self.epoch_t0, self.epoch_before = time.perf_counter(), state.epoch_seconds
         self.pending.clear()
-        self.emit("on_epoch_start")
+        self.integrity.hold(self.model, trainer.frozen_norms)  # what must not move while frozen
+        if self.diagnostics is not None:
+            self.diagnostics.start(state.step)
+        self.observe("epoch_start", state.epoch, self.plan.epochs, self.plan.steps_in(state.epoch), state.batch)
 
     def train_epoch(self) -> None:
-        state, k = self.state, self.accumulate
+        state, k, cfg = self.state, self.accumulate, self.cfg
         if self.cached:
-            loader = self.cache.loader(self, state.epoch, state.batch * k)
+            loader = self.cache.loader(state.epoch, state.batch * k)
         else:
             loader = self.data.train_loader(state.epoch, start_step=state.batch * k)
-        diag = self.diagnostics
-        for micro in chunks(loader, k, self.plan.steps_in(state.epoch) - state.batch):
+        diag, steps = self.diagnostics, self.plan.steps_in(state.epoch)
+        for micro in chunks(loader, k, steps - state.batch):
             micro = [self.trainer.to_device(x, y) for x, y in micro]
-            probing = diag is not None and diag.due(self)
+            probing = diag is not None and diag.due(state.step)
             try:
                 with diag.activations() if probing else contextlib.nullcontext() as acts:
                     loss, ok = self.trainer.step_accumulated(micro, state.step, probe=diag.probe() if probing else None)
@@ -248,70 +211,104 @@ class Run:
                 raise UserError(f"a batch of {len(micro[0][1])} image at step {state.step}: BatchNorm in train "
                                 "mode needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
             images = sum(y.numel() for _, y in micro)
-            self.last_step = state.step
+            done = state.step
             if probing:
-                diag.record(self, self.trainer.diag_rows, acts.hists)
-            self.pending.append((state.step, loss))
+                diag.record(done, state.epoch, self.trainer.mask, self.trainer.diag_rows, acts.hists)
+            self.pending.append((done, loss))
             self.loss_sum += loss * images
             self.correct += ok
             self.seen += images
             state.step += 1
             state.batch += 1
-            self.emit("on_step_end")
+            # every group's LR and momentum as set on the optimizer (read back, not recomputed)
+            rows = trace_rows(self.plan, self.optimizer, done, state.epoch, self.trainer.mask)
+            self.trace.write(rows)
+            due = check_due(state.batch, steps)
+            if due:
+                self.check_losses()
+            self.observe("step", StepView(done, state.epoch, state.batch, rows, self.running() if due else None))
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.batch < steps:
+                self.evaluate_midway()
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and self.saved_at != state.step:
+                self.save()
             if self.stopping(epoch_end=False):
                 raise self.stop_here()
         self.check_losses()
+
+    def running(self) -> tuple[float, float, float]:
+        """This epoch's train loss, accuracy and images/s so far (this rank's shard; images of all ranks)."""
+        seconds = time.perf_counter() - self.epoch_t0
+        return (self.loss_sum.item() / self.seen, self.correct.item() / self.seen,
+                (self.seen - self.seen_before) * self.world.size / seconds)
 
     def _init_head(self) -> None:
         """head_init=lbfgs: the new head fitted to convergence on the cached features of view 0."""
         if not self.cached:
             raise UserError(f"head_init=lbfgs fits the head on cached features, but the cache is off in epoch 0: "
-                            f"{cache_mod.reason_off(self)}")
-        features = cache_mod.as_tensor(self.cache.views[0]).to(self.device)
-        loss = cache_mod.fit_head(self.head, features, self.cache.labels.to(self.device))
+                            f"{self.cache.reason_off()}")
+        features = as_tensor(self.cache.views[0]).to(self.device)
+        loss = fit_head(self.head, features, self.cache.labels.to(self.device))
         log.info("head_init=lbfgs: the head fitted on %d cached feature vectors, train loss %.4f", len(features), loss)
 
     def evaluate(self) -> dict:
         """This epoch's metrics row; with EMA, val_* score the average (the weights the run delivers) and
-        live_val_* the live model."""
+        live_val_* the live model. `seconds` and images_per_s count training alone."""
         train_seconds = self.epoch_seconds()
         loss_sum, correct, seen = self.epoch_totals()
         val = self.validate()
         return {
             "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-            "val_loss": val["val_loss"], "val_acc": val["val_acc"], "seconds": round(self.epoch_seconds(), 3),
+            "val_loss": val["val_loss"], "val_acc": val["val_acc"], "seconds": round(train_seconds, 3),
             "images_per_s": round(seen / max(train_seconds, 1e-9), 2), **{k: v for k, v in val.items() if "live" in k},
         }
 
     def validate(self) -> dict:
         """val_loss and val_acc (with EMA: of the average, and live_val_* of the live model)."""
-        trainer, data = self.trainer, self.data
+        ema = self.trainer.ema
         self.sync_buffers()
-        # a head-only epoch scores the head on the val set's cached features: the body did not change
-        loader, head = ((self.cache.val_loader(self), self.head_prefix[:-1]) if self.cached
-                        else (data.val_loader(), None))
-        val_loss, val_acc = trainer.evaluate(loader, average=trainer.ema is not None, head=head)
+        # a head-only epoch scores the head on the val set's cached features: the body did not change.
+        # The average's body, though, still holds weights of epochs the body trained (freezeout, milestones
+        # that freeze again): then the cached features are not its own and it runs on the images
+        average_cached = self.cached and (ema is None or self._average_body_is_live())
+        val_loss, val_acc = self._score(average_cached, average=ema is not None)
         if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
             raise diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
                             self.state.step - 1, self.ckpt_path)
         live = {}
-        if trainer.ema is not None:
-            loader = self.cache.val_loader(self) if self.cached else data.val_loader()
-            live = dict(zip(("live_val_loss", "live_val_acc"), trainer.evaluate(loader, head=head)))
+        if ema is not None:
+            live = dict(zip(("live_val_loss", "live_val_acc"), self._score(self.cached, average=False)))
         return {"val_loss": val_loss, "val_acc": val_acc, **live}
 
+    def _score(self, cached: bool, average: bool) -> tuple[float, float]:
+        if cached:
+            return self.trainer.evaluate(self.cache.val_loader(), average=average, head=self.head_name)
+        return self.trainer.evaluate(self.data.val_loader(), average=average)
+
+    def _average_body_is_live(self) -> bool:
+        """The weight average's body (everything below the head) equals the live one bit for bit: true
+        while the body never trained (an average of equal weights stays equal)."""
+        prefix = f"{self.head_name}."
+        live = {n: t for n, t in self.model.state_dict().items() if not n.startswith(prefix)}
+        avg = {n: t for n, t in self.trainer.ema.model.state_dict().items() if not n.startswith(prefix)}
+        return all(torch.equal(t, avg[n]) for n, t in live.items())
+
     def evaluate_midway(self) -> None:
-        """eval_every: an evaluation inside the epoch, recorded in evals.csv; training goes on as it was
-        (an evaluation draws no random number, so exact resume is unaffected) and its time does not count
-        as training time."""
+        """eval_every: an evaluation inside the epoch, recorded in evals.csv, and best.pt when it is the
+        best so far; training goes on as it was (an evaluation draws no random number, so exact resume is
+        unaffected) and its time does not count as training time."""
         t0 = time.perf_counter()
-        row = {"step": self.state.step, "epoch": self.state.epoch, **self.validate()}
+        state = self.state
+        row = {"step": state.step, "epoch": state.epoch, **self.validate()}
         freeze.set_train_mode(self.model, self.trainer.frozen_norms)
-        self.state.evals.append(row)
+        state.evals.append(row)
         log.info("step %d: val loss %.3f val acc %.3f", row["step"], row["val_loss"], row["val_acc"])
-        if self._epoch_t0 is not None:
-            self._epoch_t0 += time.perf_counter() - t0
-        self.emit("on_evaluation")
+        if self.epoch_t0 is not None:
+            self.epoch_t0 += time.perf_counter() - t0
+        if best.last_is_best(self.evaluations(), self.cfg.best_metric):
+            if self.saved_at != state.step:  # best.pt copies a checkpoint of this very step
+                self.save()
+            self.copy_checkpoint(self.ckpt_path.with_name(best.BEST))
+        self.observe("evaluation", row)
 
     def evaluations(self) -> list[dict]:
         """What best.pt is chosen from: every evaluation with eval_every (for a val_* best_metric), else the
@@ -335,25 +332,36 @@ class Run:
         distributed.sync_buffers(self.model, *([self.trainer.ema.model] if self.trainer.ema else []))
 
     def end_epoch(self, metrics: dict) -> None:
-        state = self.state
+        """Record the epoch, then check it, decide whether the run ends early, checkpoint and report."""
+        state, cfg = self.state, self.cfg
         if self.world.enabled:  # the replicas must hold the same weights: a freeze change that was not
             self.replicas = distributed.check_replicas(self.model, f"after epoch {state.epoch}")  # all-reduced shows here
         state.metrics.append(metrics)
-        if self.cfg.eval_every:
+        if cfg.eval_every:
             state.evals.append({"step": state.step, "epoch": state.epoch,
                                 **{k: v for k, v in metrics.items() if "val_" in k}})
         state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
-        state.epoch, state.batch = state.epoch + 1, 0
-        self.loss_sum, self.correct, self.seen, self._epoch_t0 = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, None
+        epoch = state.epoch
+        state.epoch, state.batch = epoch + 1, 0
+        self.loss_sum.zero_(), self.correct.zero_()
+        self.seen, self.epoch_t0 = 0, None
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
-        self.emit("on_epoch_end")
+        self.observe("epoch_end", metrics, state.step)
+        # a changed frozen weight is never checkpointed
+        self.integrity.check(self.model, self.trainer.frozen_norms, epoch)
+        if self.diagnostics is not None:
+            self.diagnostics.end_epoch(epoch)
+        # before the checkpoint, which then records it
+        why = best.early_stop(state.metrics, cfg.best_metric, cfg.patience, cfg.min_delta)
+        if why and state.epoch < self.plan.epochs:
+            state.finished_early = why
+            log.info("%s", why)
+        self.save()
+        if best.last_is_best(self.evaluations(), cfg.best_metric):
+            self.copy_checkpoint(self.ckpt_path.with_name(best.BEST))
+        self.report("running", plot=False)
 
     # ------------------------------------------------------------------------------- stop, save, report
-
-    def finish_early(self, reason: str) -> None:
-        """End the run after this epoch (its checkpoint and reports say why)."""
-        self.state.finished_early = reason
-        log.info("%s", reason)
 
     def copy_checkpoint(self, dest: Path) -> None:
         """The checkpoint just written, copied to `dest` atomically (a kill never leaves half a file)."""
@@ -369,10 +377,10 @@ class Run:
         epoch finishes first). With several processes a signal or the time limit counts when any rank has
         it, agreed every CHECK_EVERY steps and at epoch ends (one small collective, not one per step)."""
         if self.world.enabled:
-            if epoch_end or check_due(self):
+            if epoch_end or check_due(self.state.batch, self.plan.steps_in(self.state.epoch)):
                 signum, late = distributed.max_([float(self.stop.signum or 0), float(self.out_of_time())], self.device)
                 if signum or late:
-                    self.stop.signum, self._late = int(signum) or None, bool(late)
+                    self.stop.signum, self.late = int(signum) or None, bool(late)
                     return True
         elif self.stop.signum is not None or self.out_of_time():
             return True
@@ -381,14 +389,14 @@ class Run:
         return self.state.step == self.stop_at_step and self.state.batch < self.plan.steps_in(self.state.epoch)
 
     def stop_here(self) -> Interrupted:
-        if self._saved_at != self.state.step:
+        if self.saved_at != self.state.step:
             self.save()
         self.report("interrupted")
         distributed.barrier()  # no rank exits (and has torchrun stop the others) before rank 0 has written
         signum, state, code = self.stop.signum, self.state, None
         if signum:
             why = f"stopped by {signal.Signals(signum).name}"
-        elif self.out_of_time() or self._late:
+        elif self.out_of_time() or self.late:
             why, code = f"stopped by time_limit={self.cfg.time_limit:g} min", TIME_LIMIT_EXIT
         else:
             why = f"stopped at stop_at_step={self.stop_at_step}"
@@ -398,13 +406,13 @@ class Run:
     def out_of_time(self) -> bool:
         """This process has trained for longer than time_limit minutes (a resume starts a new budget)."""
         limit = self.cfg.time_limit
-        return limit is not None and time.perf_counter() - self._run_t0 > limit * 60
+        return limit is not None and time.perf_counter() - self.run_t0 > limit * 60
 
     def epoch_seconds(self) -> float:
         """Training seconds of the epoch in progress, those before an interruption included."""
-        if self._epoch_t0 is None:
+        if self.epoch_t0 is None:
             return 0.0
-        return self._epoch_before + time.perf_counter() - self._epoch_t0
+        return self.epoch_before + time.perf_counter() - self.epoch_t0
 
     def check_losses(self) -> None:
         """Stop on a NaN/inf loss; with several processes every rank stops at the first bad step of any."""
@@ -426,12 +434,12 @@ class Run:
         state = self.state
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = self.loss_sum.item(), self.correct.item(), self.seen
         state.epoch_seconds = self.epoch_seconds()
-        state.wall_seconds = self._wall_before + time.perf_counter() - self._run_t0
+        state.wall_seconds = self.wall_before + time.perf_counter() - self.run_t0
         check_finite_state(self.model, self.plan, state.step, self.ckpt_path)  # the same on every rank
         # each rank's own RNG stream (dropout) and epoch sums, so that every rank resumes exactly
         ranks = distributed.gather({"rng": checkpoint.rng_state(),
                                     "sums": [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen]})
-        self._saved_at = state.step
+        self.saved_at = state.step
         if self.world.main:
             self._write_checkpoint(ranks)
         distributed.barrier()  # a rank that stops next must not exit (torchrun then ends rank 0) mid-write
@@ -462,7 +470,7 @@ class Run:
             report.write_csv(out_dir / "evals.csv", state.evals, report.EVAL_FIELDS + ema_fields)
         summary = {
             "status": status,
-            "best_val_acc": max((m["val_acc"] for m in state.metrics), default=None),
+            "best_val_acc": state.best_val_acc if state.metrics else None,
             "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
             "final_val_loss": state.metrics[-1]["val_loss"] if state.metrics else None,
             "epochs": len(state.metrics), "wall_seconds": round(state.wall_seconds, 3),
@@ -472,7 +480,7 @@ class Run:
             "torch_threads": torch.get_num_threads(), "recipe": self.recipe,
             "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
             "finished_early": state.finished_early,
-            "best_epoch": best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
+            "best_epoch": best.best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
             **({"best_eval": _best_eval(state.evals, self.cfg.best_metric)}
                if self.cfg.eval_every and state.evals and "val_" in self.cfg.best_metric else {}),
             **({"lr_auto": self.lr_auto} if self.lr_auto else {}),
@@ -500,26 +508,15 @@ def _previous_trace(resume: str, saved: dict) -> tuple[Path | None, list | None]
 
 
 def _best_eval(evals: list[dict], metric: str) -> dict:
-    row = evals[best_epoch(evals, metric)]
+    row = evals[best.best_epoch(evals, metric)]
     return {"step": row["step"], "epoch": row["epoch"], metric: row[metric]}
 
 
-def _check_accumulate(accumulate: int, micro_batches: int) -> int:
-    if accumulate < 1:
-        raise UserError(f"accumulate must be >= 1 (micro-batches per optimizer step), got {accumulate}")
-    if accumulate > micro_batches:
-        raise UserError(f"accumulate={accumulate} is more than the {micro_batches} batches of an epoch; lower "
-                        "it or batch_size")
-    return int(accumulate)
-
-
 def _check_settings(cfg) -> None:
-    if cfg.best_metric not in BEST_METRICS:
-        raise UserError(f"best_metric: unknown metric '{cfg.best_metric}'; choose one of {', '.join(BEST_METRICS)}")
-    if cfg.best_metric.startswith("live_") and cfg.ema_half_life is None:
-        raise UserError(f"best_metric={cfg.best_metric} exists only with a weight average (set ema_half_life)")
-    if cfg.logger not in LOGGERS:
-        raise UserError(f"logger: unknown logger '{cfg.logger}'; choose one of {', '.join(LOGGERS)}")
+    for key in ("checkpoint_every", "eval_every"):
+        if cfg[key] < 0:
+            raise UserError(f"{key} must be >= 0 (0: at epoch ends only), got {cfg[key]}")
+    best.check_metric(cfg.best_metric, ema=cfg.ema_half_life is not None)
     if cfg.time_limit is not None and cfg.time_limit <= 0:
         raise UserError(f"time_limit must be > 0 minutes (null: none), got {cfg.time_limit}")
     if cfg.patience < 0 or cfg.min_delta < 0:
@@ -533,7 +530,6 @@ def _algorithms(deterministic: bool, device: torch.device):
     old = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
            torch.backends.cudnn.deterministic)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     elif device.type == "cuda":
@@ -546,22 +542,11 @@ def _algorithms(deterministic: bool, device: torch.device):
 
 
 def _config_container(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def _mean(values):
     return round(sum(values) / len(values), 2) if values else None
-
-
-def _refuse_finished_dir(out_dir: Path, cfg) -> None:
-    """A run directory holds one run: a second one there would replace its checkpoint and mix the logs."""
-    held = [p for p in (out_dir / "checkpoints" / checkpoint.LAST, out_dir / "summary.json") if p.is_file()]
-    if not held or cfg.overwrite:
-        return
-    if cfg.resume and checkpoint.resolve_resume_path(cfg.resume).resolve().parent.parent == out_dir.resolve():
-        return  # continuing the run that is there
-    raise UserError(f"{out_dir} already holds a run ({held[0].name}); continue it with resume={out_dir}, "
-                    "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")
 
 
 def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_per_epoch: int,
@@ -598,24 +583,3 @@ def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_pe
     if world.enabled:  # the interrupted epoch's sums over this rank's shard
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = own["sums"]
     return state
-
-
-def _sync_batchnorm(model: nn.Module, sync_bn: bool, device: torch.device, world: World) -> nn.Module:
-    """sync_bn=true: BatchNorm layers in train mode normalise with the statistics of the whole global
-    batch (every rank's shard), as one process would; those in eval mode (frozen groups, bn_eval) use
-    their running statistics and exchange nothing."""
-    if not sync_bn:
-        return model
-    if device.type != "cuda":
-        raise UserError("sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
-                        "on the CPU each process normalises its own shard")
-    if not world.enabled:
-        log.warning("sync_bn=true has no effect with one process")
-        return model
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def _check_world_batch(images: int, batch_size: int, world: World) -> None:
-    if images < batch_size * world.size:
-        raise UserError(f"{images} train images are fewer than one step of {world.size} processes x "
-                        f"batch_size {batch_size}; lower batch_size (it is per process)")

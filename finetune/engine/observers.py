@@ -1,24 +1,113 @@
-"""What may observe a run's loop (finetune.engine.loop): the Listener interface and how often a listener
-reads a tensor back. Events, in the order a run fires them: on_freeze_change (the trainable groups
-changed, already applied), on_epoch_start, on_step_end (the step is done and counted), on_evaluation
-(eval_every: an evaluation inside the epoch, recorded in state.evals), on_epoch_end (metrics recorded,
-the epoch counted), on_end (the summary written), on_close (always, also after an error)."""
+"""What watches a run's loop (finetune.engine.loop) without steering it: the progress bar and TensorBoard.
+
+The loop decides everything itself (evaluation, checkpoints, best.pt, early stopping, stop checks) and
+then tells each observer what happened, with plain values: an observer never sees the run, so it
+cannot call back into it, and the order observers are called in changes nothing the run computes.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.base.errors import UserError
+from finetune.config.schema import Logger
+from finetune.output.progress import EpochProgress
+
 CHECK_EVERY = 10  # steps between NaN checks and progress updates: each reads a tensor back (a device sync)
+LOGGERS = tuple(Logger)
 
 
-class Listener:
-    def on_freeze_change(self, run) -> None: ...
-    def on_epoch_start(self, run) -> None: ...
-    def on_step_end(self, run) -> None: ...
-    def on_evaluation(self, run) -> None: ...
-    def on_epoch_end(self, run) -> None: ...
-    def on_end(self, run) -> None: ...
-    def on_close(self, run) -> None: ...
-
-
-def check_due(run) -> bool:
+def check_due(batch: int, steps_in_epoch: int) -> bool:
     """Every CHECK_EVERY steps and at an epoch's last step (the same steps on every rank)."""
-    return run.state.batch % CHECK_EVERY == 0 or run.state.batch == run.plan.steps_in(run.state.epoch)
+    return batch % CHECK_EVERY == 0 or batch == steps_in_epoch
+
+
+@dataclass
+class StepView:
+    """One optimizer step as observers see it: `step` is the index of the step just done; `running`
+    (train loss, train accuracy, images/s of all ranks) is there at check_due steps only."""
+    step: int
+    epoch: int
+    batch: int  # optimizer steps done in this epoch
+    rows: list[dict]  # every group's LR and momentum as set for this step (the LR trace's rows)
+    running: tuple[float, float, float] | None = None
+
+
+class Observer:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None: ...
+    def step(self, view: StepView) -> None: ...
+    def evaluation(self, row: dict) -> None: ...  # eval_every: {step, epoch, val_*} inside an epoch
+    def epoch_end(self, metrics: dict, step: int) -> None: ...  # `step`: the steps done so far
+    def end(self, metrics: list[dict], summary: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class ProgressBar(Observer):
+    """The rich progress bar per epoch and the summary table at the end."""
+    def __init__(self, enabled: bool, group_names: list[str]):
+        self.bar = EpochProgress(enabled=enabled, group_names=group_names)
+
+    def epoch_start(self, epoch, epochs, steps, done):
+        self.bar.start_epoch(epoch, epochs, steps, done=done)
+
+    def step(self, view):
+        if view.running is not None:
+            self.bar.update(view.batch, *view.running, view.rows)
+
+    def epoch_end(self, metrics, step):
+        self.bar.end_epoch(metrics)
+
+    def end(self, metrics, summary):
+        self.bar.summary(metrics, summary)
+
+    def close(self):
+        self.bar.stop()
+
+
+class TensorBoard(Observer):
+    """logger=tensorboard: every group's LR at every step, the train loss and accuracy every CHECK_EVERY
+    steps, every evaluation and the epochs' metrics, under RUN_DIR/tensorboard (rank 0). A resumed run
+    purges what the interrupted one wrote after its checkpoint, so the curves do not fork."""
+
+    def __init__(self, out_dir: Path, step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError('logger=tensorboard needs the tensorboard package: pip install "finetune[tensorboard]"') from None
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step or None)
+
+    def step(self, view):
+        for row in view.rows:
+            self.writer.add_scalar(f"lr/{row['group']}", row["lr"], view.step)
+        if view.running is not None:
+            self.writer.add_scalar("train/loss", view.running[0], view.step)
+            self.writer.add_scalar("train/acc", view.running[1], view.step)
+
+    # x is the index of the step last done, as in lr_trace.csv: an evaluation after 6 steps sits at 5,
+    # so that a resume from that checkpoint (purging x >= 6) keeps it
+    def evaluation(self, row):
+        for key in ("val_loss", "val_acc"):
+            self.writer.add_scalar(f"val/{key[4:]}", row[key], row["step"] - 1)
+
+    def epoch_end(self, metrics, step):
+        for key, value in metrics.items():
+            if key != "epoch":
+                self.writer.add_scalar(f"epoch/{key}", value, step - 1)
+        self.writer.add_scalar("val/loss", metrics["val_loss"], step - 1)
+        self.writer.add_scalar("val/acc", metrics["val_acc"], step - 1)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def observers(logger: str, progress: bool, main: bool, group_names: list[str], out_dir: Path,
+              step: int) -> list[Observer]:
+    """The run's observers: the progress bar (rank 0's alone under torchrun) and the logger's."""
+    if logger not in LOGGERS:
+        raise UserError(f"logger: unknown logger '{logger}'; choose one of {', '.join(LOGGERS)}")
+    found: list[Observer] = [ProgressBar(progress and main, group_names)]
+    if logger == "tensorboard" and main:
+        found.append(TensorBoard(out_dir, step))
+    return found

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from finetune.base.errors import UserError
+from finetune.config.presets import schedule_presets
 from finetune.core import freeze
 from finetune.core.ema import WeightEMA, decay_for
 from finetune.core.groups import LayerGroup
@@ -75,9 +76,25 @@ def batch_mix(cfg, num_classes: int):
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
+class Compiled:
+    """torch.compile of a module, run with room for `graphs` graphs of its code: every freeze state
+    brings a train and an eval graph, and past dynamo's default recompile limit (8: gradual unfreezing
+    of 6 groups) it would silently run eagerly. The limit is raised only while this module runs, and no
+    cache is reset, so compiled graphs of other modules in the process are left alone."""
+
+    def __init__(self, module: nn.Module, backend: str, graphs: int):
+        self.module, self.graphs = module, graphs
+        self.compiled = torch.compile(module, backend=backend)
+
+    def __call__(self, *args, **kwargs):
+        config = torch._dynamo.config
+        with config.patch(recompile_limit=max(config.recompile_limit, self.graphs),
+                          accumulated_recompile_limit=max(config.accumulated_recompile_limit, 4 * self.graphs)):
+            return self.compiled(*args, **kwargs)
+
+
 class Trainer:
     """Model + groups + plan + ONE optimizer; knows how to train one step and evaluate."""
-
     def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
                  bn_eval: bool = False, compile: bool = False, channels_last: bool = False,
@@ -108,7 +125,8 @@ class Trainer:
                     device: torch.device, amp_dtype: torch.dtype | None = None,
                     channels_last: bool = False, num_classes: int | None = None) -> "Trainer":
         """The plan, the ONE optimizer (every group, frozen ones too) and the Trainer, as configured."""
-        plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch, layer_depths(model, groups))
+        plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch, layer_depths(model, groups),
+                          presets=schedule_presets())
         lrs = [plan.lr(i, 0) for i in range(len(groups))]
         wds = [gp.weight_decay for gp in plan.groups]
         optimizer = build_optimizer(cfg.optimizer, param_groups(model, groups, lrs, wds,
@@ -135,11 +153,8 @@ class Trainer:
         self.ddp = wrapped if wrapped is not self.model else None
         if self.compile:
             # AOTAutograd bakes which parameters need gradients into the compiled backward, so a new
-            # pattern needs a new graph. Guards alone would add it next to the old ones, but every
-            # mask brings a train and an eval graph and past dynamo's recompile limit (8: gradual
-            # unfreezing of 6 groups) it silently runs eagerly; so start from an empty cache
-            torch._dynamo.reset()
-            self.forward = torch.compile(wrapped, backend=self.compile_backend)
+            # pattern needs a new graph: dynamo's guards on requires_grad add it beside the old ones
+            self.forward = Compiled(wrapped, self.compile_backend, graphs=4 * (len(self.groups) + 1))
         else:
             self.forward = wrapped
         return True

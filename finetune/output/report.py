@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
+from matplotlib.figure import Figure
+
 from finetune.base.errors import writing
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
@@ -14,6 +17,13 @@ METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "sec
 EMA_METRIC_FIELDS = ("live_val_loss", "live_val_acc")
 # evals.csv (eval_every): every evaluation, mid-epoch ones and the epoch ends'
 EVAL_FIELDS = ("step", "epoch", "val_loss", "val_acc")
+
+
+def subplots(*args, **kwargs):
+    """(figure, axes) as pyplot.subplots gives them, on a figure no backend knows of: it draws to a file
+    with savefig and leaves pyplot's backend (a notebook's, say) and its figure list alone."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
@@ -30,12 +40,8 @@ def write_json(path: Path, obj) -> None:
 
 def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str], steps_per_epoch: int) -> None:
     """Every group's LR against the step (log scale), frozen stretches dotted, freeze changes marked."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = subplots(figsize=(9, 4.5))
     changes = set()
     for name in group_names:
         rows = [r for r in trace if r["group"] == name]
@@ -61,7 +67,6 @@ def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str],
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def dump_json(obj) -> str:
@@ -70,17 +75,13 @@ def dump_json(obj) -> str:
 
 def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> None:
     """The confusion matrix, rows normalised to the true class (counts written in the cells)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     counts = np.asarray(matrix, dtype=float)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     k = len(classes)
     side = min(14, 2.5 + 0.55 * k)
-    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    fig, ax = subplots(figsize=(side, side * 0.9))
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), classes, fontsize=8)
@@ -97,19 +98,14 @@ def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequenc
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_images(path: Path, files: Sequence[str], captions: Sequence[str], columns: int = 4) -> None:
     """A contact sheet of image files with a caption under each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
     rows = -(-len(files) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, file, caption in zip(axes.flat, files, captions):
@@ -119,17 +115,12 @@ def plot_images(path: Path, files: Sequence[str], captions: Sequence[str], colum
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def plot_lr_find(path: Path, result: dict) -> None:
     """The LR finder's smoothed loss (raw loss faint) against the swept LR, suggestions marked."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     ax.plot(result["lrs"], result["losses"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
     ax.plot(result["lrs"], result["smoothed"], color="tab:blue", label="smoothed loss")
     for key, colour in (("valley", "tab:red"), ("steepest", "tab:orange")):
@@ -148,7 +139,6 @@ def plot_lr_find(path: Path, result: dict) -> None:
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _freeze_changes(rows: Sequence[dict]) -> list[int]:
@@ -164,14 +154,10 @@ def _freeze_changes(rows: Sequence[dict]) -> list[int]:
 def plot_diagnostics(path: Path, rows: Sequence[dict], group_names: Sequence[str]) -> None:
     """Per group against the step: gradient norm, weight norm and update/weight ratio (log scales;
     dotted while frozen), freeze changes marked, the usual band of update ratios shaded."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    fig, axes = subplots(3, 1, figsize=(9, 9), sharex=True)
     keys = (("grad_norm", "gradient norm"), ("weight_norm", "weight norm"), ("update_ratio", "||dW|| / ||W||"))
-    colours = plt.get_cmap("viridis")
+    colours = matplotlib.colormaps["viridis"]
     for gi, name in enumerate(group_names):
         mine = [r for r in rows if r["group"] == name]
         colour = colours(gi / max(1, len(group_names) - 1))
@@ -196,23 +182,18 @@ def plot_diagnostics(path: Path, rows: Sequence[dict], group_names: Sequence[str
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_activations(path: Path, rows: Sequence[dict], group_names: Sequence[str], bins: int,
                      log10_range: tuple[float, float]) -> None:
     """The "colourful dimension" plot per group: diagnostic steps on x, log10 |activation| on y, the
     share of activations in each bin as colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     present = [n for n in group_names if any(r["group"] == n for r in rows)]
     if not present:
         return
-    fig, axes = plt.subplots(len(present), 1, figsize=(9, 1.6 * len(present) + 0.8), sharex=True, squeeze=False)
+    fig, axes = subplots(len(present), 1, figsize=(9, 1.6 * len(present) + 0.8), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], present):
         mine = [r for r in rows if r["group"] == name]
         hist = np.array([[r[f"b{i}"] for i in range(bins)] for r in mine], dtype=float)
@@ -228,4 +209,3 @@ def plot_activations(path: Path, rows: Sequence[dict], group_names: Sequence[str
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=100)
-    plt.close(fig)

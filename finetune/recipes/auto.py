@@ -37,18 +37,22 @@ choice, so a resume trains it without probing again; a model with no head module
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from finetune.base.errors import UserError
+from finetune.config.presets import conf_dir
+from finetune.core.plan import total_steps
+from finetune.engine import checkpoint, distributed
+from finetune.engine.cache import fit_head
+from finetune.engine.setup import setup
+from finetune.engine.step import resolve_device
+from finetune.output.progress import bar
 
 log = logging.getLogger("finetune")
 
@@ -60,7 +64,6 @@ MAX_IMAGES = 4000  # enough to rank linear probes; beyond it the probe only cost
 class Evidence:
     """What the probe measured: (group, CV accuracy of a linear probe on its pooled output), bottom to
     top; the last entry is the head's input."""
-
     stages: list[tuple[str, float]]
     images: int  # probed train images
     classes: int
@@ -159,8 +162,6 @@ def _pooled(out) -> torch.Tensor | None:
 def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, progress: bool = True,
                    channels_last: bool = False):
     """({group: pooled features} bottom to top, ending with "head input"; labels), model in eval mode."""
-    from finetune.output.progress import bar
-
     modules = group_outputs(model, groups)
     head_group = groups[-1].name
     last: dict[str, torch.Tensor] = {}
@@ -199,8 +200,6 @@ def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, pr
 def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-3, seed: int = 0) -> float:
     """k-fold accuracy of a multinomial logistic regression on standardised features (the feature cache's
     L-BFGS fit to convergence); every image is scored once, by the fold that did not train on it."""
-    from finetune.engine.cache import fit_head
-
     n, classes = len(y), int(y.max()) + 1
     folds = max(2, min(folds, n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -251,8 +250,6 @@ def adapted_head_inputs(model: nn.Module, groups, head: nn.Module, loader, devic
     """The head's input, in `loader`'s order, after every BatchNorm's statistics are re-estimated on
     `loader`'s images (AdaBN: a cumulative average over its batches, which should be shuffled); the
     model's own statistics and mode are restored."""
-    from finetune.output.progress import bar
-
     norms = batchnorms(model)
     saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
     was = model.training
@@ -278,25 +275,13 @@ def adapted_head_inputs(model: nn.Module, groups, head: nn.Module, loader, devic
 
 def measure(cfg) -> Evidence:
     """Build the model and the train set (centre crops) as the run will, forward, fit the probes."""
-    from omegaconf import OmegaConf
-
-    from finetune.core.plan import build_plan
-    from finetune.data import loaders as data_mod
-    from finetune.engine import cache as cache_mod
-    from finetune.engine.loop import build_run
-    from finetune.engine.step import resolve_device, seed_everything
-
     t0 = time.perf_counter()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    bundle, groups, _ = build_run(cfg)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    model = bundle.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    _, head = cache_mod.head_module(model, groups)
+    parts = setup(cfg, training=False)
+    device, channels_last, groups, head, data = parts.device, parts.channels_last, parts.groups, parts.head, parts.data
+    model = parts.model.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if head is None:
+        data.close()
         raise CannotProbe(f"no single module holds the head group '{groups[-1].name}', whose input the probe reads")
-    data_cfg = OmegaConf.merge(cfg.data, {"augment": False})
-    data = data_mod.build_data(data_cfg, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed)
     n = len(data.train)
     per_step = cfg.batch_size * cfg.accumulate
     trained = min(cfg.epochs * n, cfg.max_steps * per_step) if cfg.max_steps else cfg.epochs * n
@@ -308,8 +293,8 @@ def measure(cfg) -> Evidence:
         return torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size * 2, sampler=indices,
                                            num_workers=data.num_workers)
 
-    # the run's optimizer steps, counted as the run's plan counts them
-    steps = build_plan(cfg, [g.name for g in groups], data.steps_per_epoch // cfg.accumulate).total_steps
+    # the run's optimizer steps, counted as the run's plan counts them (no plan: lr may still be auto)
+    steps = total_steps(cfg.epochs, cfg.max_steps, parts.steps_per_epoch)
     try:
         if keep < MIN_PROBED_PER_CLASS * data.num_classes:  # cross-validated probes on fewer say nothing
             raise CannotProbe(f"the run's budget ({cfg.auto.budget:.0%} of its compute) affords a probe of "
@@ -335,16 +320,22 @@ def measure(cfg) -> Evidence:
     return ev
 
 
-def choose(cfg, out_dir: str | Path | None = None, saved: dict | None = None) -> dict:
-    """Probe, decide, say it (log and auto.json in `out_dir`): {"recipe", "reason", "probe": {...}}.
-    `saved`: the checkpoint cfg.resume points at, loaded (read here when not given)."""
-    from finetune.engine import distributed
+def check_recipes(cfg) -> None:
+    """auto.near and auto.far name fixed recipes (conf/experiment/)."""
+    known = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml") if p.stem not in ("auto", "none"))
+    for key in ("near", "far"):
+        if cfg.auto[key] not in known:
+            raise UserError(f"auto.{key}: '{cfg.auto[key]}' is not a fixed recipe; choose one of {', '.join(known)}")
 
+
+def choose(cfg, saved: dict | None = None) -> dict:
+    """Probe, decide, say it in the log: {"recipe", "reason", "probe": {...}} (train() writes it to
+    auto.json). `saved`: the checkpoint cfg.resume points at, loaded (read here when not given)."""
+    check_recipes(cfg)
     if not 0 < cfg.auto.budget <= 1:
         raise UserError(f"auto.budget must be in (0, 1], got {cfg.auto.budget}")
     world = distributed.from_env()
     if world.enabled:  # rank 0 probes and every rank trains its choice: a tie broken differently would split them
-        from finetune.engine.step import resolve_device
 
         distributed.init(world, resolve_device(distributed.device_name(cfg.device, world)))
         choice = choose_here(cfg, saved) if world.main else None
@@ -356,9 +347,6 @@ def choose(cfg, out_dir: str | Path | None = None, saved: dict | None = None) ->
              choice["recipe"], choice["reason"],
              f" (probe: {probe['images']} images, {probe['seconds']:.0f} s, "
              f"{100 * probe['budget_share']:.1f}% of the run's compute)" if probe else "")
-    if out_dir is not None and world.main:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "auto.json").write_text(json.dumps(choice, indent=2) + "\n")
     return choice
 
 
@@ -369,7 +357,6 @@ class CannotProbe(Exception):
 
 def choose_here(cfg, saved: dict | None = None) -> dict:
     if saved is None:
-        from finetune.engine import checkpoint
 
         saved = checkpoint.resumed(cfg.resume)
     kept = resumed_choice(saved) if saved is not None else None
@@ -388,18 +375,3 @@ def resumed_choice(saved: dict) -> dict | None:
     a run that was not experiment=auto."""
     chosen = (saved.get("recipe") or {}).get("auto")
     return {**chosen, "resumed": True} if chosen else None
-
-
-def resolve(cfg, out_dir, compose: Callable[[str], tuple], saved: dict | None = None):
-    """(the run's config under the chosen recipe, what that recipe set with the choice under "auto"):
-    `compose(recipe)` gives (the command line's config with experiment=<recipe>, the user's overrides
-    kept; what that recipe set, or None). `saved`: the checkpoint cfg.resume names, if read already."""
-    from finetune.config.presets import conf_dir
-
-    known = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml") if p.stem not in ("auto", "none"))
-    for key in ("near", "far"):
-        if cfg.auto[key] not in known:
-            raise UserError(f"auto.{key}: '{cfg.auto[key]}' is not a fixed recipe; choose one of {', '.join(known)}")
-    choice = choose(cfg, out_dir, saved)
-    chosen, recipe = compose(choice["recipe"])
-    return chosen, {**(recipe or {"name": choice["recipe"], "set": {}}), "auto": choice}

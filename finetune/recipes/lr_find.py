@@ -19,11 +19,18 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import tempfile
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from finetune.base.errors import UserError
 from finetune.core import freeze
 from finetune.engine import checkpoint
+from finetune.engine.loop import Run
+from finetune.engine.step import chunks
+from finetune.output import report
+from finetune.output.progress import bar
 
 log = logging.getLogger("finetune")
 
@@ -109,9 +116,6 @@ def _restore(trainer, snap: dict) -> None:
 def find(run, settings) -> dict:
     """The range test on a built Run (finetune/engine/loop.py), which is left exactly as it was; returns the
     sweep (lrs, losses, smoothed), the suggestions and the override to pass."""
-    from finetune.engine.step import chunks
-    from finetune.output.progress import bar
-
     trainer, plan = run.trainer, run.plan
     names = [g.name for g in plan.groups]
     group = None
@@ -183,8 +187,6 @@ def _batches(run, chunks):
 def write(result: dict, out_dir: Path) -> None:
     """lr_find.csv (a row per step: the swept LR, every group's LR, the loss raw and smoothed) and
     lr_find.png (the smoothed loss against the LR, the suggestions marked)."""
-    from finetune.output import report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     names = result["groups"]
     rows = [{"step": i, "lr": lr, **{f"lr_{n}": v for n, v in zip(names, glrs)}, "loss": loss, "smoothed_loss": sm}
@@ -196,8 +198,6 @@ def write(result: dict, out_dir: Path) -> None:
 
 def provisional(cfg):
     """`cfg` with a number for lr when it says auto (the ratios between groups do not depend on it)."""
-    from omegaconf import OmegaConf
-
     if str(cfg.lr) != "auto":
         return cfg
     cfg = copy.deepcopy(cfg)
@@ -205,11 +205,9 @@ def provisional(cfg):
     return cfg
 
 
-def run_finder(cfg, out_dir: Path, multi_process: str) -> dict:
+def run_finder(cfg, out_dir: Path, multi_process: str, write_files: bool = True) -> dict:
     """The range test on a run of its own, built from `cfg` (lr=auto replaced); lr_find.png and .csv
     written to `out_dir`. `multi_process`: the error under torchrun (the finder uses one process)."""
-    from finetune.engine.loop import Run
-
     finder = Run(provisional(cfg), out_dir)
     if finder.world.enabled:
         raise UserError(multi_process)
@@ -217,16 +215,37 @@ def run_finder(cfg, out_dir: Path, multi_process: str) -> dict:
         result = find(finder, cfg.lr_find)
     finally:
         finder.data.close()
-    write(result, out_dir)
+    if write_files:
+        write(result, out_dir)
     return result
 
 
-def choose(cfg, out_dir: Path) -> dict:
+def choose(cfg, out_dir: Path | None) -> dict:
     """lr=auto: run the finder on a run of its own (built from the same config and seed, so the run
-    that then trains starts exactly as `lr=<suggestion>` would) and return what it found."""
-    result = run_finder(cfg, out_dir, "lr=auto runs the LR finder, which uses one process: run `finetune lr-find` "
-                                      "first and pass its lr= to torchrun")
-    log.info("lr=auto: the LR finder suggests lr=%.3g (valley; steepest descent at %.3g); lr_find.png in %s",
-             result["suggestion"], result["steepest"], out_dir)
+    that then trains starts exactly as `lr=<suggestion>` would) and return what it found; lr_find.png
+    and .csv in `out_dir` (None: no files, as for inspect)."""
+    multi = "lr=auto runs the LR finder, which uses one process: run `finetune lr-find` first and pass its lr= to torchrun"
+    if out_dir is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            result = run_finder(cfg, Path(scratch), multi, write_files=False)
+    else:
+        result = run_finder(cfg, out_dir, multi)
+    log.info("lr=auto: the LR finder suggests lr=%.3g (valley; steepest descent at %.3g)%s",
+             result["suggestion"], result["steepest"], f"; lr_find.png in {out_dir}" if out_dir else "")
     return {"lr": float(f"{result['suggestion']:.3g}"), "valley": result["valley"], "steepest": result["steepest"],
-            "steps": len(result["lrs"]), "plot": str(out_dir / "lr_find.png")}
+            "steps": len(result["lrs"]), "plot": str(out_dir / "lr_find.png") if out_dir else None}
+
+
+def resolve_lr(cfg, out_dir: Path | None, saved: dict | None):
+    """(cfg with a number for lr, what lr=auto chose or None): the one place lr=auto becomes a number,
+    before any plan is built. The finder runs under `cfg`'s recipe (its LR ratios); a resumed run keeps
+    the LR its checkpoint (`saved`) was trained with."""
+    if str(cfg.lr) != "auto":
+        return cfg, None
+    if saved is not None:
+        chosen = {"lr": saved["config"]["lr"], "resumed": True}
+    else:
+        chosen = choose(cfg, out_dir)
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.update(cfg, "lr", chosen["lr"])
+    return cfg, chosen
