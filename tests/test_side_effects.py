@@ -77,3 +77,14 @@ def test_the_command_line_puts_the_loggers_level_back(monkeypatch, tmp_path, cap
     code, err = run_cli(capsys, "train", *TINY, "experiment=lp_ft", "epochs=1", *QUIET, f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     assert quiet == [logging.ERROR] and log.level == logging.INFO
+
+
+def test_eval_on_the_command_line_leaves_the_root_logger_alone(tmp_path, capsys):
+    from tiny_runs import QUIET, TINY, run_cli
+
+    code, err = run_cli(capsys, "train", *TINY, "experiment=lp_ft", "epochs=1", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    handlers = list(logging.getLogger().handlers)
+    code, err = run_cli(capsys, "eval", f"ckpt={tmp_path}", "num_workers=0")
+    assert code == 0, err
+    assert logging.getLogger().handlers == handlers and not logging.getLogger("finetune").handlers

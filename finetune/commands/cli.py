@@ -333,12 +333,19 @@ def model_command(command: str, args: list[str]) -> None:
     if args and args[0] in ("-h", "--help"):
         print(module.__doc__)
         sys.exit(0)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # finetune's log on stderr while the command runs (not the root logger's: a caller's logging stays as it was)
+    handler, level = logging.StreamHandler(sys.stderr), log.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         module.run(args)
     except UserError as err:
         print(f"finetune: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     sys.exit(0)
 
 
