@@ -124,7 +124,7 @@ def test_bad_layer_group_regex(tmp_path, capsys, groups, message):
 
 @pytest.mark.parametrize("lr, shown", [("0", "0.0"), ("-0.01", "-0.01")])
 def test_zero_or_negative_lr(tmp_path, capsys, lr, shown):
-    assert_one_line_error(run_cli(tmp_path, capsys, f"lr={lr}"), f"lr must be > 0, got {shown}")
+    assert_one_line_error(run_cli(tmp_path, capsys, f"lr={lr}"), f"lr must be a finite number > 0, got {shown}")
 
 
 def test_warmup_longer_than_training(tmp_path, capsys):
@@ -264,7 +264,13 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
                        "regnet_y_400mf, resnet18, resnet50, swin_t, timm, torchvision, vit_b_16 (closest: resnet18, "
                        "resnet50, densenet121)"),
     ("epochs=many", "epochs=many: Value 'many' of type 'str' could not be converted to Integer"),
-    ("lr=1e-3,abc", "lr=abc: expected a number or auto (the LR finder's suggestion)"),
+    ("lr=abc", "lr=abc: expected a finite number or auto (the LR finder's suggestion)"),
+    ("lr=nan", "lr=nan: expected a finite number or auto (the LR finder's suggestion)"),
+    ("lr=inf", "lr=inf: expected a finite number or auto (the LR finder's suggestion)"),
+    ("lr=1e-3,1e-2", "lr=1e-3,1e-2 lists several values: sweep them with -m (finetune train -m lr=1e-3,1e-2), or "
+                     "quote a list as one value (lr='[...]')"),
+    ("data.root=~/x", "data.root=~/x: Hydra reads ~ as syntax; quote the path (data.root='~/x') or write it out "
+                      "(/home/you/...)"),
     ("device=gpu", "device=gpu: not a device; use auto, cpu, cuda or cuda:N"),
     ("checkpoint_every=-1", "checkpoint_every must be >= 0 (0: at epoch ends only), got -1"),
 ], ids=lambda v: v if "=" in v and len(v) < 24 else None)
@@ -389,3 +395,31 @@ def test_skip_bad_counts_truncated_images_in_the_summary(tmp_path, capsys, folde
     code, lines = run_cli(tmp_path, capsys, *imagefolder(folder), "data.skip_bad=true")
     assert code == 0, lines
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 1
+
+
+def test_a_symlink_loop_in_a_class_folder_counts_each_image_once(folder, tmp_path, caplog):
+    from finetune.data.datasets import scan_split
+
+    os.symlink(folder / "train" / "ants", folder / "train" / "ants" / "loop")  # train/ants/loop -> train/ants
+    files = scan_split(str(folder / "train"), ["ants", "bees"])
+    assert [len(files["ants"]), len(files["bees"])] == [2, 2]
+
+
+def test_a_class_folder_that_links_to_another_is_named_in_a_warning(folder, caplog):
+    from finetune.data.datasets import scan_split
+
+    for split in ("train", "val"):
+        os.symlink(folder / split / "bees", folder / split / "wasps")
+    with caplog.at_level(logging.WARNING):
+        scan_split(str(folder / "train"), ["ants", "bees", "wasps"])
+    assert "class folders 'bees' and 'wasps'" in caplog.text and "labelled as both" in caplog.text
+
+
+def test_one_class_is_refused(folder, tmp_path, capsys):
+    import shutil
+
+    for split in ("train", "val"):
+        shutil.rmtree(folder / split / "bees")
+    assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(folder)),
+                          "the data has 1 class (ants); a classifier needs at least 2: add a folder per class "
+                          "(ImageFolder: train/<class>/, val/<class>/)")

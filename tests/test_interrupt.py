@@ -3,6 +3,7 @@ checkpoint and the command that resumes; SIGKILL in the middle of a checkpoint w
 last good checkpoint; a NaN loss stops with the step and every group's LR, keeping the last good one."""
 
 import multiprocessing
+import json
 import os
 import pickle
 import random
@@ -72,18 +73,19 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes(tmp_p
     # every step done is in the trace file, streamed and flushed with the checkpoint (which holds no trace)
     assert "trace" not in saved and len(read_csv(run / "lr_trace.csv")) == steps * 6
 
-    # the printed command continues the run (in a new run directory)
+    # the printed command continues the run in its own directory
     assert resume.startswith("finetune: resume with: finetune train ") and f"resume={run}" in resume
     if sig is signal.SIGTERM:
         return  # one resume suffices; it is the same checkpoint path
     command = shlex.split(resume.removeprefix("finetune: resume with: "))
-    assert command[2:-1] == LONG and command[-1] == f"resume={run}"
-    done = subprocess.run([sys.executable, "-m", "finetune", *command[1:], "hydra.run.dir=again"], cwd=tmp_path,
+    assert command[2:-2] == LONG and command[-2:] == [f"resume={run}", f"hydra.run.dir={run}"]
+    done = subprocess.run([sys.executable, "-m", "finetune", *command[1:]], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD_ENV})
     assert done.returncode == 0, done.stderr
-    final = torch.load(tmp_path / "again" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    final = torch.load(run / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert (final["step"], final["epoch"], len(final["metrics"])) == (STEPS, 8, 8)
-    assert [int(row["step"]) for row in read_csv(tmp_path / "again" / "lr_trace.csv")[::6]] == list(range(STEPS))
+    assert [int(row["step"]) for row in read_csv(run / "lr_trace.csv")[::6]] == list(range(STEPS))
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"  # not left "interrupted"
 
 
 # --------------------------------------------------------------------------------- atomic checkpoints

@@ -45,14 +45,14 @@ def test_a_failing_job_is_recorded_and_the_next_jobs_run(failing_sweep):
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == f"finetune: 1 of 3 jobs failed; summary in {sweep_dir.name}/summary.md"
-    assert "finetune: job 1 failed: lr must be > 0, got -1.0" in lines
+    assert "finetune: job 1 failed: lr must be a finite number > 0, got -1.0" in lines
     assert "Traceback" not in proc.stderr
     jobs = jobs_by_number(sweep_dir)
     assert sorted(jobs) == [0, 1, 2]
     for num in (0, 2):  # the job after the failing one ran to the end
         assert json.loads((jobs[num] / "summary.json").read_text())["status"] == "completed"
     failed = json.loads((jobs[1] / "summary.json").read_text())
-    assert failed == {"status": "failed", "reason": "lr must be > 0, got -1.0"}
+    assert failed == {"status": "failed", "reason": "lr must be a finite number > 0, got -1.0"}
     assert "UserError: lr must be > 0" in (jobs[1] / "error.log").read_text()  # the traceback, for a report
 
 
@@ -75,7 +75,7 @@ def test_summary_csv_agrees_with_every_job(failing_sweep):
         assert row["reason"] == summary.get("reason", "")
         assert row["recipe"] == ("none" if summary["status"] == "completed" else "")  # experiment=none
     md = (sweep_dir / "summary.md").read_text()
-    assert "| 1 | lr=-1 | failed |  |" in md and "lr must be > 0, got -1.0" in md
+    assert "| 1 | lr=-1 | failed |  |" in md and "lr must be a finite number > 0, got -1.0" in md
     assert (sweep_dir / "summary.png").stat().st_size > 10_000
 
 
@@ -194,14 +194,16 @@ def test_the_resume_command_of_a_sweep_job_works_pasted_into_a_shell(tmp_path):
     assert proc.wait(timeout=120) == 143
     line = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
     command = line.removeprefix("finetune: resume with: ")
-    assert command != line and shlex.split(command)[-1] == f"resume={cli.hydra_quote(str(job_dir))}"
+    assert command != line and shlex.split(command)[-2:] == [f"resume={cli.hydra_quote(str(job_dir))}",
+                                                             f"hydra.run.dir={cli.hydra_quote(str(job_dir))}"]
     bin_dir = Path(sys.executable).parent  # where `finetune` is installed beside this python
-    done = subprocess.run(["bash", "-c", command + " hydra.run.dir=again"], cwd=tmp_path, capture_output=True,
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, **ONE_THREAD_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert done.returncode == 0, done.stderr
-    assert "resumed from" in (tmp_path / "again" / "finetune.log").read_text()
-    assert json.loads((tmp_path / "again" / "summary.json").read_text())["epochs"] == 8
+    assert "resumed from" in (job_dir / "finetune.log").read_text()
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["epochs"] == 8 and summary["status"] == "completed"
 
 
 def test_the_slurm_preset_composes_for_submitit():

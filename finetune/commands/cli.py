@@ -86,12 +86,14 @@ def hydra_quote(value: str) -> str:
 
 
 def _resume_command(out_dir: str) -> str:
-    """The command line that continues this run, ready to paste into a shell: its overrides, with resume=
-    pointing at its directory (under torchrun: with the same torchrun options, which finetune cannot see)."""
+    """The command line that continues this run in its own directory, ready to paste into a shell: its
+    overrides, resume= and hydra.run.dir= pointing at that directory (under torchrun: with the same
+    torchrun options, which finetune cannot see)."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "+resume="))]
-    command = shlex.join(["finetune", "train", *overrides, f"resume={hydra_quote(out_dir)}"])
+    here = hydra_quote(out_dir)
+    command = shlex.join(["finetune", "train", *overrides, f"resume={here}", f"hydra.run.dir={here}"])
     if _world().enabled:
         return command.replace("finetune train", "torchrun <the same options> -m finetune train", 1)
     return command

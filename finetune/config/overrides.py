@@ -6,6 +6,7 @@ the key and the closest valid names. Hydra's own messages for these run to 6-21 
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Sequence
 
 from omegaconf import DictConfig, EnumNode, OmegaConf
@@ -80,13 +81,24 @@ def check(args: Sequence[str]) -> None:
     from hydra.errors import OverrideParseException
 
     candidates = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
-    except OverrideParseException as err:
-        raise UserError(" ".join(str(err).split())) from None
+    parser = OverridesParser.create()
+    for candidate in candidates:  # one at a time: the error names the override that fails
+        try:
+            parser.parse_overrides([candidate])
+        except OverrideParseException as err:
+            if "~" in candidate.partition("=")[2]:
+                key, _, value = candidate.partition("=")
+                raise UserError(f"{candidate}: Hydra reads ~ as syntax; quote the path ({key}='{value}') or "
+                                "write it out (/home/you/...)") from None
+            raise UserError(f"{candidate}: {' '.join(str(err).split())}") from None
+    overrides = parser.parse_overrides(candidates)
+    multirun = any(a in ("-m", "--multirun") for a in args)
     schema = OmegaConf.structured(TrainConfig)
     for override in overrides:
         key = override.key_or_group
+        if override.is_sweep_override() and not multirun and key.split("/")[0] != "hydra":
+            raise UserError(f"{override.input_line} lists several values: sweep them with -m (finetune train -m "
+                            f"{override.input_line}), or quote a list as one value ({key}='[...]')")
         if override.is_delete() or key.split("/")[0].split(".")[0] in HYDRA_GROUPS:
             continue
         options = group_options(key)
@@ -105,14 +117,13 @@ def check(args: Sequence[str]) -> None:
 
 def _number_or_auto(value) -> bool:
     try:
-        float(value)
-        return not isinstance(value, bool)
+        return math.isfinite(float(value)) and not isinstance(value, bool)
     except (TypeError, ValueError):
         return value == "auto"
 
 
 # keys the schema types loosely (Any) because they take a word as well as a number
-LOOSE = {"lr": (_number_or_auto, "expected a number or auto (the LR finder's suggestion)")}
+LOOSE = {"lr": (_number_or_auto, "expected a finite number or auto (the LR finder's suggestion)")}
 
 
 def _check_type(key: str, value, schema: DictConfig) -> None:

@@ -6,6 +6,7 @@ and returns a `Plan` whose methods are pure functions of the step or epoch. The 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
@@ -113,8 +114,8 @@ def _check_lr(value, key: str) -> float:
         also = " or auto (the LR finder's suggestion)" if key == "lr" else ""
         raise UserError(f"{key}: expected a number{also}, got {value!r}")
     value = float(value)
-    if value <= 0:
-        raise UserError(f"{key} must be > 0, got {value}")
+    if not value > 0 or not math.isfinite(value):  # nan compares False with everything
+        raise UserError(f"{key} must be a finite number > 0, got {value}")
     return value
 
 

@@ -291,13 +291,29 @@ class CheckedImageFolder(Dataset):
 
 
 def scan_split(split_dir: str, classes: list[str]) -> dict[str, list[str]]:
-    """Image files per class, sorted, recursing into subfolders."""
-    files = {}
+    """Image files per class, sorted, recursing into subfolders and symlinks: each real folder once (a link
+    back up the tree is a loop os.walk would follow forever), each real file once. Class folders that are
+    the same folder (one links to the other) are named in a warning: their images carry two labels."""
+    files, real_class = {}, {}
     for name in classes:
-        found = []
+        top = os.path.realpath(os.path.join(split_dir, name))
+        if top in real_class:
+            log.warning("class folders '%s' and '%s' in %s are the same folder (%s): its images are labelled as both",
+                        real_class[top], name, split_dir, top)
+        real_class.setdefault(top, name)
+        seen_dirs, seen_files, found = set(), set(), []
         for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, name), followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+            for f in filenames:
+                path = os.path.join(dirpath, f)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.realpath(path) not in seen_files:
+                    seen_files.add(os.path.realpath(path))
+                    found.append(path)
         files[name] = sorted(found)
     return files
 

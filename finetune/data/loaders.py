@@ -160,6 +160,9 @@ def build_data(
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
     size = image_size(cfg, preprocess)
     train_base, val_base, classes, skipped = datasets.splits(cfg, size)
+    if len(classes) < 2:  # one class: every prediction is right, val acc 1.000 says nothing
+        raise UserError(f"the data has {len(classes)} class ({', '.join(map(str, classes))}); a classifier needs at "
+                        "least 2: add a folder per class (ImageFolder: train/<class>/, val/<class>/)")
     return DataBundle(
         train=TransformedDataset(train_base, train_transform(size, preprocess, bool(cfg.augment), cfg.auto_augment,
                                                              float(cfg.re_prob)), seed),
