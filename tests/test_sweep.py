@@ -220,3 +220,30 @@ def test_the_slurm_preset_composes_for_submitit():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min,
             launcher.array_parallelism) == ("gpu", 1, 1, 240, 16)
+
+
+def test_a_second_sweep_into_a_sweep_dir_in_use_is_refused(tmp_path, capsys):
+    from tiny_runs import QUIET, run_cli
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / ".finetune-sweep.lock").write_text(str(os.getppid()))  # a live process holds it
+    code, err = run_cli(capsys, "train", "-m", *RUN, "epochs=1", "lr=1e-3,1e-2", *QUIET, f"hydra.sweep.dir={sweep_dir}")
+    assert code == 2 and err[-1] == (f"finetune: error: {sweep_dir} is in use by another sweep (process "
+                                     f"{os.getppid()}); wait for it, or choose another directory (hydra.sweep.dir=...)")
+    assert [p.name for p in sweep_dir.iterdir()] == [".finetune-sweep.lock"]  # nothing written
+
+
+def test_rerunning_a_finished_sweep_into_its_dir_refuses_each_job_and_rewrites_nothing(tmp_path, capsys):
+    from tiny_runs import QUIET, run_cli
+
+    args = ["train", "-m", *RUN, "epochs=1", "lr=1e-3,1e-2", *QUIET, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    # every file of the jobs' run directories (the sweep's own summary and Hydra's multirun.yaml are the sweep's)
+    files = {p: p.read_bytes() for p in (tmp_path / "sweep").glob("*/**/*") if p.is_file()}
+    assert sum(p.name == "summary.json" for p in files) == 2
+    code, err = run_cli(capsys, *args)
+    assert sum("refused:" in line and "already holds a run" in line for line in err) == 2, err
+    assert {p: p.read_bytes() for p in files} == files  # every job's summary.json still says completed
+    assert not (tmp_path / "sweep" / ".finetune-sweep.lock").exists()

@@ -148,6 +148,12 @@ def train_task(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
         print("finetune: interrupted; stopped at once (a checkpoint written before is kept)", file=sys.stderr)
         sys.exit(130)
+    except checkpoint.RunDirInUse as err:
+        if not in_sweep:
+            _report_user_error(cfg, err)
+        # the directory is another run's: say so, and write nothing there
+        print(f"finetune: job {hydra_cfg.job.num} refused: {' '.join(str(err).split())}", file=sys.stderr)
+        return float("nan")
     except Exception as err:
         if not in_sweep:
             if not isinstance(err, UserError):

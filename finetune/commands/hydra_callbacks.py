@@ -4,6 +4,7 @@ overrides when it starts; after a multirun the sweep's summary is written and pr
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 
 from finetune.base.errors import UserError
 from finetune.commands import sweep
+from finetune.engine import checkpoint
 from finetune.output import report
 
 
@@ -23,10 +25,22 @@ class SweepSummary(Callback):
     def __init__(self, report: str | None = None):
         self.report = report
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """One sweep at a time in a sweep directory: a second one there would write the same job directories."""
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        holder = sweep.lock(sweep_dir)
+        if holder is not None:
+            print(f"finetune: error: {sweep_dir} is in use by another sweep (process {holder}); wait for it, or "
+                  "choose another directory (hydra.sweep.dir=...)", file=sys.stderr)
+            sys.exit(2)
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _is_multirun(config):
-            sweep.write_job_file(Path(config.hydra.runtime.output_dir), config.hydra.job.num,
-                                 list(config.hydra.overrides.task))
+        job_dir = Path(config.hydra.runtime.output_dir)
+        # a job directory that holds a run is not rewritten unless this job continues or replaces it
+        # (train then refuses the job with the reason)
+        taken = checkpoint.holds_run(job_dir) and not (config.get("resume") or config.get("overwrite"))
+        if _is_multirun(config) and not taken:
+            sweep.write_job_file(job_dir, config.hydra.job.num, list(config.hydra.overrides.task))
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs: Any) -> None:
         # the train task records its own failures; this catches one that escaped it (e.g. in Hydra's job set-up)
@@ -38,9 +52,10 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if not sweep_dir.is_dir():  # no job ran
-            return
+        sweep.unlock(sweep_dir)
         rows = sweep.summarize(sweep_dir)
+        if not rows:  # no job ran
+            return
         if self.report:
             Path(self.report).write_text(json.dumps({"failed": sweep.failed(rows), "total": len(rows),
                                                      "sweep_dir": str(sweep_dir)}))
@@ -56,7 +71,6 @@ def mark_failed(job_dir: Path, err: BaseException) -> str:
     """Record a failed job in its summary.json (kept metrics of finished epochs stay) and its traceback in
     error.log; returns the one-line reason."""
     import traceback
-
 
     reason = " ".join(str(err).split()) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
     summary = sweep.read_json(job_dir / "summary.json") or {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,45 @@ JOB_FILE = "job.json"  # written when a job starts: its number and overrides
 OBJECTIVE = "final_val_acc"  # what `train` returns to sweepers
 FIELDS = ("job", "overrides", "status", "recipe", "final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds",
           "images_per_s", "reason", "dir", "all_overrides")
+
+
+LOCK = ".finetune-sweep.lock"  # the process that sweeps into the directory
+
+
+def lock(sweep_dir: Path) -> int | None:
+    """Take `sweep_dir` for this process: None when taken (also from a holder that no longer runs),
+    else the live process that holds it."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None and holder != os.getpid():
+                return holder
+            path.unlink(missing_ok=True)  # a holder that ended without unlocking (killed)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return None
+    return _holder(path)
+
+
+def unlock(sweep_dir: Path) -> None:
+    path = sweep_dir / LOCK
+    if _holder(path) in (os.getpid(), None):
+        path.unlink(missing_ok=True)
+
+
+def _holder(path: Path) -> int | None:
+    """The running process named in the lock file, or None."""
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+        return pid
+    except (OSError, ValueError):
+        return None
 
 
 def write_job_file(job_dir: Path, num: int, overrides: Sequence[str]) -> None:
@@ -258,6 +298,8 @@ def summarize(sweep_dir: str | Path, *, show: bool = True) -> list[dict]:
     """Collect, write the three files, print the table; returns the rows."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
+    if not rows:  # not a sweep directory (or no job started): nothing to write
+        return rows
     write_summary(sweep_dir, rows)
     if show:
         print_table(rows, f"sweep {sweep_dir}: {failure_line(rows)}")

@@ -137,12 +137,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class RunDirInUse(UserError):
+    """The run directory holds another run: nothing of this one may be written there."""
+
+
+def holds_run(run_dir: Path) -> Path | None:
+    """The file that shows `run_dir` holds a run (its checkpoint or summary), or None."""
+    return next((p for p in (run_dir / "checkpoints" / LAST, run_dir / "summary.json") if p.is_file()), None)
+
+
 def refuse_used_dir(out_dir: Path, cfg) -> None:
     """A run directory holds one run: a second one there would replace its checkpoint and mix the logs."""
-    held = [p for p in (out_dir / "checkpoints" / LAST, out_dir / "summary.json") if p.is_file()]
-    if not held or cfg.overwrite:
+    held = holds_run(out_dir)
+    if held is None or cfg.overwrite:
         return
     if cfg.resume and resolve_resume_path(cfg.resume).resolve().parent.parent == out_dir.resolve():
         return  # continuing the run that is there
-    raise UserError(f"{out_dir} already holds a run ({held[0].name}); continue it with resume={out_dir}, "
-                    "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")
+    raise RunDirInUse(f"{out_dir} already holds a run ({held.name}); continue it with resume={out_dir}, "
+                      "choose another directory (hydra.run.dir=...) or replace it with overwrite=true")
