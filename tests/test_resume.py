@@ -141,20 +141,24 @@ def test_resume_that_changes_the_model_or_groups_is_refused(straight, tmp_path, 
     assert not (tmp_path / "refused").exists()  # refused before anything is written
 
 
-def test_resume_with_other_epochs_and_lr_warns_and_continues(straight, tmp_path, caplog):
+@pytest.mark.parametrize("epochs", [2, 5])
+def test_resume_with_other_epochs_is_refused_before_the_schedule_jumps(straight, tmp_path, epochs):
+    with pytest.raises(UserError, match=r"resume: the checkpoint's run was planned with epochs=4; .* its LRs would "
+                                        r"jump at the resumed step: resume with epochs=4"):
+        train(compose_cfg(f"resume={straight}", f"epochs={epochs}"), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_with_another_lr_warns_and_continues(straight, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="finetune"):
-        summary = train(compose_cfg(f"resume={straight}", "epochs=5", "lr=0.003", "progress=true"),
-                        tmp_path / "longer")
+        summary = train(compose_cfg(f"resume={straight}", "lr=0.003", "progress=true"), tmp_path / "again")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     warnings = [w for w in warnings if w.startswith("resume:")]  # not the plan's (tests/test_inspect.py)
     assert warnings == ["resume: these settings differ from the checkpoint's run and apply from now on: "
-                        "epochs, lr"]  # resume= and progress= do not count
-    assert summary["epochs"] == 5
-    trace = read_csv(tmp_path / "longer" / "lr_trace.csv")
-    assert trace[: 12 * 6] == read_csv(straight / "lr_trace.csv")  # the history is kept as it ran
-    assert {int(r["step"]) for r in trace[12 * 6:]} == {12, 13, 14}
-    saved = load(tmp_path / "longer")
-    assert saved["config"]["epochs"] == 5 and saved["step"] == 15
+                        "lr",  # resume= and progress= do not count
+                        "resume: the checkpoint already finished all 4 epochs; nothing to train"]
+    assert summary["epochs"] == 4
+    assert read_csv(tmp_path / "again" / "lr_trace.csv") == read_csv(straight / "lr_trace.csv")  # finished already
 
 
 def test_resume_path_that_does_not_exist(tmp_path):

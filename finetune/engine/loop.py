@@ -560,6 +560,12 @@ def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_pe
                         "start it with the same torchrun --nnodes x --nproc_per_node")
     checkpoint.check_resumable(saved, config, groups, trainer.model.state_dict(), steps_per_epoch)
     changed = checkpoint.config_changes(saved["config"], config)
+    length = [k for k in ("epochs", "max_steps") if k in changed]
+    if length:  # every schedule is laid over the run's length: a new one would jump the LRs mid-run
+        was = ", ".join(f"{k}={saved['config'].get(k)}" for k in length)
+        raise UserError(f"resume: the checkpoint's run was planned with {was}; a run of another length lays every "
+                        f"LR schedule anew and its LRs would jump at the resumed step: resume with {was} "
+                        "(to train longer, start a run from its weights: model.weights=RUN/checkpoints/last.pt)")
     if changed:
         log.warning("resume: these settings differ from the checkpoint's run and apply from now on: %s",
                     ", ".join(changed))
