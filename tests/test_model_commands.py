@@ -124,3 +124,25 @@ def test_bad_arguments_are_one_line(trained, capsys):
     assert code == 2 and err == ["finetune: error: predict: ckpt= is required"]
     code, err = run_cli(capsys, "export", f"ckpt={trained / 'run'}", "format=tflite")
     assert code == 2 and "format must be one of torchscript, onnx, safetensors" in err[-1]
+
+
+def test_a_relative_data_root_is_stored_absolute_and_eval_names_what_it_scored(tmp_path, capsys, monkeypatch):
+    """Run from one directory with data.root relative to it, evaluate from another: eval reads the run's
+    own images (another folder of that name where eval runs is not it) and says which root it scored."""
+    here = tmp_path / "project"
+    write_folder(here / "images", "train", 24, seed_split=0)
+    write_folder(here / "images", "val", 12, seed_split=1)
+    elsewhere = tmp_path / "elsewhere"
+    write_folder(elsewhere / "images", "val", 21, seed_split=2)  # a decoy of the same name, more images
+    monkeypatch.chdir(here)
+    code, err = run_cli(capsys, "train", "model=resnet18", "model.weights=null", "data=imagefolder",
+                        "data.root=images", "data.image_size=32", "batch_size=8", "epochs=1", "progress=false",
+                        "experiment=lp_ft", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    assert code == 0, err
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["config"]["data"]["root"] == str(here / "images")
+    monkeypatch.chdir(elsewhere)
+    code, err = run_cli(capsys, "eval", f"ckpt={tmp_path / 'run'}", "num_workers=0")
+    assert code == 0, err
+    result = json.loads((tmp_path / "run" / "eval" / "val" / "metrics.json").read_text())
+    assert result["data_root"] == str(here / "images") and result["split"] == "val" and result["images"] == 12

@@ -72,6 +72,12 @@ class _Named(Dataset):
         return self.transform(image), int(label), i
 
 
+def scored_root(saved: SavedModel, args) -> str | None:
+    """The absolute data.root the images are read from (None: data that has no root)."""
+    root = args.data.get("root") or saved.config["data"].get("root")
+    return os.path.abspath(os.path.expanduser(str(root))) if root else None
+
+
 def split_dataset(saved: SavedModel, args) -> tuple[Dataset, list[str]]:
     """The images to score and their names, labelled in the model's class order."""
     data_cfg = OmegaConf.merge(OmegaConf.create(saved.config["data"]), OmegaConf.create(dict(args.data)))
@@ -172,7 +178,8 @@ def run(argv: list[str]) -> dict:
     saved = load(args.ckpt, args.device, args.average)
     dataset, present = split_dataset(saved, args)
     scored = score(saved, dataset, args.batch_size, args.tta, args.num_workers)
-    result = {"checkpoint": str(saved.path), "split": args.split, "tta": bool(args.tta),
+    result = {"checkpoint": str(saved.path), "data_root": scored_root(saved, args), "split": args.split,
+              "tta": bool(args.tta),
               "weights": "average" if saved.averaged else "live", **metrics(scored, saved.classes)}
     root = args.data.get("root")
     default = saved.run_dir / "eval" / (f"{Path(str(root)).name}_{args.split}" if root else args.split)

@@ -6,9 +6,13 @@ the schema with a fixed recipe. The run and its loop live in finetune/engine/loo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from finetune.base.errors import UserError
 from finetune.commands.compose import recipe_of
@@ -38,6 +42,7 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
                         "finetune.compose([...]) to train, or name a recipe (experiment=lp_ft)")
     out_dir = Path(out_dir)
     checkpoint.refuse_used_dir(out_dir, cfg)  # before anything is written there
+    cfg = absolute_paths(cfg)
     saved = checkpoint.resumed(cfg.resume)  # read once: lr=auto's LR and the run's state both come from it
     recipe = recipe_of(cfg)
     write_auto_choice(recipe, out_dir)
@@ -50,3 +55,14 @@ def write_auto_choice(recipe: dict | None, out_dir: Path) -> None:
     if recipe and recipe.get("auto") and distributed.from_env().main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "auto.json").write_text(json.dumps(recipe["auto"], indent=2) + "\n")
+
+
+def absolute_paths(cfg):
+    """`cfg` with data.root and cache_dir absolute: the checkpoint's config must name the same folders
+    from any working directory (`finetune eval ckpt=RUN` elsewhere read another folder of that name)."""
+    cfg = copy.deepcopy(cfg)
+    for key in ("data.root", "cache_dir"):
+        value = OmegaConf.select(cfg, key)
+        if value:
+            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(str(value))))
+    return cfg
