@@ -2,8 +2,8 @@
 checkpoint and the command that resumes; SIGKILL in the middle of a checkpoint write never corrupts the
 last good checkpoint; a NaN loss stops with the step and every group's LR, keeping the last good one."""
 
-import multiprocessing
 import json
+import multiprocessing
 import os
 import pickle
 import random
@@ -165,3 +165,42 @@ def test_nan_loss_on_the_command_line_is_exit_2(tmp_path, capsys):
     assert code == 2 and len(lines) == 1
     assert re.fullmatch(r"finetune: error: (val )?loss became (nan|inf|-inf) (at|after) step \d+ \(epoch \d\) with LRs "
                         r"stem=1e\+06 \(frozen\), .*; stopped, .*\. Lower the LR or set grad_clip", lines[0])
+
+
+@pytest.mark.parametrize("at", [1, 2], ids=["first-epoch", "last-epoch"])
+def test_a_signal_during_an_evaluation_stops_it_and_the_resume_is_exact(tmp_path, monkeypatch, at):
+    """SIGTERM while the val set is scored: the evaluation stops between two batches, the run checkpoints
+    and exits as interrupted (the last epoch's too: it used to finish and say completed), and the resume
+    evaluates that epoch again and ends exactly where a run without the signal ends."""
+    from finetune.engine.signals import Interrupted
+    from finetune.engine.step import Trainer
+
+    args = [*TINY, "epochs=2", "experiment=none", "data.val_size=32"]
+    straight = train(compose_cfg(*args), tmp_path / "straight")
+    real, calls = Trainer.evaluate, []
+
+    def signalled(self, loader, *a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the StopFlag of the run takes it
+        return real(self, loader, *a, **k)
+
+    monkeypatch.setattr(Trainer, "evaluate", signalled)
+    with pytest.raises(Interrupted) as stop:
+        train(compose_cfg(*args), tmp_path / "run")
+    assert stop.value.exit_code == 143 and "stopped by SIGTERM" in stop.value.reason
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs"] == at - 1
+    monkeypatch.undo()
+    resumed = train(compose_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    assert resumed["status"] == "completed"
+    assert [(m["val_loss"], m["val_acc"]) for m in read_metrics(tmp_path / "run")] == \
+        [(m["val_loss"], m["val_acc"]) for m in read_metrics(tmp_path / "straight")]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    b = torch.load(tmp_path / "run" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert straight["final_val_acc"] == resumed["final_val_acc"]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return read_csv(run / "metrics.csv")

@@ -36,7 +36,12 @@ from finetune.engine.distributed import World
 from finetune.engine.divergence import check_finite_state, diverged, first_bad
 from finetune.engine.observers import StepView, check_due, observers
 from finetune.engine.setup import setup
-from finetune.engine.signals import TIME_LIMIT_EXIT, Interrupted, StopFlag
+from finetune.engine.signals import (
+    TIME_LIMIT_EXIT,
+    EvaluationStopped,
+    Interrupted,
+    StopFlag,
+)
 from finetune.engine.step import Trainer, chunks, trace_rows
 from finetune.output import report
 from finetune.output.trace import NoTrace, TraceFile
@@ -154,8 +159,12 @@ class Run:
             self.trace.start(self.state.step, *self._trace_before)
             while self.state.epoch < self.plan.epochs and not self.state.finished_early:
                 self.begin_epoch()
-                self.train_epoch()
-                self.end_epoch(self.evaluate())
+                try:
+                    self.train_epoch()
+                    metrics = self.evaluate()
+                except EvaluationStopped:  # the checkpoint of this step resumes with the evaluation
+                    raise self.stop_here() from None
+                self.end_epoch(metrics)
                 if self.stopping(epoch_end=True) and self.state.epoch < self.plan.epochs:
                     raise self.stop_here()
         self.summary = self.report("completed")
@@ -280,9 +289,11 @@ class Run:
         return {"val_loss": val_loss, "val_acc": val_acc, **live}
 
     def _score(self, cached: bool, average: bool) -> tuple[float, float]:
+        # one process stops between batches on a signal; several would have to agree on the batch first
+        stop = None if self.world.enabled else (lambda: self.stop.signum is not None)
         if cached:
-            return self.trainer.evaluate(self.cache.val_loader(), average=average, head=self.head_name)
-        return self.trainer.evaluate(self.data.val_loader(), average=average)
+            return self.trainer.evaluate(self.cache.val_loader(), average=average, head=self.head_name, stop=stop)
+        return self.trainer.evaluate(self.data.val_loader(), average=average, stop=stop)
 
     def _average_body_is_live(self) -> bool:
         """The weight average's body (everything below the head) equals the live one bit for bit: true

@@ -22,6 +22,11 @@ class Interrupted(Exception):
         self.exit_code = exit_code if exit_code is not None else 128 + (signum or 2)
 
 
+class EvaluationStopped(Exception):
+    """A signal arrived during an evaluation, which stopped between two batches (it changes no state, so
+    the run's checkpoint of the step before it resumes exactly, evaluation included)."""
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag; the loop stops after the current step and checkpoints."""
 

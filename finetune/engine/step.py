@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from finetune.core.groups import LayerGroup
 from finetune.core.optim import build_optimizer, layer_depths, param_groups
 from finetune.core.plan import Plan, apply, build_plan
 from finetune.engine import distributed
+from finetune.engine.signals import EvaluationStopped
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,10 +239,13 @@ class Trainer:
         return any(p.grad is not None for p in reversed(self.params))
 
     @torch.no_grad()
-    def evaluate(self, loader, average: bool = False, head: str | None = None) -> tuple[float, float]:
+    def evaluate(self, loader, average: bool = False, head: str | None = None,
+                 stop: Callable[[], bool] | None = None) -> tuple[float, float]:
         """(loss, accuracy) of the live model, or of the weight average with `average`; with several
         processes, over every rank's shard of the loader's data. `head` (a module name): the loader holds
-        that module's inputs (the feature cache) and only it runs."""
+        that module's inputs (the feature cache) and only it runs. `stop` (one process): asked between
+        batches; True raises EvaluationStopped (a job scheduler's grace period is shorter than some
+        evaluations)."""
         forward = self.ema.model if average else self.forward
         if head is not None:
             forward = (self.ema.model if average else self.model).get_submodule(head)
@@ -251,6 +256,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         count = 0
         for x, y in loader:
+            if stop is not None and stop():
+                raise EvaluationStopped
             x, y = self.to_device(x, y)
             with self.autocast():
                 logits = forward(x)
