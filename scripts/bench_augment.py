@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_regimes  # noqa: E402
 import bench_transfer  # noqa: E402
 
+from finetune.bench.regimes import regime_args  # noqa: E402
+from finetune.bench.results import RecipeStats, save_results  # noqa: E402
+
 OPTIONS = {
     "none": [],
     "randaugment": ["data.auto_augment=rand-m9-mstd0.5-inc1"],  # timm's RandAugment, magnitude 9
@@ -45,9 +48,9 @@ def main(argv=None) -> dict:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         p.error(f"unknown option(s) {unknown}; choose from {', '.join(OPTIONS)}")
-    results: dict[tuple[str, str], bench_transfer.RecipeStats] = {}
+    results: dict[tuple[str, str], RecipeStats] = {}
     for regime in args.regimes.split(","):
-        where = bench_regimes.regime_args(regime, args.out)
+        where = regime_args(regime, bench_regimes.DATA, args.out)
         for option in options:
             print(f"== {regime}: {option}", flush=True)
             sets = [a for s in OPTIONS[option] for a in ("--set", s)]
@@ -57,7 +60,7 @@ def main(argv=None) -> dict:
     table = report(results, args.regimes.split(","), options, args.recipe)
     print(table)
     (args.out / "results.md").write_text(table + "\n")
-    bench_transfer.save_results({f"{r}/{o}": s for (r, o), s in results.items()}, args.out / "results.json")
+    save_results({f"{r}/{o}": s for (r, o), s in results.items()}, args.out / "results.json")
     return results
 
 

