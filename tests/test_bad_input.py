@@ -423,3 +423,37 @@ def test_one_class_is_refused(folder, tmp_path, capsys):
     assert_one_line_error(run_cli(tmp_path, capsys, *imagefolder(folder)),
                           "the data has 1 class (ants); a classifier needs at least 2: add a folder per class "
                           "(ImageFolder: train/<class>/, val/<class>/)")
+
+
+class RunsShell:
+    """Unpickling this calls os.system, whose module torch's safe loader blocks with another message."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"echo pwned > {self.marker}",)
+
+
+def test_a_torch_file_whose_pickle_calls_a_blocked_module_is_named_as_code(tmp_path, capsys):
+    marker, path = tmp_path / "marker", tmp_path / "evil.pt"
+    torch.save({"format": "finetune-checkpoint/1", "payload": RunsShell(marker)}, path)
+    code, lines = run_cli(tmp_path, capsys, f"resume={path}")
+    assert code == 2 and lines == [f"finetune: error: resume: checkpoint {path} is a pickle that would run code "
+                                   f"({os.system.__module__}.system); finetune refuses to load it and never runs it: "
+                                   "re-save the weights as a plain state dict or a .safetensors file"]
+    assert not marker.exists()
+
+
+def test_a_checkpoints_folder_is_a_checkpoint_and_eval_errors_name_ckpt(tmp_path, capsys):
+    from tiny_runs import run_cli as cli_call
+
+    code, err = cli_call(capsys, "eval", f"ckpt={tmp_path / 'nowhere'}")
+    assert code == 2 and err == [f"finetune: error: ckpt: no checkpoint at {tmp_path / 'nowhere'} "
+                                 "(give a run directory or a checkpoint file)"]
+    from finetune.engine import checkpoint
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / checkpoint.LAST).write_bytes(b"")
+    assert checkpoint.resolve_resume_path(str(tmp_path / "run" / "checkpoints")) == \
+        tmp_path / "run" / "checkpoints" / checkpoint.LAST

@@ -64,7 +64,8 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint"):
         # a pickle that asks for a global (code) is refused as such: named by torch's safe loader, or
         # found with pickletools where that loader stops earlier (protocol-4 framing); anything else is
         # damage. torch's advice to retry with weights_only=False is never passed on
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch names it "Unsupported global: GLOBAL x", or for a blocked module "unsupported GLOBAL x whose ..."
+        unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
         needs = unsafe.group(1) if unsafe else _pickled_code(path)
         if needs:
             raise UserError(

@@ -61,7 +61,7 @@ def architecture(config: dict, num_classes: int):
 
 def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
     """The model of a run directory or checkpoint file; `average`: its weight average when it has one."""
-    path, saved = checkpoint.load_checkpoint(ckpt)
+    path, saved = checkpoint.load_checkpoint(ckpt, "ckpt")
     config = saved["config"]
     classes = saved.get("classes")
     if not classes:  # the head's size alone would be a guess at which tensor is the head

@@ -31,22 +31,23 @@ LAST = "last.pt"
 NEUTRAL_KEYS = ("resume", "verbose", "progress", "overwrite", "time_limit", "logger", "recipe")
 
 
-def resolve_resume_path(resume: str) -> Path:
-    """A checkpoint file, or a run directory holding checkpoints/last.pt."""
+def resolve_resume_path(resume: str, what: str = "resume") -> Path:
+    """A checkpoint file, a run directory holding checkpoints/last.pt, or that checkpoints/ folder itself.
+    `what` names the setting in errors (resume, ckpt)."""
     path = Path(str(resume)).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / LAST
+        path = path / LAST if (path / LAST).is_file() and path.name == "checkpoints" else path / "checkpoints" / LAST
     if not path.is_file():
-        raise UserError(f"resume: no checkpoint at {path} (give a run directory or a checkpoint file)")
+        raise UserError(f"{what}: no checkpoint at {path} (give a run directory or a checkpoint file)")
     return path
 
 
-def load_checkpoint(resume: str) -> tuple[Path, dict]:
+def load_checkpoint(resume: str, what: str = "resume") -> tuple[Path, dict]:
     """The checkpoint `resume` points at (run dir or file), loaded safely and checked to be finetune's."""
-    path = resolve_resume_path(resume)
-    saved = safe_load(path, "resume: checkpoint")
+    path = resolve_resume_path(resume, what)
+    saved = safe_load(path, f"{what}: checkpoint")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise UserError(f"resume: {path} is not a finetune checkpoint (a weights file goes in model.weights)")
+        raise UserError(f"{what}: {path} is not a finetune checkpoint (a weights file goes in model.weights)")
     return path, saved
 
 
