@@ -5,6 +5,7 @@ Most cases call `finetune.commands.cli.main` in-process (the same Hydra app and 
 without a Python start-up per case); one runs the real `python -m finetune` to check what a shell sees."""
 
 import builtins
+import json
 import logging
 import os
 import subprocess
@@ -457,3 +458,31 @@ def test_a_checkpoints_folder_is_a_checkpoint_and_eval_errors_name_ckpt(tmp_path
     (tmp_path / "run" / "checkpoints" / checkpoint.LAST).write_bytes(b"")
     assert checkpoint.resolve_resume_path(str(tmp_path / "run" / "checkpoints")) == \
         tmp_path / "run" / "checkpoints" / checkpoint.LAST
+
+
+def test_a_run_that_fails_midway_says_so_in_its_summary(tmp_path, capsys, monkeypatch):
+    """A full disk at the second epoch's checkpoint (torch's zip writer reports a short write as a
+    RuntimeError): one line, exit 2, and summary.json says failed with the reason, not running."""
+    from finetune.engine import checkpoint
+
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2775360 vs 2775256")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    code, lines = run_cli(tmp_path, capsys, "epochs=2")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(
+        f"finetune: error: could not write {tmp_path / 'run' / 'checkpoints' / 'last.pt'}: ")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"].startswith("could not write")
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    code, lines = run_cli(tmp_path, capsys, f"hydra.run.dir={tmp_path / 'taken'}")
+    assert (code, lines) == (2, [f"finetune: error: hydra.run.dir={tmp_path / 'taken'} is a file, not a folder; "
+                                 "choose another run directory"])

@@ -3,9 +3,11 @@ and a pickle that would run code is refused, never executed (torch.load with wei
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -24,7 +26,13 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with writing(path), open(tmp, "xb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:  # torch's zip writer reports a short write (a full disk) as this
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(errno.ENOSPC if free < 1 << 20 else errno.EIO,
+                              f"{os.strerror(errno.ENOSPC) if free < 1 << 20 else 'write failed'} "
+                              f"({free // 1024} KiB free; torch: {str(err).splitlines()[0][:120]})") from None
             f.flush()
             os.fsync(f.fileno())
         with writing(path):

@@ -156,6 +156,8 @@ def train_task(cfg: DictConfig) -> float | None:
         return float("nan")
     except Exception as err:
         if not in_sweep:
+            if (Path(out_dir) / "summary.json").is_file():  # a run that started says it failed, and why
+                _mark_failed(Path(out_dir), err)
             if not isinstance(err, UserError):
                 raise  # a bug: the traceback is what a report needs
             _report_user_error(cfg, err)
@@ -172,6 +174,16 @@ def train_task(cfg: DictConfig) -> float | None:
         log.setLevel(level)
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise
+
+
+def _mark_failed(run_dir: Path, err: Exception) -> None:
+    """summary.json says failed (a full disk may refuse even that: then it stays as it was)."""
+    from finetune.commands.hydra_callbacks import mark_failed
+
+    try:
+        mark_failed(run_dir, err)
+    except (OSError, UserError):
+        pass
 
 
 def _submitit_ranks() -> None:
@@ -262,6 +274,19 @@ def missing_plugin(overrides: list[str]) -> str | None:
             if override.startswith(choice) and importlib.util.find_spec(module) is None:
                 return (f"{override} needs the Hydra plugin {package}, which is not installed: "
                         f'pip install "finetune[sweep]" (or pip install {package})')
+    return None
+
+
+def unwritable_run_dir(args: list[str]) -> str | None:
+    """The one-line error for a run directory that cannot be made (a file, a read-only place), before Hydra
+    tries and fails with a traceback; None when it can be."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    path = Path(os.path.expanduser(given[-1].strip("'\""))) if given else Path("outputs")
+    if path.exists() and not path.is_dir():
+        return f"hydra.run.dir={path} is a file, not a folder; choose another run directory"
+    parent = next((p for p in [path, *path.absolute().parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        return f"cannot write a run directory in {parent} (no permission); choose another: hydra.run.dir=DIR"
     return None
 
 
@@ -376,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.config import overrides
     from finetune.engine import distributed
 
-    problem = missing_plugin(rest)
+    problem = missing_plugin(rest) or (unwritable_run_dir(rest) if command == "train" else None)
     try:
         overrides.check(rest)
         world = distributed.from_env()
