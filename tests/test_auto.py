@@ -292,3 +292,14 @@ def test_an_interrupted_auto_run_resumes_exactly(tmp_path, monkeypatch):
     a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
     b = torch.load(tmp_path / "second" / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_reason_never_contradicts_the_probes_numbers():
+    """An earlier group ahead of the top by less than the probe's noise: near, and the reason says the
+    earlier group scored more (it used to say the top features were the best)."""
+    tiny = auto.decide(evidence(("blocks_4", 0.400), ("head input", 0.350), images=20), "lp_ft", "freezeout")
+    assert tiny["recipe"] == "lp_ft"
+    assert "blocks_4's output scores 0.400, the top features' 0.350" in tiny["reason"]
+    assert "within the probe's noise" in tiny["reason"] and "are the best" not in tiny["reason"]
+    best = auto.decide(evidence(("blocks_4", 0.30), ("head input", 0.35), images=20), "lp_ft", "freezeout")
+    assert best["reason"].startswith("the top features are the best linear features (probe 0.350")

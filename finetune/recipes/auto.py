@@ -117,6 +117,11 @@ def decide(ev: Evidence, near: str, far: str, bn_drop: float = 0.05, far_min_ste
                      f"{after:.3f} (from {before:.3f})")
         reason = f"{lead}: the top layers' pretrained features fit this data worse than earlier ones and must be re-learned"
         return {"recipe": far, "reason": reason}
+    if best_name != top_name:  # ahead, but within the probe's noise: no evidence to re-learn the top
+        reason = (f"a linear probe on {best_name}'s output scores {best:.3f}, the top features' {top:.3f}: a gap of "
+                  f"{gap:.3f} within the probe's noise ({margin:.3f} on {ev.images} images), no evidence that the "
+                  f"top features fit worse: keep them, train the body gently")
+        return {"recipe": near, "reason": reason}
     reason = (f"the top features are the best linear features (probe {top:.3f}; best earlier group "
               f"{_best_below(ev)}): keep them, train the body gently")
     return {"recipe": near, "reason": reason}
