@@ -3,6 +3,7 @@ left bit for bit as it was, the suggestions find the fall of a known curve, and 
 as lr=<its suggestion> would."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -102,4 +103,17 @@ def test_lr_find_command_prints_the_override(capsys, tmp_path):
     # under the default, experiment=auto, the range test runs on the recipe the probe chose, as training would
     assert json.loads((tmp_path / "auto.json").read_text())["recipe"] in ("lp_ft", "freezeout")
     code, err = run_cli(capsys, "train", *TINY, "lr=fast", *QUIET, f"hydra.run.dir={tmp_path / 'x'}")
-    assert code == 2 and err[-1] == "finetune: error: lr=fast: expected a number or auto (the LR finder's suggestion)"
+    assert code == 2 and err[-1] == "finetune: error: lr=fast: expected a finite number or auto (the LR finder's suggestion)"
+
+
+def test_a_flat_loss_gives_no_suggestion_and_many_passes_over_few_images_warn(tmp_path, caplog):
+    """Where the loss never moves (LRs far too small to change anything) there is no valley to read: the
+    finder says so instead of suggesting an LR from noise; 30 steps over 24 images warn that the curve
+    shows memorising."""
+    cfg = compose_cfg("experiment=lp_ft", "lr_find.steps=30", "lr_find.start=1e-12", "lr_find.end=1e-10")
+    run = Run(cfg, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="finetune"), \
+            pytest.raises(UserError, match=r"lr_find: the loss did not fall anywhere between lr .* no LR to suggest"):
+        lr_find.find(run, cfg.lr_find)
+    assert "go over the 24 train images 10 times" in caplog.text
+    run.data.close()

@@ -130,6 +130,11 @@ def find(run, settings) -> dict:
                         "in which it trains (lr_find.epoch)")
     peaks = [gp.lr for gp in plan.groups]
     lrs = sweep_lrs(settings.start, settings.end, settings.steps)
+    images, seen = len(run.data.train), settings.steps * run.data.batch_size * run.accumulate
+    if seen > 5 * images:  # the curve then shows how fast a few images are memorised, not a good LR
+        log.warning("lr_find: %d steps of %d images each go over the %d train images %.0f times; the suggestion "
+                    "reflects memorising them (lower lr_find.steps, or add data)", settings.steps,
+                    run.data.batch_size * run.accumulate, images, seen / images)
     snap = _snapshot(trainer)
     tried, losses, smoothed, set_lrs = [], [], [], []
     smoother = Smoother(settings.smooth)
@@ -162,6 +167,10 @@ def find(run, settings) -> dict:
     # as fastai reads its curve: past the first tenth (the smoothing's start) and before the last 5
     # points (the blow-up)
     lo, hi = len(tried) // 10, max(len(tried) // 10 + 3, len(tried) - 5)
+    if smoothed[lo] - min(smoothed[lo:hi]) < 0.01 * abs(smoothed[lo]):  # a valley of a flat curve is noise
+        raise UserError(f"lr_find: the loss did not fall anywhere between lr {tried[lo]:.2g} and {tried[hi - 1]:.2g} "
+                        f"(by under 1% of {smoothed[lo]:.3g}): no LR to suggest; widen lr_find.start / lr_find.end, "
+                        "or check the data (labels, enough images)")
     v, s = lo + valley(smoothed[lo:hi]), lo + steepest(tried[lo:hi], smoothed[lo:hi])
     head = len(names) - 1
     if group is None:
