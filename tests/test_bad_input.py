@@ -353,8 +353,14 @@ def test_a_directory_that_holds_a_run_is_not_reused_silently(tmp_path, capsys):
                           "directory (hydra.run.dir=...) or replace it with overwrite=true")
     assert (run / "checkpoints" / "last.pt").read_bytes() == first
     assert run_cli(tmp_path, capsys, f"resume={run}")[0] == 0  # continuing it is fine
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text("{}")  # what eval of the old run wrote
+    (run / "tensorboard").mkdir()
+    (run / "notes.txt").write_text("mine")  # not finetune's: kept
     assert run_cli(tmp_path, capsys, "seed=1", "overwrite=true")[0] == 0
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["seed"] == 1
+    assert not (run / "eval").exists() and not (run / "tensorboard").exists()  # nothing of the old run is left
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------------------- images

@@ -146,3 +146,12 @@ def test_a_relative_data_root_is_stored_absolute_and_eval_names_what_it_scored(t
     assert code == 0, err
     result = json.loads((tmp_path / "run" / "eval" / "val" / "metrics.json").read_text())
     assert result["data_root"] == str(here / "images") and result["split"] == "val" and result["images"] == 12
+
+
+def test_exports_of_several_formats_into_one_folder_each_keep_their_entry(trained, capsys, tmp_path):
+    for fmt in ("torchscript", "safetensors"):
+        code, err = run_cli(capsys, "export", f"ckpt={trained / 'run'}", f"format={fmt}", f"out={tmp_path}")
+        assert code == 0, err
+    exports = json.loads((tmp_path / "preprocess.json").read_text())["exports"]
+    assert sorted(exports) == ["safetensors", "torchscript"]
+    assert all((tmp_path / e["file"]).is_file() and e["max_abs_diff"] <= 1e-4 for e in exports.values())

@@ -115,8 +115,19 @@ def run(argv: list[str]) -> Path:
             "model": {k: saved.config["model"].get(k) for k in ("name", "source")},
             "weights": "average" if saved.averaged else "live", "checkpoint": str(saved.path),
             "max_abs_diff": diff}
+    # every format exported here from this checkpoint, each with its own check (one file per format)
+    before = _read_json(out / "preprocess.json")
+    earlier = before.get("exports", {}) if before.get("checkpoint") == info["checkpoint"] else {}
+    info["exports"] = {**earlier, args.format: {"file": path.name, "max_abs_diff": diff}}
     with writing(out / "preprocess.json"):
         (out / "preprocess.json").write_text(json.dumps(info, indent=2) + "\n")
     checked = "not checked (no onnxruntime)" if diff is None else f"max abs difference {diff:.2e} on a batch of 3"
     print(f"finetune: exported {path} ({checked}); preprocessing in {out / 'preprocess.json'}")
     return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -42,6 +42,8 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
                         "finetune.compose([...]) to train, or name a recipe (experiment=lp_ft)")
     out_dir = Path(out_dir)
     checkpoint.refuse_used_dir(out_dir, cfg)  # before anything is written there
+    if cfg.overwrite and not cfg.resume and checkpoint.holds_run(out_dir):
+        checkpoint.clear_run(out_dir)  # the run it replaces leaves nothing beside the new one
     cfg = absolute_paths(cfg)
     saved = checkpoint.resumed(cfg.resume)  # read once: lr=auto's LR and the run's state both come from it
     recipe = recipe_of(cfg)

@@ -16,6 +16,7 @@ numbers, strings and containers, so `torch.load(weights_only=True)` reads it.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -136,6 +137,22 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# what a run, and eval / export / lr-find of it, write in its directory: overwrite=true clears them, so no
+# file of the run it replaces is left beside the new one (Hydra's .hydra/ and finetune.log are this job's)
+RUN_FILES = ("checkpoints", "tensorboard", "export", "eval", "metrics.csv", "evals.csv", "lr_trace.csv",
+             "lr_trace.png", "summary.json", "diagnostics.csv", "diagnostics.png", "activations.csv",
+             "activations.png", "auto.json", "lr_find.csv", "lr_find.png", "error.log")
+
+
+def clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 class RunDirInUse(UserError):
