@@ -88,3 +88,31 @@ def test_eval_on_the_command_line_leaves_the_root_logger_alone(tmp_path, capsys)
     code, err = run_cli(capsys, "eval", f"ckpt={tmp_path}", "num_workers=0")
     assert code == 0, err
     assert logging.getLogger().handlers == handlers and not logging.getLogger("finetune").handlers
+
+
+def test_a_lost_process_under_torchrun_is_one_line_with_the_resume_command(monkeypatch, tmp_path, capsys):
+    """What a surviving rank sees when another is killed: gloo's connection error in a collective. It says
+    so in one line with the command that resumes, and summary.json says failed, not running."""
+    import json
+
+    from tiny_runs import QUIET, TINY, run_cli
+
+    from finetune.engine import distributed
+
+    world = distributed.World(rank=0, size=2, local_rank=0)
+    monkeypatch.setattr(distributed, "from_env", lambda: world)
+    monkeypatch.setattr(distributed, "init", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "broadcast", lambda value: value)
+
+    def lost(cfg, out_dir):
+        (tmp_path / "summary.json").write_text(json.dumps({"status": "running"}))
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: "
+                           "Connection reset by peer")
+
+    monkeypatch.setattr("finetune.commands.train.train", lost)
+    code, err = run_cli(capsys, "train", *TINY, "experiment=lp_ft", *QUIET, f"hydra.run.dir={tmp_path}")
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        "finetune: error: [rank 0] another process of this run ended (its rank's log or the scheduler says why); "
+        "the last checkpoint stays: resume with: torchrun <the same options> -m finetune train ")
+    assert f"resume={tmp_path}" in err[0]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"

@@ -155,6 +155,13 @@ def train_task(cfg: DictConfig) -> float | None:
         print(f"finetune: job {hydra_cfg.job.num} refused: {' '.join(str(err).split())}", file=sys.stderr)
         return float("nan")
     except Exception as err:
+        if world.enabled and _peer_lost(err):  # another rank died: gloo/NCCL's error here is only the symptom
+            if world.main and (Path(out_dir) / "summary.json").is_file():
+                _mark_failed(Path(out_dir), err)
+            print(f"finetune: error: [rank {world.rank}] another process of this run ended (its rank's log or the "
+                  f"scheduler says why); the last checkpoint stays: resume with: {_resume_command(out_dir)}",
+                  file=sys.stderr)
+            sys.exit(2)
         if not in_sweep:
             if (Path(out_dir) / "summary.json").is_file():  # a run that started says it failed, and why
                 _mark_failed(Path(out_dir), err)
@@ -174,6 +181,13 @@ def train_task(cfg: DictConfig) -> float | None:
         log.setLevel(level)
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """A collective failed because another process of the run went away (killed, out of memory)."""
+    text = str(err)
+    return type(err).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe"))
 
 
 def _mark_failed(run_dir: Path, err: Exception) -> None:
