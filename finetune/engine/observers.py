@@ -54,6 +54,8 @@ class ProgressBar(Observer):
     def step(self, view):
         if view.running is not None:
             self.bar.update(view.batch, *view.running, view.rows)
+        else:
+            self.bar.step(view.batch)
 
     def epoch_end(self, metrics, step):
         self.bar.end_epoch(metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Sequence
 
 from rich.console import Console
@@ -12,40 +13,87 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 log = logging.getLogger("finetune")
 
 
+def lr_text(trace: Sequence[dict]) -> str:
+    """The LRs of the groups that train, the head (the last group) first, then down the network."""
+    training = [r for r in reversed(trace) if r["trainable"]]
+    return " ".join(f"{r['group']}={r['lr']:.1e}" for r in training) or "none trains"
+
+
+class _ToConsole:
+    """A stream for logging handlers while the bar is shown: each record printed above the bar."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+    def flush(self) -> None:
+        pass
+
+
 class EpochProgress:
+    """One bar per epoch: `epoch E of 0..N-1` (epochs count from 0 everywhere: logs, metrics.csv, configs),
+    the bar, steps done of the epoch's, elapsed and remaining time, then the loss, accuracy, the LRs of the
+    groups that train (head first) and images/s; that last column is cut to the width, never the bar, the
+    step count or the time. Log lines go above the bar while it is shown."""
+
     def __init__(self, enabled: bool, group_names: Sequence[str], console: Console | None = None):
         self.enabled = enabled
         self.console = console or Console(stderr=True)
         self.group_names = list(group_names)
         self.progress: Progress | None = None
         self.task = None
+        self._streams: list[tuple[logging.StreamHandler, object]] = []
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         if not self.enabled:
             return
         if self.progress is None:
+            fixed = Column(no_wrap=True)
             self.progress = Progress(
-                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                transient=False,
+                TextColumn("[bold]epoch {task.fields[epoch]}", table_column=fixed),
+                BarColumn(bar_width=32 if self.console.width >= 120 else 12, table_column=Column(no_wrap=True)),
+                MofNCompleteColumn(table_column=Column(no_wrap=True)),
+                TimeElapsedColumn(table_column=Column(no_wrap=True)),
+                TimeRemainingColumn(table_column=Column(no_wrap=True)),
+                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                console=self.console, transient=False, expand=True,
             )
+            self._log_above()  # before start: the live display then swaps sys.stderr for its own proxy
             self.progress.start()
         self.task = self.progress.add_task("train", total=steps, completed=done,
-                                           epoch=f"{epoch + 1}/{epochs}", info="")
+                                           epoch=f"{epoch} of 0..{epochs - 1}", info="")
+
+    def _log_above(self) -> None:
+        """Handlers writing to the terminal print through the bar's console while it is shown (the bar
+        redraws below them), instead of writing into the bar's line."""
+        terminal = {id(sys.stderr), id(sys.stdout), id(sys.__stderr__), id(sys.__stdout__)}
+        for logger in (logging.getLogger(), log):
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                        and id(handler.stream) in terminal:
+                    self._streams.append((handler, handler.setStream(_ToConsole(self.console))))
+
+    def step(self, done: int) -> None:
+        """The bar's step count, every step (no device sync: the numbers come with `update`)."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done)
 
     def update(self, done: int, loss: float, acc: float, images_per_s: float, trace: Sequence[dict]) -> None:
         if self.progress is None:
             return
-        lrs = " ".join(f"{r['group']}={r['lr']:.1e}" + ("" if r["trainable"] else "*") for r in trace)
         self.progress.update(self.task, completed=done,
-                             info=f"loss {loss:.3f} acc {acc:.3f} {images_per_s:.0f} img/s | lr {lrs}")
+                             info=f"loss {loss:.3f} acc {acc:.3f} | lr {lr_text(trace)} | {images_per_s:.0f} img/s")
 
     def end_epoch(self, metrics: dict) -> None:
         line = (f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | val loss "
@@ -55,6 +103,9 @@ class EpochProgress:
             self.progress.update(self.task, info=line)
 
     def stop(self) -> None:
+        for handler, stream in self._streams:
+            handler.setStream(stream)
+        self._streams.clear()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
