@@ -43,8 +43,8 @@ class _ToConsole:
 
 class EpochProgress:
     """One bar per epoch: `epoch E of 0..N-1` (epochs count from 0 everywhere: logs, metrics.csv, configs),
-    the bar, steps done of the epoch's, elapsed and remaining time, then the loss, accuracy, the LRs of the
-    groups that train (head first) and images/s; that last column is cut to the width, never the bar, the
+    the bar, steps done of the epoch's, elapsed and remaining time, then the loss, the LRs of the groups that
+    train (head first), accuracy and images/s; that last column is cut to the width, never the bar, the
     step count or the time. Log lines go above the bar while it is shown."""
 
     def __init__(self, enabled: bool, group_names: Sequence[str], console: Console | None = None):
@@ -62,7 +62,7 @@ class EpochProgress:
             fixed = Column(no_wrap=True)
             self.progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}", table_column=fixed),
-                BarColumn(bar_width=32 if self.console.width >= 120 else 12, table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=32 if self.console.width >= 120 else 8, table_column=Column(no_wrap=True)),
                 MofNCompleteColumn(table_column=Column(no_wrap=True)),
                 TimeElapsedColumn(table_column=Column(no_wrap=True)),
                 TimeRemainingColumn(table_column=Column(no_wrap=True)),
@@ -93,7 +93,7 @@ class EpochProgress:
         if self.progress is None:
             return
         self.progress.update(self.task, completed=done,
-                             info=f"loss {loss:.3f} acc {acc:.3f} | lr {lr_text(trace)} | {images_per_s:.0f} img/s")
+                             info=f"loss {loss:.3f} | lr {lr_text(trace)} | acc {acc:.3f} {images_per_s:.0f} img/s")
 
     def end_epoch(self, metrics: dict) -> None:
         line = (f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | val loss "
