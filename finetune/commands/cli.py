@@ -39,11 +39,16 @@ commands:
   eval      score a trained model: finetune eval ckpt=RUN_DIR [split=val|train|test] [data.root=DIR] [tta=true]
   predict   top-k classes per image: finetune predict ckpt=RUN_DIR input=DIR|FILE|GLOB [out=predictions.csv]
   export    finetune export ckpt=RUN_DIR format=onnx|torchscript|safetensors [out=DIR]
+  config    print the config a command line trains, its recipe applied: finetune config [overrides...]
 
-After the command, everything is Hydra: `finetune train --help` lists the config groups,
-`finetune train --cfg job` prints the composed config, `finetune train -m unfreeze=1,3,all` sweeps.
+`finetune <command> --help` lists its keys with what each does. After train, inspect and lr-find the
+overrides are Hydra's: `finetune train -m unfreeze=1,3,all` sweeps; `--hydra-help` shows Hydra's options.
 Tab completion: eval "$(finetune -sc install=bash)"
 """
+# the keys most runs set, shown by `finetune train --help` (every key: --help-all)
+COMMON_KEYS = ("unfreeze", "epochs", "lr", "batch_size", "seed", "device", "precision", "resume", "model.name",
+               "model.weights", "data.root", "data.image_size", "freeze.kind", "schedule.kind", "lr_spread.kind",
+               "per_group", "head_lr", "ema_half_life", "patience", "time_limit", "overwrite")
 
 # conf/ sits next to the package in a checkout; a wheel ships it as the package finetune.conf
 CONFIG_PATH = str(SOURCE_CONF) if (SOURCE_CONF / "train.yaml").is_file() else "pkg://finetune.conf"
@@ -354,7 +359,7 @@ def _exit_for_sweep(report: Path) -> None:
 
 
 COMMANDS = {"train": train_task, "inspect": inspect_task, "lr-find": lr_find_task}  # Hydra's
-ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "summarize"]
+ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "summarize", "config"]
 
 
 def _shell_completion(argv: list[str]) -> None:
@@ -378,7 +383,7 @@ def model_command(command: str, args: list[str]) -> None:
     module = importlib.import_module({"eval": "finetune.commands.evaluate", "predict": "finetune.commands.predict",
                                       "export": "finetune.commands.export"}[command])
     if args and args[0] in ("-h", "--help"):
-        print(module.__doc__)
+        print(model_command_help(command, module))
         sys.exit(0)
     # finetune's log on stderr while the command runs (not the root logger's: a caller's logging stays as it was)
     handler, level = logging.StreamHandler(sys.stderr), log.level
@@ -396,6 +401,81 @@ def model_command(command: str, args: list[str]) -> None:
     sys.exit(0)
 
 
+def command_help(command: str, every_key: bool = False) -> str:
+    """`finetune <train|inspect|lr-find> --help`: the config groups and their choices, the keys with
+    their defaults and one line each (from the schema's own comments), and the recipe the default applies."""
+    from finetune.config import overrides, reference
+
+    keys = reference.keys()
+    shown = keys if every_key else [k for k in keys if k.name in COMMON_KEYS]
+    width = max(len(k.name) for k in shown)
+    lines = [f"usage: finetune {command} [key=value ...] [group=choice ...]" + (" [-m]" if command == "train" else ""),
+             "", "The default recipe, experiment=auto, probes the train images and then trains lp_ft or freezeout",
+             "(experiment=<recipe> names one). `finetune config [overrides]` prints the config a command line",
+             "trains, recipe applied.", "", "config groups (group=choice):"]
+    for group in reference.GROUPS:
+        options = overrides.group_options(group) or []
+        lines.append(f"  {group:<15}{' | '.join(options)}")
+    lines += ["", "every key (key=value):" if every_key else "common keys (key=value; every key: --help-all):"]
+    for k in shown:  # the value the default trains: lp_ft's where it sets one (auto's choice for most data)
+        value = f"{_text(k.recipes['lp_ft'])}*" if "lp_ft" in k.recipes else k.default
+        lines.append(f"  {k.name:<{width}}  {value:<12} {k.description}")
+    lines += ["", "* set by lp_ft, the recipe auto trains where the pretrained features fit the data (most data;",
+              "  freezeout's values where an earlier layer's fit clearly better: finetune config experiment=freezeout)",
+              "", "Hydra's own options (sweeps, --cfg, completion): --hydra-help"]
+    return "\n".join(lines)
+
+
+def _text(value) -> str:
+    """A config value as it is typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def model_command_help(command: str, module) -> str:
+    """eval / predict / export --help: the module's text and every key it takes with its default."""
+    import dataclasses
+
+    from finetune.config import reference
+
+    schema = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and v.__name__.endswith("Args"))
+    notes = reference.descriptions(schema)
+    fields = dataclasses.fields(schema)
+    width = max(len(f.name) for f in fields)
+    lines = [(module.__doc__ or "").strip(), "", "keys (key=value):"]
+    for f in fields:
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        default = "(required)" if str(default) == "???" else default
+        lines.append(f"  {f.name:<{width}}  {str(default):<10} {notes.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def config_command(args: list[str]) -> None:
+    """`finetune config [overrides]`: the config `finetune train <overrides>` trains, recipe applied; under
+    experiment=auto the recipe the probe would choose is not known yet: auto.near's, marked provisional."""
+    from omegaconf import OmegaConf
+
+    from finetune.commands.compose import compose, recipe_of
+    from finetune.config.recipe import line
+
+    try:
+        cfg = compose(args, probe=False)
+    except UserError as err:
+        print(f"finetune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+    recipe = recipe_of(cfg)
+    choice = (recipe or {}).get("auto")
+    if choice:
+        print(f"# experiment=auto: provisionally {choice['recipe']} (auto.near); the probe of the train images "
+              f"chooses {cfg.auto.near} or {cfg.auto.far} when training starts")
+    print(f"# {line({k: v for k, v in recipe.items() if k != 'auto'} if recipe else None)}")
+    shown = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    shown.pop("recipe", None)
+    print(OmegaConf.to_yaml(shown), end="")
+    sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -409,9 +489,18 @@ def main(argv: list[str] | None = None) -> None:
         summarize_command(rest)
     if command in ("eval", "predict", "export"):
         model_command(command, rest)
+    if command == "config":
+        config_command(rest)
     if command not in COMMANDS:
-        print(f"finetune: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(command, ALL_COMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"finetune: error: unknown command '{command}'{hint}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    if rest and rest[0] in ("-h", "--help", "--help-all"):
+        print(command_help(command, every_key=rest[0] == "--help-all"))
+        return
     from finetune.config import overrides
     from finetune.engine import distributed
 
