@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast bench bench-speed bench-transfer clean
+.PHONY: install run test test-fast docs bench bench-speed bench-transfer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # reinstalls only when pyproject.toml changes
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[test,sweep,export,tensorboard]"
+	$(BIN)/pip install -e ".[test,sweep,export,tensorboard,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,6 +30,12 @@ test: $(VENV)/.installed
 # the edit loop: without the heavy end-to-end tests (torchrun, plugin sweeps, benchmarks, CLI subprocesses)
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow"
+
+# the documentation site (mkdocs-material): the configuration reference regenerated from the schema, then the
+# site built into build/site, failing on a broken link (`$(BIN)/mkdocs serve` serves it while you edit)
+docs: $(VENV)/.installed
+	$(BIN)/python -m finetune.config.reference -o docs/reference.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: bench-speed bench-transfer
 

@@ -1,7 +1,8 @@
-"""Every `finetune` command line in the README, as typed: its plan built as `finetune inspect ...
-inspect.format=json` builds it (a `train` line is inspected instead of trained; a sweep is expanded into
-its jobs), and its LRs, schedules, trainable groups per epoch and BatchNorm mode checked against what the
-README says beside it. A README command without a check here fails the first test."""
+"""Every `finetune` command line in the README and in the documentation site (docs/**/*.md), as typed:
+its plan built as `finetune inspect ... inspect.format=json` builds it (a `train` line is inspected
+instead of trained; a sweep is expanded into its jobs), and its LRs, schedules, trainable groups per epoch
+and BatchNorm mode checked against what the text says beside it. A command line in a ```bash block without
+a check here (CHECKS, or ELSEWHERE: run by another test) fails the first test."""
 
 import itertools
 import json
@@ -13,21 +14,29 @@ from conftest import shared_data
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from tiny_runs import ROOT
 
-README = (ROOT / "README.md").read_text()
+# the README and every page of the docs site (the benchmark records under docs/ hold no command lines)
+SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+LITE0 = ["stem", *(f"blocks_{i}" for i in range(7)), "neck", "head"]  # the default model's groups
 BN_EVAL = "pretrained statistics in every layer (freeze.bn_eval)"
 BN_FROZEN = "pretrained statistics in frozen groups, batch statistics in trainable ones"
 EPOCHS, STEPS = 5, 6  # the defaults: 5 epochs of the synthetic set (192 images, batch 32)
 
 
-def readme_commands() -> list[str]:
+def commands_in(text: str) -> list[str]:
+    """The `finetune ...` lines of the ```bash blocks of a markdown text, continuations joined, comments cut."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             command = re.split(r"\s+#", line)[0].strip()
             if command.startswith("finetune "):
                 commands.append(" ".join(command.split()))
     return commands
+
+
+def readme_commands() -> list[str]:
+    """Every command line of the README and of the docs site, in order (repeats kept)."""
+    return [c for path in SOURCES for c in commands_in(path.read_text())]
 
 
 def jobs(command: str) -> list[list[str]]:
@@ -95,21 +104,21 @@ def check_fixed_2(info):  # "unfreeze the last N groups", no recipe: fixed, one_
     assert {g["schedule"]["kind"] for g in info["groups"]} == {"one_cycle"}
 
 
-def check_per_group_lr(info):  # "a different LR per group"
+def check_per_group_lr(info, group="layer4"):  # "a different LR per group": the last block 1e-3, the head 1e-2
     p = peaks(info)
-    assert p["layer4"] == pytest.approx(1e-3, rel=0.02) and p["head"] == pytest.approx(1e-2)
-    lp_ft_body_and_head({"groups": [g for g in info["groups"] if g["name"] != "layer4"]})
+    assert p[group] == pytest.approx(1e-3, rel=0.02) and p["head"] == pytest.approx(1e-2)
+    lp_ft_body_and_head({"groups": [g for g in info["groups"] if g["name"] != group]})  # the rest: lp_ft's body
 
 
-def check_per_group_schedule(info):  # "a schedule per group (others keep the global schedule)"
+def check_per_group_schedule(info, group="layer4"):  # "a schedule per group (others keep the global schedule)"
     groups = {g["name"]: g for g in info["groups"]}
-    head, layer4, stem = groups["head"], groups["layer4"], groups["stem"]
+    head, block, stem = groups["head"], groups[group], groups["stem"]
     # the head's one-cycle starts from one_cycle's own settings: no warmup from the global cosine
     assert head["schedule"]["kind"] == "one_cycle" and head["schedule"]["warmup"] == 0
     assert head["lr"]["start"] == pytest.approx(1e-2 / 25)  # lp_ft's head LR / div_factor: no warmup before it
     assert head["lr"]["peak"] == pytest.approx(1e-2, rel=0.01)
-    assert (layer4["schedule"]["kind"], layer4["schedule"]["t0"], layer4["schedule"]["t_mult"]) == ("sgdr", 1, 2)
-    assert layer4["schedule"]["warmup"] == 0
+    assert (block["schedule"]["kind"], block["schedule"]["t0"], block["schedule"]["t_mult"]) == ("sgdr", 1, 2)
+    assert block["schedule"]["warmup"] == 0
     assert (stem["schedule"]["kind"], stem["schedule"]["warmup"]) == ("cosine", 0.5)
 
 
@@ -159,6 +168,18 @@ def check_full(info, unfreeze):  # every trainable group from epoch 0, one LR, c
     assert info["recipe"]["name"] == "full"
 
 
+def check_linear_probe(info):  # "the head alone": every other group frozen throughout, the head at 1e-2
+    assert info["recipe"]["name"] == "linear_probe" and names(info) == LITE0
+    assert list(starts(info).values()) == [None] * (len(LITE0) - 1) + [0]
+    assert peaks(info)["head"] == pytest.approx(1e-2, rel=0.02)
+
+
+def check_unfreeze_3(info):  # "at most the last 3 groups: blocks_6, neck, head" (auto's lp_ft: the head first)
+    assert names(info)[-3:] == ["blocks_6", "neck", "head"]
+    check_lp_ft_unfreeze(info, "3")
+    lp_ft_body_and_head(info)
+
+
 def check_hymenoptera(info):  # 245 train images, batch 32: 7 full steps
     assert info["steps_per_epoch"] == 7
     lp_ft_body_and_head(info)
@@ -196,6 +217,14 @@ CHECKS = {
     "finetune train -m unfreeze=1,3,all": by_job(check_lp_ft_unfreeze, "unfreeze"),
     "finetune train model=resnet18 unfreeze=2 experiment=none": check_fixed_2,
     "finetune train model=resnet18 +per_group.layer4.lr=1e-3 +per_group.head.lr=1e-2": check_per_group_lr,
+    "finetune train +per_group.blocks_6.lr=1e-3 +per_group.head.lr=1e-2":
+        lambda info: check_per_group_lr(info, "blocks_6"),
+    "finetune train +per_group.head.schedule.kind=one_cycle "
+    "+per_group.blocks_6.schedule='{kind: sgdr, t0: 1, t_mult: 2}'":
+        lambda info: check_per_group_schedule(info, "blocks_6"),
+    "finetune train experiment=linear_probe": check_linear_probe,
+    "finetune train experiment=full": lambda info: check_full(info, "all"),
+    "finetune train unfreeze=3": check_unfreeze_3,
     "finetune train model=resnet18 schedule=cosine +per_group.head.schedule.kind=one_cycle "
     "+per_group.layer4.schedule='{kind: sgdr, t0: 1, t_mult: 2}'": check_per_group_schedule,
     "finetune train experiment=gradual": check_gradual,
@@ -205,12 +234,14 @@ CHECKS = {
     "finetune train lr=1e-3 lr_spread.kind=layer_decay lr_spread.decay=0.7 head_lr=1e-2": check_layer_decay,
     "finetune train -m unfreeze=1,3,all experiment=full": by_job(check_full, "unfreeze"),
     "finetune train data=imagefolder data.root=../shared/data/hymenoptera": check_hymenoptera,
+    "finetune inspect data=imagefolder data.root=../shared/data/hymenoptera": check_hymenoptera,
     "finetune train data=imagefolder data.root=../shared/data/neu6": check_auto,
     "finetune train model=torchvision model.name=regnet_y_400mf":
         check_groups(["stem", "stage1", "stage2", "stage3", "stage4", "head"]),
     "finetune train model=timm model.name=convnext_tiny":
         check_groups(["stem", "stages_0", "stages_1", "stages_2", "stages_3", "neck", "head"]),
     "finetune inspect model=resnet18": check_groups(RESNET),
+    "finetune train model=efficientnet_lite2": check_groups(LITE0),  # offline, the default model's groups
     "finetune train model=resnet18 'model.groups={stem: [conv1, bn1], early: [layer1, layer2], late: [layer3, "
     "layer4], head: fc}'": check_groups(["stem", "early", "late", "head"]),
     "finetune train -m data=imagefolder data.root=../shared/data/hymenoptera unfreeze=1,3,all epochs=3":
@@ -246,16 +277,20 @@ ELSEWHERE = {
 def test_every_readme_command_is_checked():
     commands = readme_commands()
     assert len(commands) >= 20
-    unchecked = [c for c in commands if c not in CHECKS and c not in ELSEWHERE]
-    assert not unchecked, f"README commands without a check: {unchecked}"
-    assert not set(CHECKS) - set(commands), "checks for commands the README no longer has"
+    assert len(commands_in((ROOT / "README.md").read_text())) >= 10  # both the README and the docs are read
+    assert len(commands_in((ROOT / "docs" / "guide" / "sweeps.md").read_text())) >= 5
+    unchecked = [f"{path.relative_to(ROOT)}: {c}" for path in SOURCES for c in commands_in(path.read_text())
+                 if c not in CHECKS and c not in ELSEWHERE]
+    assert not unchecked, f"command lines without a check (add one to CHECKS): {unchecked}"
+    gone = (set(CHECKS) | set(ELSEWHERE)) - set(commands)
+    assert not gone, f"checks for commands neither the README nor the docs have any more: {sorted(gone)}"
 
 
 @pytest.mark.parametrize("command", list(CHECKS))
 def test_readme_command_does_what_the_readme_says(command, capsys, monkeypatch):
     for name in re.findall(r"\.\./shared/data/(\w+)", command):
         shared_data(name)  # skips where the shared images are missing
-    monkeypatch.chdir(ROOT)  # data.root=../shared/... is relative to the checkout, as the README types it
+    monkeypatch.chdir(ROOT)  # data.root=../shared/... is relative to the checkout, as the docs type it
     check = CHECKS[command]
     for overrides in jobs(command):
         info = inspect_json(capsys, overrides)

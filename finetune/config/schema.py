@@ -97,8 +97,8 @@ class InspectFormat(StrEnum):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # conf/model/<choice>.yaml sets it (conf/train.yaml's defaults: efficientnet_lite0)
-    source: ModelSource = ModelSource.timm
+    name: str = MISSING  # the architecture, a torchvision or timm model name (model=<choice> sets it)
+    source: ModelSource = ModelSource.timm  # where model.name comes from (custom: model._target_)
     # DEFAULT | a weights enum name / timm pretrained tag | null (random init) | a local file
     # (.pth/.pt/.safetensors) | pkg:<python package> (weights shipped inside an installed package)
     weights: Optional[str] = "DEFAULT"
@@ -109,66 +109,65 @@ class ModelConfig:
     # your own model class (finetune/models/targets.py): built by hydra.utils.instantiate with `args`; `head` is
     # the module replaced by the new head (null: the last Linear)
     _target_: Optional[str] = None
-    args: Dict[str, Any] = field(default_factory=dict)
-    head: Optional[str] = None
+    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of model._target_
+    head: Optional[str] = None  # model._target_: the module the new head replaces (null: the last Linear)
 
 
 @dataclass
 class DataConfig:
-    # digits | synthetic | imagefolder | custom | a torchvision dataset (cifar10, ...): conf/data/<choice>.yaml
-    # sets it (conf/train.yaml's defaults: digits)
+    # digits | synthetic | imagefolder | custom | a torchvision dataset (cifar10, ...): data=<choice> sets it
     name: str = MISSING
-    root: Optional[str] = None
+    root: Optional[str] = None  # imagefolder: DIR holding train/<class>/ and val/<class>/
     num_classes: int = 4  # synthetic only; real datasets count their classes
     train_size: int = 192  # synthetic only
     val_size: int = 96  # synthetic only
     image_size: Optional[int] = None  # null: the model's pretrained input size
-    augment: bool = True
+    augment: bool = True  # random resized crops and flips for training (false: the eval transform)
     # with augment, through timm's factory (finetune/data/transforms.py): an auto-augment policy (rand-m9-mstd0.5-inc1:
     # RandAugment; original; augmix-m5-w4-d2) and random erasing (probability, random pixels)
     auto_augment: Optional[str] = None
-    re_prob: float = 0.0
+    re_prob: float = 0.0  # random erasing: the probability per image (0: off)
     # batch mixing (torchvision's MixUp / CutMix; both: one of the two per batch): the Beta alpha, 0: off
     mixup: float = 0.0
-    cutmix: float = 0.0
+    cutmix: float = 0.0  # CutMix: the Beta alpha, 0: off
     num_workers: int = -1  # -1: pick from the CPU count
     download: bool = True  # torchvision datasets
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing
     # your own dataset (finetune/models/targets.py): called with split=train|val and `args`
     _target_: Optional[str] = None
-    args: Dict[str, Any] = field(default_factory=dict)
+    args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of data._target_, besides split
 
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw
+    name: OptimizerName = OptimizerName.adamw  # the ONE optimizer that holds every layer group
     momentum: float = 0.9  # sgd / rmsprop; beta1 for adam(w)
-    nesterov: bool = False
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    nesterov: bool = False  # sgd: Nesterov momentum
+    beta2: float = 0.999  # adam(w): the second-moment beta
+    eps: float = 1e-8  # adam(w) / rmsprop: added to the denominator
+    weight_decay: float = 0.01  # every group's (per_group.<group>.weight_decay: one group's own)
     no_decay_norm_bias: bool = True  # no weight decay on biases and normalisation parameters
 
 
 @dataclass
 class ScheduleConfig:
-    kind: ScheduleKind = ScheduleKind.one_cycle
+    kind: ScheduleKind = ScheduleKind.one_cycle  # every group's LR schedule (per_group.<group>.schedule: its own)
     warmup: float = 0.0  # epochs of linear warmup from 0 (combinable with every kind)
     min_lr_ratio: float = 0.0  # cosine / sgdr / warmup floor, as a fraction of the group's LR
     step_size: float = 1.0  # step: epochs between decays
     gamma: float = 0.1  # step / multistep decay; exponential: factor per epoch
     milestones: List[float] = field(default_factory=list)  # multistep: epochs
-    pct_start: float = 0.25  # one_cycle (fastai defaults)
-    div_factor: float = 25.0
-    final_div_factor: float = 1e5
-    cycle_momentum: bool = True
-    max_momentum: float = 0.95
-    base_momentum: float = 0.85
+    pct_start: float = 0.25  # one_cycle (fastai's defaults): the share of the steps the LR rises
+    div_factor: float = 25.0  # one_cycle: it starts at the peak LR / div_factor
+    final_div_factor: float = 1e5  # one_cycle: it ends at its start LR / final_div_factor
+    cycle_momentum: bool = True  # one_cycle: the momentum (beta1) moves against the LR
+    max_momentum: float = 0.95  # one_cycle: the momentum at the start and the end
+    base_momentum: float = 0.85  # one_cycle: the momentum at the LR's peak
     t0: float = 1.0  # sgdr: epochs of the first cycle
     t_mult: float = 2.0  # sgdr: each cycle this many times longer
     restart_decay: float = 1.0  # sgdr: peak LR multiplied by this at every restart
-    cut_frac: float = 0.1  # slanted triangular (ULMFiT)
-    ratio: float = 32.0
+    cut_frac: float = 0.1  # slanted triangular (ULMFiT): the share of the steps the LR rises
+    ratio: float = 32.0  # slanted triangular: the peak LR / the lowest LR
     start_at_unfreeze: bool = True  # a group unfrozen later starts its schedule at its unfreeze step
     end_at_freeze: bool = False  # a group frozen for good before the end ends its schedule there (freezeout)
 
@@ -185,7 +184,7 @@ class LRSpreadConfig:
 
 @dataclass
 class FreezeConfig:
-    kind: FreezeKind = FreezeKind.fixed
+    kind: FreezeKind = FreezeKind.fixed  # what trains when (see the freeze.* keys below)
     t0: float = 0.5  # freezeout: the first group freezes after this share of the epochs, the others later
     milestones: Dict[int, Any] = field(default_factory=dict)  # epoch -> trainable groups (int|all)
     every: int = 1  # gradual: one more group every `every` epochs
@@ -196,7 +195,7 @@ class FreezeConfig:
 
 @dataclass
 class InspectConfig:
-    format: InspectFormat = InspectFormat.table
+    format: InspectFormat = InspectFormat.table  # the plan as a table, or as JSON for scripts
     params: bool = False  # also every parameter tensor: its group, effective LR and weight decay
     probe: bool = False  # under experiment=auto: run its probe (forward passes, no training), show its choice's plan
 
@@ -242,23 +241,23 @@ class TrainConfig:
     # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all
-    epochs: int = 5
+    epochs: int = 5  # epochs of training
     max_steps: Optional[int] = None  # end after this many optimizer steps (the plan spans them); null: epochs
-    # peak LR of the head group, under every recipe; lower groups per lr_spread. `auto`: the LR finder's
-    # suggestion (a number, or auto: Any rather than float)
+    # the head group's peak LR, under every recipe (the other groups follow lr_spread); or auto: the LR
+    # finder's suggestion
     lr: Any = 1e-3
     head_lr: Optional[float] = None  # the new head's own LR (overrides the spread for the head); recipes never set it
     batch_size: int = 32  # per micro-batch (and per process)
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation): the step sees batch_size x accumulate
-    seed: int = 0
+    seed: int = 0  # data order, augmentation and the new head's init are functions of it
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16/fp16 on CUDA, fp32 on the CPU
     channels_last: Optional[bool] = None  # null: on for CUDA
-    compile: bool = False
+    compile: bool = False  # torch.compile (compiled again when a freeze change flips requires_grad)
     # torchrun: BatchNorm in train mode normalises over the whole global batch (CUDA only)
     sync_bn: bool = False
-    label_smoothing: float = 0.0
-    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0  # the training loss's label smoothing (reported losses are without it)
+    grad_clip: Optional[float] = None  # clip the gradients' total norm to this (null: off)
     # EMA of the weights with this half-life in epochs; evaluation and the checkpoint's "ema" use it
     ema_half_life: Optional[float] = None
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
@@ -268,18 +267,18 @@ class TrainConfig:
     cache: bool = True
     cache_views: Optional[int] = None  # K: augmentations repeat every K epochs, K views cached
     cache_dir: Optional[str] = None  # memory-mapped feature files here (reused across runs); null: memory
-    cache_dtype: CacheDtype = CacheDtype.fp32
+    cache_dtype: CacheDtype = CacheDtype.fp32  # the cached features' dtype (fp16 / bf16: half the memory)
     head_init: HeadInit = HeadInit.none  # lbfgs: fit the new head on the cached features before training
     best_metric: BestMetric = BestMetric.val_acc  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
-    min_delta: float = 0.0
+    min_delta: float = 0.0  # early stopping: the smallest gain of best_metric that counts
     time_limit: Optional[float] = None  # minutes: stop after the step that passes it, resumable (exit 3)
     deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
     resume: Optional[str] = None  # run dir or checkpoint file
     overwrite: bool = False  # run in a directory that already holds a run, replacing it
     logger: Logger = Logger.none  # tensorboard: RUN_DIR/tensorboard, beside the CSV files
     verbose: bool = False  # show tracebacks for user errors
-    progress: bool = True
+    progress: bool = True  # the progress bar (false: log lines only)
     # set by finetune.compose, not on the command line: the recipe applied, what it set, auto's choice
     recipe: Optional[Any] = None
 
