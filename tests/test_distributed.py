@@ -156,7 +156,7 @@ def test_what_does_not_work_across_processes_is_one_line(capsys, monkeypatch, tm
     code, err = run_cli(capsys, "train", "-m", "lr=1e-3,1e-2", *QUIET)
     assert code == 2 and err == ["finetune: error: a sweep (-m) under torchrun would start every job in every "
                                  "process; sweep with a launcher whose jobs each run torchrun, or give each job "
-                                 "several tasks (README: Multi-GPU)"]
+                                 "several tasks (docs/guide/multi-gpu.md)"]
     monkeypatch.setenv("RANK", "2")
     code, err = run_cli(capsys, "train", *QUIET)
     assert code == 2 and "the rank must lie in [0, WORLD_SIZE)" in err[-1]

@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         world = distributed.SINGLE
     if not problem and world.enabled and any(a in ("-m", "--multirun") for a in rest):
         problem = ("a sweep (-m) under torchrun would start every job in every process; sweep with a launcher "
-                   "whose jobs each run torchrun, or give each job several tasks (README: Multi-GPU)")
+                   "whose jobs each run torchrun, or give each job several tasks (docs/guide/multi-gpu.md)")
     if problem:
         if world.main:  # the same line from every process would say nothing more
             print(f"finetune: error: {problem}", file=sys.stderr)

@@ -12,7 +12,7 @@ How well each depth's features separate the classes says how far the data is fro
   must be re-learned: every group at one LR, BatchNorm on batch statistics (`auto.far`, freezeout: each
   group's LR anneals to zero by the epoch it freezes, bottom up, the head's by the end). freezeout
   rather than full: wherever auto trains `far` it scored at least full's mean (steel defects at 30 and
-  60 images a class, three backbones, a tuning set and train folds: README, Why auto.far is freezeout).
+  60 images a class, three backbones, a tuning set and train folds: docs/benchmarks/auto.md).
 
 "Clearly": by more than one standard error of the top probe's accuracy and at least 1 point. The probe
 never sees the val folder.
