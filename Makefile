@@ -20,8 +20,8 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/finetune train
 
-# one test worker per core (pytest-xdist), a module's tests on one worker (they share its fixtures)
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadscope
+# one test worker per core (pytest-xdist); a module marked xdist_group stays on one worker (its fixture trains once)
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 # installs first: `make test` works as the first command on a fresh clone; every test
 test: $(VENV)/.installed

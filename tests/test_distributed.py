@@ -27,6 +27,9 @@ from finetune.commands.train import train
 from finetune.data.sampling import EpochSampler, Shard
 from finetune.engine import checkpoint
 
+# its module-scoped fixture trains once: keep the module on one test worker (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 # resnet18 at 16 px, 64 images: 8 global micro-batches of 8, 4 optimizer steps an epoch; groups
 # unfreeze at epochs 1 and 2 (each a DDP rebuild); with a weight average; pretrained BatchNorm statistics throughout, so
 # that one process with the doubled batch normalises the same way

@@ -16,6 +16,9 @@ from tiny_runs import (
 
 from finetune.data.datasets import synthetic_images
 
+# its module-scoped fixture trains once: keep the module on one test worker (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_model_commands")
+
 CLASSES = ["cat", "dog", "owl"]
 
 

@@ -19,6 +19,9 @@ from tiny_runs import ONE_THREAD_ENV, TINY, run_cli
 from finetune.commands import cli
 from finetune.engine import checkpoint
 
+# its module-scoped fixture trains once: keep the module on one test worker (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_sweep")
+
 RUN = [*TINY, "epochs=1", "experiment=none", "unfreeze=1", "schedule=constant"]
 
 
@@ -53,7 +56,7 @@ def test_a_failing_job_is_recorded_and_the_next_jobs_run(failing_sweep):
         assert json.loads((jobs[num] / "summary.json").read_text())["status"] == "completed"
     failed = json.loads((jobs[1] / "summary.json").read_text())
     assert failed == {"status": "failed", "reason": "lr must be a finite number > 0, got -1.0"}
-    assert "UserError: lr must be > 0" in (jobs[1] / "error.log").read_text()  # the traceback, for a report
+    assert "UserError: lr must be a finite number > 0" in (jobs[1] / "error.log").read_text()  # the traceback, for a report
 
 
 @pytest.mark.slow

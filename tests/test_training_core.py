@@ -225,7 +225,7 @@ def test_discriminative_lr_rules():
     ({"unfreeze": 0}, r"unfreeze=0 is out of range"),
     ({"unfreeze": "some"}, r"unfreeze: expected an integer or 'all'"),
     ({"lr": -0.1}, r"lr must be a finite number > 0, got -0.1"),
-    ({"lr": 0.0}, r"lr must be > 0"),
+    ({"lr": 0.0}, r"lr must be a finite number > 0"),
     ({"schedule.kind": "cosine", "schedule.warmup": 3.0}, r"schedule.warmup \(3.0 epochs\) is not shorter"),
 ])
 def test_config_errors_name_the_key(overrides, message):
