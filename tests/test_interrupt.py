@@ -204,3 +204,31 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_resume_is_exact(tmp_path
 
 def read_metrics(run: Path) -> list[dict]:
     return read_csv(run / "metrics.csv")
+
+
+def test_a_signal_while_the_final_reports_are_written_lets_them_finish(tmp_path, monkeypatch, caplog):
+    """SIGTERM after the last step, while the reports and plots are drawn: they finish (the signal is
+    taken after them), the run says it completed; a resume of the finished run draws the plots again."""
+    import logging
+
+    from finetune.output import report
+
+    real, calls = report.plot_lr_trace, []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(report, "plot_lr_trace", signalled)
+    args = [*TINY, "epochs=1", "experiment=none"]
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        summary = train(compose_cfg(*args), tmp_path / "run")
+    assert calls and summary["status"] == "completed"
+    assert "SIGTERM arrived after the last step: the run is complete" in caplog.text
+    for name in ("lr_trace.png", "diagnostics.png", "activations.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    monkeypatch.undo()
+    (tmp_path / "run" / "diagnostics.png").unlink()
+    train(compose_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    assert (tmp_path / "run" / "diagnostics.png").is_file()  # drawn again

@@ -204,8 +204,9 @@ class Diagnostics:
         self.act_csv.flush()
 
     def plot(self) -> None:
-        """diagnostics.png and activations.png from the files (rank 0, once something was recorded)."""
-        if not (self.main and self.started):
+        """diagnostics.png and activations.png from the files (rank 0, once something was recorded; a
+        resumed run that had nothing left to train draws them again from its directory's files)."""
+        if not self.main or not self.csv.path.is_file():
             return
         self.csv.flush()
         self.act_csv.flush()

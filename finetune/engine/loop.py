@@ -167,10 +167,15 @@ class Run:
                 self.end_epoch(metrics)
                 if self.stopping(epoch_end=True) and self.state.epoch < self.plan.epochs:
                     raise self.stop_here()
-        self.summary = self.report("completed")
-        self.observe("end", self.state.metrics, self.summary)
-        if self.diagnostics is not None:
-            self.diagnostics.plot()
+            # the final reports while signals are still caught: a job scheduler's SIGTERM now is taken
+            # after them (a second or two), never halfway through them
+            self.summary = self.report("completed")
+            self.observe("end", self.state.metrics, self.summary)
+            if self.diagnostics is not None:
+                self.diagnostics.plot()
+        if self.stop.signum is not None:
+            log.warning("%s arrived after the last step: the run is complete and its reports are written",
+                        signal.Signals(self.stop.signum).name)
         return self.summary
 
     def close(self) -> None:
