@@ -116,3 +116,10 @@ def test_a_lost_process_under_torchrun_is_one_line_with_the_resume_command(monke
         "the last checkpoint stays: resume with: torchrun <the same options> -m finetune train ")
     assert f"resume={tmp_path}" in err[0]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_groups_on_one_lr_curve_share_one_legend_entry():
+    names = ["stem", *[f"blocks_{i}" for i in range(7)], "neck", "head"]
+    trace = [{"step": s, "epoch": 0, "group": n, "lr": 1e-2 if n == "head" else 2e-4, "momentum": 0.9,
+              "trainable": 1} for s in range(3) for n in names]
+    assert [label for label, _ in report.lr_curves(trace, names)] == ["stem .. neck (9 groups)", "head"]

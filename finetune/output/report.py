@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from finetune.base.errors import writing
@@ -22,7 +23,7 @@ EVAL_FIELDS = ("step", "epoch", "val_loss", "val_acc")
 def subplots(*args, **kwargs):
     """(figure, axes) as pyplot.subplots gives them, on a figure no backend knows of: it draws to a file
     with savefig and leaves pyplot's backend (a notebook's, say) and its figure list alone."""
-    fig = Figure(figsize=kwargs.pop("figsize", None))
+    fig = Figure(figsize=kwargs.pop("figsize", None), layout=kwargs.pop("layout", None))
     return fig, fig.subplots(*args, **kwargs)
 
 
@@ -38,18 +39,28 @@ def write_json(path: Path, obj) -> None:
         Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def lr_curves(trace: Sequence[dict], group_names: Sequence[str]) -> list[tuple[str, list[dict]]]:
+    """(legend label, rows) per distinct curve: groups whose LRs and freeze states are the same at every
+    step share one line and one entry (lp_ft's body: nine groups at lr / 50), named by the first and last."""
+    curves: dict[tuple, list[str]] = {}
+    for name in group_names:
+        rows = [r for r in trace if r["group"] == name]
+        if rows:
+            curves.setdefault(tuple((r["step"], r["lr"], r["trainable"]) for r in rows), []).append(name)
+    return [(names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} groups)",
+             [r for r in trace if r["group"] == names[0]]) for names in curves.values()]
+
+
 def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str], steps_per_epoch: int) -> None:
     """Every group's LR against the step (log scale), frozen stretches dotted, freeze changes marked."""
 
     fig, ax = subplots(figsize=(9, 4.5))
     changes = set()
-    for name in group_names:
-        rows = [r for r in trace if r["group"] == name]
-        if not rows:
-            continue
+    curves = lr_curves(trace, group_names)
+    for label, rows in curves:
         steps = [r["step"] for r in rows]
         lrs = [r["lr"] for r in rows]
-        line, = ax.plot(steps, [lr if r["trainable"] else None for lr, r in zip(lrs, rows)], label=name)
+        line, = ax.plot(steps, [lr if r["trainable"] else None for lr, r in zip(lrs, rows)], label=label)
         ax.plot(steps, [None if r["trainable"] else lr for lr, r in zip(lrs, rows)],
                 linestyle=":", color=line.get_color(), alpha=0.6)
         for prev, cur in zip(rows, rows[1:]):
@@ -63,7 +74,7 @@ def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str],
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.set_title("LR per layer group (dotted: frozen)")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, ncol=1 + len(curves) // 6, loc="lower left")
     fig.tight_layout()
     with writing(path):
         fig.savefig(path, dpi=110)
@@ -80,7 +91,7 @@ def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequenc
     counts = np.asarray(matrix, dtype=float)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     k = len(classes)
-    side = min(14, 2.5 + 0.55 * k)
+    side = min(14, max(5.0, 2.5 + 0.55 * k))
     fig, ax = subplots(figsize=(side, side * 0.9))
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
@@ -93,7 +104,7 @@ def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequenc
                             color="white" if shares[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix (colour: share of the true class)")
+    ax.set_title("confusion matrix\n(colour: share of the true class)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     with writing(path):
@@ -193,19 +204,22 @@ def plot_activations(path: Path, rows: Sequence[dict], group_names: Sequence[str
     present = [n for n in group_names if any(r["group"] == n for r in rows)]
     if not present:
         return
-    fig, axes = subplots(len(present), 1, figsize=(9, 1.6 * len(present) + 0.8), sharex=True, squeeze=False)
+    fig, axes = subplots(len(present), 1, figsize=(9, 1.6 * len(present) + 0.8), sharex=True, squeeze=False,
+                         layout="constrained")  # room for the colour bar
     for ax, name in zip(axes[:, 0], present):
         mine = [r for r in rows if r["group"] == name]
         hist = np.array([[r[f"b{i}"] for i in range(bins)] for r in mine], dtype=float)
         hist = hist / np.maximum(hist.sum(1, keepdims=True), 1)
         steps = [r["step"] for r in mine]
-        ax.imshow(np.log1p(hist.T * 100), aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
-                  extent=(-0.5, len(steps) - 0.5, *log10_range))
+        # a log colour scale: the tails of the distribution (1e-3 of the activations) stay visible
+        image = ax.imshow(np.where(hist.T > 0, hist.T, np.nan), aspect="auto", origin="lower", cmap="magma",
+                          interpolation="nearest", norm=LogNorm(vmin=1e-3, vmax=1),
+                          extent=(-0.5, len(steps) - 0.5, *log10_range))
         ax.set_ylabel(name, fontsize=8)
         ticks = np.linspace(0, len(steps) - 1, min(8, len(steps))).round().astype(int)
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
     axes[0, 0].set_title("activations per group: log10 |a| (y) at each diagnostic step (x), share as colour")
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
+    fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01, label="share of the group's activations")
     with writing(path):
         fig.savefig(path, dpi=100)
