@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 # the main job on the embedded default: EfficientNet-Lite0 ImageNet weights, the embedded digits, offline
+# make run ARGS="model=resnet18 unfreeze=5": any command line (or `source .venv/bin/activate`, then finetune ...)
 run: $(VENV)/.installed
-	$(BIN)/finetune train
+	$(BIN)/finetune train $(ARGS)
 
 # one test worker per core (pytest-xdist); a module marked xdist_group stays on one worker (its fixture trains once)
 PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup

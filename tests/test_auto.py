@@ -303,3 +303,14 @@ def test_the_reason_never_contradicts_the_probes_numbers():
     assert "within the probe's noise" in tiny["reason"] and "are the best" not in tiny["reason"]
     best = auto.decide(evidence(("blocks_4", 0.30), ("head input", 0.35), images=20), "lp_ft", "freezeout")
     assert best["reason"].startswith("the top features are the best linear features (probe 0.350")
+
+
+def test_every_choice_has_a_one_line_summary_in_a_users_terms():
+    far = evidence(("a", 0.70), ("b", 0.95), ("head input", 0.89))
+    cases = [auto.decide(far, "lp_ft", "freezeout"),
+             auto.decide(evidence(("a", 0.70), ("head input", 0.95)), "lp_ft", "freezeout"),
+             auto.decide(evidence(("a", 0.40), ("head input", 0.35), images=20), "lp_ft", "freezeout"),
+             auto.decide(auto.Evidence(**{**far.__dict__, "adapted": (0.834, 0.647)}), "lp_ft", "freezeout"),
+             auto.decide(auto.Evidence(**{**far.__dict__, "steps": 5}), "lp_ft", "freezeout")]
+    summaries = [c["summary"] for c in cases]
+    assert len(set(summaries)) == 5 and all("probe" not in s and len(s) < 110 for s in summaries)

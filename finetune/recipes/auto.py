@@ -104,7 +104,8 @@ def decide(ev: Evidence, near: str, far: str, bn_drop: float = 0.05, far_min_ste
         if 0 < ev.steps < far_min_steps:
             reason = (f"{lead}, but the run has only {ev.steps} optimizer steps (< {far_min_steps}): too few for "
                       f"{far} to fit a new head at the body's LR; a probed head first, the body gently")
-            return {"recipe": near, "reason": reason}
+            return {"recipe": near, "reason": reason,
+                    "summary": "an earlier layer fits better, but the run is too short to re-learn the top layers"}
         if ev.adapted is not None:
             before, after = ev.adapted
             if before - after > bn_drop:
@@ -112,19 +113,22 @@ def decide(ev: Evidence, near: str, far: str, bn_drop: float = 0.05, far_min_ste
                           f"top probe falls from {before:.3f} to {after:.3f} (by more than {bn_drop}): {far} "
                           f"would start from worse features than the pretrained ones; keep them, train the body "
                           f"gently")
-                return {"recipe": near, "reason": reason}
+                return {"recipe": near, "reason": reason, "summary": "the top features fit worse here, and the "
+                        "earlier ones collapse under this data's own BatchNorm statistics: keep the pretrained ones"}
             lead += (f", and under this data's own BatchNorm statistics the top probe keeps "
                      f"{after:.3f} (from {before:.3f})")
         reason = f"{lead}: the top layers' pretrained features fit this data worse than earlier ones and must be re-learned"
-        return {"recipe": far, "reason": reason}
+        return {"recipe": far, "reason": reason,
+                "summary": "an earlier layer's features fit this data clearly better than the pretrained top's"}
     if best_name != top_name:  # ahead, but within the probe's noise: no evidence to re-learn the top
         reason = (f"a linear probe on {best_name}'s output scores {best:.3f}, the top features' {top:.3f}: a gap of "
                   f"{gap:.3f} within the probe's noise ({margin:.3f} on {ev.images} images), no evidence that the "
                   f"top features fit worse: keep them, train the body gently")
-        return {"recipe": near, "reason": reason}
+        return {"recipe": near, "reason": reason,
+                "summary": "the pretrained top features fit this data as well as any earlier layer's"}
     reason = (f"the top features are the best linear features (probe {top:.3f}; best earlier group "
               f"{_best_below(ev)}): keep them, train the body gently")
-    return {"recipe": near, "reason": reason}
+    return {"recipe": near, "reason": reason, "summary": "the pretrained top features fit this data best"}
 
 
 def _best_below(ev: Evidence) -> str:
@@ -348,10 +352,10 @@ def choose(cfg, saved: dict | None = None) -> dict:
     else:
         choice = choose_here(cfg, saved)
     probe = choice["probe"]
+    # the choice in a user's terms; the probe's numbers are in auto.json (and inspect inspect.probe=true)
     log.info("auto: %s experiment=%s: %s%s", "the resumed run keeps" if choice.get("resumed") else "chose",
-             choice["recipe"], choice["reason"],
-             f" (probe: {probe['images']} images, {probe['seconds']:.0f} s, "
-             f"{100 * probe['budget_share']:.1f}% of the run's compute)" if probe else "")
+             choice["recipe"], choice.get("summary", choice["reason"]),
+             f" (probe of {probe['images']} images, {probe['seconds']:.0f} s; details in auto.json)" if probe else "")
     return choice
 
 
