@@ -113,8 +113,9 @@ def decide(ev: Evidence, near: str, far: str, bn_drop: float = 0.05, far_min_ste
                           f"top probe falls from {before:.3f} to {after:.3f} (by more than {bn_drop}): {far} "
                           f"would start from worse features than the pretrained ones; keep them, train the body "
                           f"gently")
-                return {"recipe": near, "reason": reason, "summary": "an earlier layer fits better, but this data's own "
-                        "BatchNorm statistics spoil the features: keep the pretrained ones"}
+                return {"recipe": near, "reason": reason,
+                        "summary": "an earlier layer fits better, but this data's BatchNorm statistics spoil the "
+                                   "features: keep the pretrained ones"}
             lead += (f", and under this data's own BatchNorm statistics the top probe keeps "
                      f"{after:.3f} (from {before:.3f})")
         reason = f"{lead}: the top layers' pretrained features fit this data worse than earlier ones and must be re-learned"
