@@ -33,3 +33,17 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"needs the real images in {path} (the shared data beside the checkout)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+    """An in-process `finetune train` sets Hydra's job logging up (handlers on the stderr pytest captures
+    for that test): each test gets the loggers back as they were, so no later test logs to a closed stream."""
+    import logging
+
+    loggers = [logging.getLogger(), logging.getLogger("finetune")]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    yield
+    for logger, handlers, level in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
