@@ -492,3 +492,12 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     code, lines = run_cli(tmp_path, capsys, f"hydra.run.dir={tmp_path / 'taken'}")
     assert (code, lines) == (2, [f"finetune: error: hydra.run.dir={tmp_path / 'taken'} is a file, not a folder; "
                                  "choose another run directory"])
+
+
+def test_a_command_line_refused_before_anything_ran_leaves_no_run_directory(tmp_path, capsys, monkeypatch):
+    from tiny_runs import run_cli as cli_call
+
+    monkeypatch.chdir(tmp_path)
+    code, err = cli_call(capsys, "train", *ARGS, "data=imagefolder", f"data.root={tmp_path / 'nowhere'}")
+    assert code == 2 and err[-1].startswith("finetune: error: data.root")
+    assert not (tmp_path / "outputs").exists()  # no outputs/<date>/<time> holding only Hydra's files

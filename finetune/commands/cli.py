@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import traceback
@@ -172,6 +173,7 @@ def train_task(cfg: DictConfig) -> float | None:
                 _mark_failed(Path(out_dir), err)
             if not isinstance(err, UserError):
                 raise  # a bug: the traceback is what a report needs
+            _remove_if_nothing_ran(Path(out_dir))
             _report_user_error(cfg, err)
         # one failed job must not end the sweep: record it, say why in one line, let the next job run
         from finetune.commands.hydra_callbacks import mark_failed
@@ -193,6 +195,22 @@ def _peer_lost(err: BaseException) -> bool:
     text = str(err)
     return type(err).__name__ in ("DistBackendError", "DistNetworkError") or any(
         sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "Broken pipe"))
+
+
+def _remove_if_nothing_ran(run_dir: Path) -> None:
+    """A command line refused before anything ran leaves no run directory (Hydra made it with its own
+    config copy and an empty log), nor the empty date folders of the default outputs/<date>/<time>."""
+    if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= {".hydra", "finetune.log"}:
+        return
+    log_file = run_dir / "finetune.log"
+    if log_file.is_file() and log_file.stat().st_size and "- epoch " in log_file.read_text(errors="replace"):
+        return  # it trained: keep its log
+    shutil.rmtree(run_dir, ignore_errors=True)
+    here = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == here or here not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def _mark_failed(run_dir: Path, err: Exception) -> None:
