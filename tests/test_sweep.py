@@ -250,3 +250,22 @@ def test_rerunning_a_finished_sweep_into_its_dir_refuses_each_job_and_rewrites_n
     assert sum("refused:" in line and "already holds a run" in line for line in err) == 2, err
     assert {p: p.read_bytes() for p in files} == files  # every job's summary.json still says completed
     assert not (tmp_path / "sweep" / ".finetune-sweep.lock").exists()
+
+
+def test_jobs_that_trained_the_same_plan_are_flagged(tmp_path, capsys):
+    """`-m unfreeze=1,all epochs=1` under lp_ft trains the head alone in both jobs: equal LR traces, and the
+    summary says the overrides changed nothing."""
+    from finetune.commands import sweep
+
+    head_only = "step,epoch,group,lr\n0,0,head,0.01\n"
+    traces = {"0_unfreeze=1": head_only, "1_unfreeze=all": head_only, "2_lr=0.1": head_only.replace("0.01", "0.1")}
+    for num, (name, trace) in enumerate(traces.items()):
+        job = tmp_path / name
+        job.mkdir()
+        sweep.write_job_file(job, num, [name.split("_", 1)[1]])
+        (job / "summary.json").write_text(json.dumps({"status": "completed", "final_val_acc": 0.5}))
+        (job / "lr_trace.csv").write_text(trace)
+    rows = sweep.summarize(tmp_path)
+    assert sweep.identical(rows) == [[0, 1]]
+    assert "Jobs 0, 1 trained the same plan" in (tmp_path / "summary.md").read_text()
+    assert "finetune: jobs 0, 1 trained the same plan" in capsys.readouterr().err

@@ -6,9 +6,11 @@ finished or was interrupted (`finetune summarize DIR`)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -110,7 +112,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "recipe": recipe_cell(summary),
             **{k: summary.get(k) for k in ("final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds")},
             "images_per_s": summary.get("train_images_per_second"), "reason": summary.get("reason", ""),
-            "dir": job_dir.name,
+            "dir": job_dir.name, "trace": _digest(job_dir / "lr_trace.csv"),
         })
     swept = swept_keys(rows)
     for row in rows:
@@ -122,6 +124,25 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         return (not done, -(value if done else 0.0), row["job"] if row["job"] is not None else 1 << 30)
 
     return sorted(rows, key=order)
+
+
+def _digest(path: Path) -> str | None:
+    """A hash of a job's LR trace: every group's LR and trainability at every step."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def identical(rows: Sequence[dict]) -> list[list[int]]:
+    """Jobs (by number) that trained the same plan: their LR traces (every group's LR and freeze state at
+    every step) are equal, so different overrides changed nothing they computed (`-m unfreeze=1,all
+    epochs=1` under lp_ft: the head alone trains in both)."""
+    same: dict[str, list[int]] = {}
+    for row in rows:
+        if row.get("trace") and row["status"] == "completed":
+            same.setdefault(row["trace"], []).append(row["job"])
+    return [sorted(jobs) for jobs in same.values() if len(jobs) > 1]
 
 
 def recipe_cell(summary: dict) -> str:
@@ -196,8 +217,10 @@ def write_summary(sweep_dir: str | Path, rows: Sequence[dict]) -> list[Path]:
     lines = ["| " + " | ".join(header for _, header, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
     for row in rows:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |")
+    notes = [f"\nJobs {', '.join(map(str, jobs))} trained the same plan (equal LR traces for every group): "
+             "their overrides changed nothing these runs computed.\n" for jobs in identical(rows)]
     (sweep_dir / "summary.md").write_text(f"# sweep {sweep_dir.name}: {failure_line(rows)}\n\n"
-                                          + "\n".join(lines) + "\n")
+                                          + "\n".join(lines) + "\n" + "".join(notes))
     paths = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
     if plot_summary(sweep_dir / "summary.png", sweep_dir, rows):
         paths.append(sweep_dir / "summary.png")
@@ -303,4 +326,7 @@ def summarize(sweep_dir: str | Path, *, show: bool = True) -> list[dict]:
     write_summary(sweep_dir, rows)
     if show:
         print_table(rows, f"sweep {sweep_dir}: {failure_line(rows)}")
+        for jobs in identical(rows):
+            print(f"finetune: jobs {', '.join(map(str, jobs))} trained the same plan (equal LR traces): their "
+                  "overrides changed nothing these runs computed", file=sys.stderr)
     return rows
