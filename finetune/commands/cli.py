@@ -436,19 +436,12 @@ def command_help(command: str, every_key: bool = False) -> str:
         lines.append(f"  {group:<15}{' | '.join(options)}")
     lines += ["", "every key (key=value):" if every_key else "common keys (key=value; every key: --help-all):"]
     for k in shown:  # the value the default trains: lp_ft's where it sets one (auto's choice for most data)
-        value = f"{_text(k.recipes['lp_ft'])}*" if "lp_ft" in k.recipes else k.default
+        value = f"{reference.as_text(k.recipes['lp_ft'])}*" if "lp_ft" in k.recipes else k.default
         lines.append(f"  {k.name:<{width}}  {value:<12} {k.description}")
     lines += ["", "* set by lp_ft, the recipe auto trains where the pretrained features fit the data (most data;",
               "  freezeout's values where an earlier layer's fit clearly better: finetune config experiment=freezeout)",
               "", "Hydra's own options (sweeps, --cfg, completion): --hydra-help"]
     return "\n".join(lines)
-
-
-def _text(value) -> str:
-    """A config value as it is typed on the command line."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return "null" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def model_command_help(command: str, module) -> str:

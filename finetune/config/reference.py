@@ -89,7 +89,8 @@ def _type(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _value(value) -> str:
+def as_text(value) -> str:
+    """A config value as it is typed on the command line (and shown in the reference)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -165,7 +166,7 @@ def keys() -> list[Key]:
             elif inside := {k[len(name) + 1:]: v for k, v in settings.items() if k.startswith(f"{name}.")}:
                 by_recipe[recipe] = inside  # entries of a mapping (freeze.milestones, per_group)
         default = base.get(name, _schema_default(f))
-        found.append(Key(name, _type(hint), _value(default), comments[owner][f.name], by_recipe))
+        found.append(Key(name, _type(hint), as_text(default), comments[owner][f.name], by_recipe))
     order = {s: i for i, s in enumerate(SECTIONS)}
     return sorted(found, key=lambda k: order[section(k.name)])
 
@@ -208,7 +209,7 @@ def _defaults() -> dict[str, str]:
     out = {}
     for item in OmegaConf.to_container(OmegaConf.load(conf_dir() / "train.yaml"))["defaults"]:
         if isinstance(item, dict):
-            out.update({k: _value(v) for k, v in item.items()})
+            out.update({k: as_text(v) for k, v in item.items()})
     return out
 
 
@@ -256,7 +257,7 @@ def markdown() -> str:
             out += [" ".join(doc.split()), ""]
         out += ["| key | type | default | description | recipes |", "|---|---|---|---|---|"]
         for k in rows:
-            recipes_cell = ", ".join(f"{r}: `{_value(v)}`" for r, v in k.recipes.items())
+            recipes_cell = ", ".join(f"{r}: `{as_text(v)}`" for r, v in k.recipes.items())
             out.append(f"| `{k.name}` | {_cell(k.type)} | `{_cell(k.default)}` | {_cell(k.description)} "
                        f"| {_cell(recipes_cell)} |")
     return "\n".join(out) + "\n"
