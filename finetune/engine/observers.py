@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.base.errors import UserError
-from finetune.config.schema import Logger
 from finetune.output.progress import EpochProgress
 
 CHECK_EVERY = 10  # steps between NaN checks and progress updates: each reads a tensor back (a device sync)
-LOGGERS = tuple(Logger)
 
 
 def check_due(batch: int, steps_in_epoch: int) -> bool:
@@ -106,9 +104,8 @@ class TensorBoard(Observer):
 
 def observers(logger: str, progress: bool, main: bool, group_names: list[str], out_dir: Path,
               step: int) -> list[Observer]:
-    """The run's observers: the progress bar (rank 0's alone under torchrun) and the logger's."""
-    if logger not in LOGGERS:
-        raise UserError(f"logger: unknown logger '{logger}'; choose one of {', '.join(LOGGERS)}")
+    """The run's observers: the progress bar (rank 0's alone under torchrun) and the logger's (the
+    schema's enum has refused an unknown one already)."""
     found: list[Observer] = [ProgressBar(progress and main, group_names)]
     if logger == "tensorboard" and main:
         found.append(TensorBoard(out_dir, step))
