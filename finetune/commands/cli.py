@@ -199,12 +199,10 @@ def _peer_lost(err: BaseException) -> bool:
 
 def _remove_if_nothing_ran(run_dir: Path) -> None:
     """A command line refused before anything ran leaves no run directory (Hydra made it with its own
-    config copy and an empty log), nor the empty date folders of the default outputs/<date>/<time>."""
+    config copy and an empty log), nor the empty date folders of the default outputs/<date>/<time>. A run
+    that started holds more: lr_trace.csv is written when training starts."""
     if not run_dir.is_dir() or not set(os.listdir(run_dir)) <= {".hydra", "finetune.log"}:
         return
-    log_file = run_dir / "finetune.log"
-    if log_file.is_file() and log_file.stat().st_size and "- epoch " in log_file.read_text(errors="replace"):
-        return  # it trained: keep its log
     shutil.rmtree(run_dir, ignore_errors=True)
     here = Path.cwd().resolve()
     for parent in run_dir.resolve().parents:
