@@ -47,3 +47,10 @@ def logging_as_it_was():
     for logger, handlers, level in saved:
         logger.handlers[:] = handlers
         logger.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def own_probe_store(tmp_path_factory, monkeypatch):
+    """auto keeps its probes under $XDG_CACHE_HOME (auto.reuse): each test gets an empty one of its own, so
+    no test skips a probe because another (or the user's own runs) stored it; subprocesses inherit it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))

@@ -2,6 +2,7 @@
 the evidence, the run trains exactly the chosen recipe with the user's overrides, and it says why."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -314,3 +315,35 @@ def test_every_choice_has_a_one_line_summary_in_a_users_terms():
              auto.decide(auto.Evidence(**{**far.__dict__, "steps": 5}), "lp_ft", "freezeout")]
     summaries = [c["summary"] for c in cases]
     assert len(set(summaries)) == 5 and all("probe" not in s and len(s) < 120 for s in summaries)
+
+
+def test_a_second_run_on_the_same_model_and_files_reuses_the_probe(capsys, caplog, tmp_path, monkeypatch):
+    from test_recipes import tiny_image_folder
+
+    root = tiny_image_folder(tmp_path / "data", per_class=(12, 2))
+    caplog.set_level("INFO", logger="finetune")
+    args = [*TINY, "data=imagefolder", f"data.root={root}", "data.image_size=16", "experiment=auto",
+            "epochs=1", "auto.budget=1", *QUIET]
+    measured = []
+    real = auto._measure
+    monkeypatch.setattr(auto, "_measure", lambda *a: measured.append(1) or real(*a))
+
+    def run(name, *more):
+        code, err = run_cli(capsys, "train", *args, *more, f"hydra.run.dir={tmp_path / name}")
+        assert code == 0, err
+        return json.loads((tmp_path / name / "auto.json").read_text())["probe"], caplog.text
+
+    first, _ = run("a")
+    # another lr (a sweep's next job): the same model, files and probe settings, so the stored probe
+    second, log = run("b", "lr=0.05")
+    assert len(measured) == 1 and second["reused"] and second["stages"] == first["stages"]
+    assert "kept in" in log and first["reused"] is None
+    # a file the probe read changes: probed again
+    image = next((root / "train").rglob("*.png"))
+    image.write_bytes(image.read_bytes())
+    os.utime(image, ns=(1, 1))
+    third, _ = run("c", "lr=0.05")
+    # other settings the probe reads (a seed: other images, another head) or auto.reuse=false: probed again
+    run("d", "seed=1")
+    run("e", "auto.reuse=false")
+    assert third["reused"] is None and len(measured) == 4

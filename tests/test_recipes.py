@@ -494,11 +494,12 @@ def test_the_recipe_report_lists_what_it_set_and_not_what_the_command_line_did()
         "freeze.bn_eval": True, "freeze.kind": "fine_tune", "lr_spread.ratio": 0.02, "schedule.kind": "cosine"}
     assert recipe.describe("none", [], compose_train) is None
     assert recipe.line(report("lr=1e-3")) == (
-        "recipe lp_ft (experiment=none for none) sets freeze.bn_eval=true, freeze.kind=fine_tune, "
+        "recipe lp_ft sets freeze.bn_eval=true, freeze.kind=fine_tune, "
         "lr_spread.kind=body, lr_spread.ratio=0.02, schedule.kind=cosine, schedule.warmup=0.5")
     # auto, the default, before its probe: it sets only that it probes (its choice gets a line of its own)
     assert recipe.line(recipe.describe("auto", [], lambda o: compose_train(*o))) == (
-        "recipe auto (experiment=none for none): a probe of the train images chooses the recipe first")
+        "recipe auto: a short look at the train images chooses the recipe first "
+        "(experiment=<name> chooses it yourself)")
 
 
 def test_a_run_saves_its_recipe_in_the_summary(tmp_path, capsys):

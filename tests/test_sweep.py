@@ -265,7 +265,14 @@ def test_jobs_that_trained_the_same_plan_are_flagged(tmp_path, capsys):
         sweep.write_job_file(job, num, [name.split("_", 1)[1]])
         (job / "summary.json").write_text(json.dumps({"status": "completed", "final_val_acc": 0.5}))
         (job / "lr_trace.csv").write_text(trace)
+        (job / "metrics.csv").write_text(f"epoch,val_acc\n0,{0.5 + num / 10}\n")
     rows = sweep.summarize(tmp_path)
     assert sweep.identical(rows) == [[0, 1]]
     assert "Jobs 0, 1 trained the same plan" in (tmp_path / "summary.md").read_text()
     assert "finetune: jobs 0, 1 trained the same plan" in capsys.readouterr().err
+    # one epoch each: a bar per job on a 0..1 axis (not three dots on an axis from -0.045 to 0.045), the
+    # repeat named
+    ax = sweep.summary_figure(tmp_path, rows).axes[0]
+    assert [round(bar.get_width(), 2) for bar in ax.patches] == [0.5, 0.6, 0.7] and ax.get_xlim() == (0, 1)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "0: unfreeze=1", "1: unfreeze=all (= job 0's plan)", "2: lr=0.1"]

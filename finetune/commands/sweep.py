@@ -272,11 +272,20 @@ def _number(text: str) -> float | None:
 
 
 def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
-    """Every job's val acc per epoch; beside it, when one numeric key is swept, the objective against it.
-    False when no job has finished an epoch (nothing to draw)."""
+    """summary.png (summary_figure); False when no job has finished an epoch (nothing to draw)."""
+    fig = summary_figure(sweep_dir, rows)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def summary_figure(sweep_dir: Path, rows: Sequence[dict]):
+    """Every job's val acc per epoch (one bar per job when each trained one epoch); beside it, when one
+    numeric key is swept, the objective against it. None when no job has finished an epoch."""
     curves = {row["dir"]: _val_acc_curve(sweep_dir / row["dir"]) for row in rows}
     if not any(curves.values()):
-        return False
+        return None
     from matplotlib.ticker import MaxNLocator
 
     swept = swept_keys(rows)
@@ -288,18 +297,33 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
                       if row["status"] == "completed" and row[OBJECTIVE] is not None]
     fig, axes = subplots(1, 2 if points else 1, figsize=(12 if points else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for row in sorted(rows, key=lambda r: (r["job"] is None, r["job"])):
-        curve = curves[row["dir"]]
-        if curve:
-            label = f"{row['job']}: {' '.join(map(_short, row['overrides'])) or row['dir']}"[:60]
+    same = {job: jobs[0] for jobs in identical(rows) for job in jobs[1:]}  # a job -> the first job it repeats
+    ordered = [row for row in sorted(rows, key=lambda r: (r["job"] is None, r["job"])) if curves[row["dir"]]]
+
+    def label(row) -> str:
+        text = f"{row['job']}: {' '.join(map(_short, row['overrides'])) or row['dir']}"[:60]
+        if row["job"] in same:
+            text += f" (= job {same[row['job']]}'s plan)"
+        return text + ("" if row["status"] == "completed" else f" ({row['status']})")
+
+    if max(len(curves[row["dir"]]) for row in ordered) == 1:  # one epoch each: one bar per job, not a dot per job
+        ax.barh(range(len(ordered)), [curves[row["dir"]][0] for row in ordered],
+                color=["0.6" if row["job"] in same else "C0" for row in ordered])
+        ax.set_yticks(range(len(ordered)), [label(row) for row in ordered], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("val acc after epoch 0")
+        ax.set_title(f"val acc, {len(rows)} jobs of one epoch")
+    else:
+        for row in ordered:
+            curve = curves[row["dir"]]
             ax.plot(range(len(curve)), curve, marker="o", markersize=3,
-                    linestyle="-" if row["status"] == "completed" else ":",
-                    label=label + ("" if row["status"] == "completed" else f" ({row['status']})"))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val acc")
-    ax.set_title(f"val acc per epoch, {len(rows)} jobs")
-    ax.legend(fontsize=7)
+                    linestyle="-" if row["status"] == "completed" else ":", label=label(row))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val acc")
+        ax.set_title(f"val acc per epoch, {len(rows)} jobs")
+        ax.legend(fontsize=7)
     if points:
         ax = axes[0][1]
         points.sort()
@@ -313,8 +337,7 @@ def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
         ax.set_ylabel(OBJECTIVE)
         ax.set_title(f"{OBJECTIVE} against {swept[0]}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return fig
 
 
 def summarize(sweep_dir: str | Path, *, show: bool = True) -> list[dict]:

@@ -65,6 +65,7 @@ def line(recipe: dict | None) -> str:
     if recipe is None:
         return "recipe: none (experiment=none): the base config and your overrides"
     if recipe["name"] == "auto":  # before its probe: what it sets is only that it probes
-        return "recipe auto (experiment=none for none): a probe of the train images chooses the recipe first"
+        return ("recipe auto: a short look at the train images chooses the recipe first "
+                "(experiment=<name> chooses it yourself)")
     values = ", ".join(f"{k}={_text(v)}" for k, v in recipe["set"].items()) or "nothing your overrides did not"
-    return f"recipe {recipe['name']} (experiment=none for none) sets {values}"
+    return f"recipe {recipe['name']} sets {values}"

@@ -225,6 +225,10 @@ class AutoConfig:
     bn_drop: float = 0.05
     far_min_steps: int = 20  # far only when the run has at least this many optimizer steps
     folds: int = 5  # cross-validation folds of the linear probes (within the train set)
+    # keep each probe's result under $XDG_CACHE_HOME/finetune/probes (default ~/.cache), keyed by the model's
+    # weights, the train files (paths, sizes, times) and every setting the probe reads: a sweep's jobs and
+    # lr-find on the same data and model probe once; false: probe every time
+    reuse: bool = True
 
 
 @dataclass

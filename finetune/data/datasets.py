@@ -8,6 +8,7 @@ datasets by name (cifar10, ...); a `_target_` builds a custom one (finetune/data
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -265,6 +266,21 @@ def _readable(path: str, decode: bool = False) -> bool:
 def load_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         return to_rgb(im)
+
+
+def files_fingerprint(dataset) -> str | None:
+    """A digest of the image files behind `dataset` (path, size, modification time of each), unwrapping
+    transformed views; None when its images are not files (digits, synthetic: their config defines them)."""
+    while not hasattr(dataset, "samples") and hasattr(dataset, "base"):
+        dataset = dataset.base
+    samples = getattr(dataset, "samples", None)
+    if not samples or not isinstance(samples[0][0], str):
+        return None
+    digest = hashlib.sha256()
+    for path, label in samples:
+        st = os.stat(path)
+        digest.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class CheckedImageFolder(Dataset):

@@ -37,17 +37,24 @@ choice, so a resume trains it without probing again; a model with no head module
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
+from finetune.base.checksum import fingerprints
 from finetune.base.errors import UserError
 from finetune.config.presets import conf_dir
 from finetune.core.plan import total_steps
+from finetune.data.datasets import files_fingerprint
 from finetune.engine import checkpoint, distributed
 from finetune.engine.cache import fit_head
 from finetune.engine.setup import setup
@@ -75,6 +82,7 @@ class Evidence:
     adapted: tuple[float, float] | None = None
     adapted_images: int = 0
     steps: int = 0  # the run's optimizer steps; 0: not known
+    reused: str | None = None  # the stored probe this one is (auto.reuse), None: measured now
 
     @property
     def top(self) -> tuple[str, float]:
@@ -283,10 +291,57 @@ def adapted_head_inputs(model: nn.Module, groups, head: nn.Module, loader, devic
         model.train(was)
 
 
+def probe_store() -> Path:
+    """Where auto.reuse keeps probes: $XDG_CACHE_HOME/finetune/probes (~/.cache when unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "finetune" / "probes"
+
+
+def probe_key(cfg, parts) -> str:
+    """Everything the probe's result depends on: the model's weights (as built, head included), its groups,
+    the train files and the settings measure() reads. Equal keys measure equal evidence."""
+    model_bits = sum(fingerprints(parts.model.state_dict()).values())
+    key = {"model": model_bits, "groups": [(g.name, g.param_names) for g in parts.groups],
+           "files": files_fingerprint(parts.data.train), "data": OmegaConf.to_container(cfg.data, resolve=True),
+           "auto": {k: cfg.auto[k] for k in ("budget", "bn_drop", "far_min_steps", "folds")},
+           "run": {k: cfg[k] for k in ("seed", "batch_size", "accumulate", "epochs", "max_steps")},
+           "device": parts.device.type, "channels_last": parts.channels_last, "preprocess": parts.preprocess}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _stored(path: Path) -> Evidence | None:
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: probe again (and overwrite it)
+        return None
+    fields["stages"] = [tuple(s) for s in fields["stages"]]
+    fields["adapted"] = tuple(fields["adapted"]) if fields.get("adapted") else None
+    return Evidence(**{**fields, "reused": str(path)})
+
+
 def measure(cfg) -> Evidence:
-    """Build the model and the train set (centre crops) as the run will, forward, fit the probes."""
+    """Build the model and the train set (centre crops) as the run will, forward, fit the probes; with
+    auto.reuse, a stored probe of the same model, files and settings instead."""
     t0 = time.perf_counter()
     parts = setup(cfg, training=False)
+    stored = probe_store() / f"{probe_key(cfg, parts)}.json" if cfg.auto.reuse else None
+    ev = _stored(stored) if stored else None
+    if ev is not None:
+        parts.data.close()
+        return ev
+    ev = _measure(cfg, parts)
+    ev.seconds = round(time.perf_counter() - t0, 1)
+    if stored:
+        try:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stored.with_name(f".{stored.name}.{os.getpid()}.tmp")  # jobs running at once never see half
+            tmp.write_text(json.dumps(asdict(ev), indent=1))
+            os.replace(tmp, stored)
+        except OSError as e:  # a read-only cache costs only the reuse
+            log.warning("auto: could not keep the probe in %s (%s)", stored, e)
+    return ev
+
+
+def _measure(cfg, parts) -> Evidence:
     device, channels_last, groups, head, data = parts.device, parts.channels_last, parts.groups, parts.head, parts.data
     model = parts.model.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
     if head is None:
@@ -326,7 +381,6 @@ def measure(cfg) -> Evidence:
     finally:
         data.close()
     ev.budget_share = round((keep + 2 * ev.adapted_images) * FORWARD_SHARE / max(1, trained), 4)
-    ev.seconds = round(time.perf_counter() - t0, 1)
     return ev
 
 
@@ -356,8 +410,16 @@ def choose(cfg, saved: dict | None = None) -> dict:
     # the choice in a user's terms; the probe's numbers are in auto.json (and inspect inspect.probe=true)
     log.info("auto: %s experiment=%s: %s%s", "the resumed run keeps" if choice.get("resumed") else "chose",
              choice["recipe"], choice.get("summary", choice["reason"]),
-             f" (probe of {probe['images']} images, {probe['seconds']:.0f} s; details in auto.json)" if probe else "")
+             _probe_note(probe))
     return choice
+
+
+def _probe_note(probe: dict | None) -> str:
+    if not probe:
+        return ""
+    if probe.get("reused"):
+        return f" (the probe of {probe['images']} images kept in {probe['reused']}; details in auto.json)"
+    return f" (probe of {probe['images']} images, {probe['seconds']:.0f} s; details in auto.json)"
 
 
 class CannotProbe(Exception):
