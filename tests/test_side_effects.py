@@ -92,8 +92,13 @@ def test_eval_on_the_command_line_leaves_the_root_logger_alone(tmp_path, capsys)
 
 def test_a_lost_process_under_torchrun_is_one_line_with_the_resume_command(monkeypatch, tmp_path, capsys):
     """What a surviving rank sees when another is killed: gloo's connection error in a collective. It says
-    so in one line with the command that resumes, and summary.json says failed, not running."""
+    so in one line, naming the rank that died, with the command that resumes, and summary.json says failed,
+    not running."""
     import json
+    import os
+    import socket
+    import subprocess
+    import time
 
     from tiny_runs import QUIET, TINY, run_cli
 
@@ -110,12 +115,26 @@ def test_a_lost_process_under_torchrun_is_one_line_with_the_resume_command(monke
                            "Connection reset by peer")
 
     monkeypatch.setattr("finetune.commands.train.train", lost)
+    # the roster init() gathers: rank 1's process on this node has ended (a zombie torchrun has not reaped yet)
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    time.sleep(0.2)
+    monkeypatch.setattr(distributed, "_ROSTER", [(socket.gethostname(), os.getpid()),
+                                                 (socket.gethostname(), dead.pid)])
     code, err = run_cli(capsys, "train", *TINY, "experiment=lp_ft", *QUIET, f"hydra.run.dir={tmp_path}")
+    dead.wait()
     assert code == 2 and len(err) == 1 and err[0].startswith(
-        "finetune: error: [rank 0] another process of this run ended (its rank's log or the scheduler says why); "
+        "finetune: error: [rank 0] rank 1 of this run ended (its log or the scheduler says why); "
         "the last checkpoint stays: resume with: torchrun <the same options> -m finetune train ")
     assert f"resume={tmp_path}" in err[0]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    # reaped, or on another node
+    assert distributed.lost_ranks([(socket.gethostname(), os.getpid()), (socket.gethostname(), dead.pid)]) == [1]
+    assert distributed.lost_ranks([(socket.gethostname(), os.getpid()), ("node-b", 1)]) == []
+    monkeypatch.setattr(distributed, "_ROSTER", [])
+    code, err = run_cli(capsys, "train", *TINY, "experiment=lp_ft", "overwrite=true", *QUIET,
+                        f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "[rank 0] another process of this run ended (its log" in err[0]
 
 
 def test_groups_on_one_lr_curve_share_one_legend_entry():

@@ -164,9 +164,13 @@ def train_task(cfg: DictConfig) -> float | None:
         if world.enabled and _peer_lost(err):  # another rank died: gloo/NCCL's error here is only the symptom
             if world.main and (Path(out_dir) / "summary.json").is_file():
                 _mark_failed(Path(out_dir), err)
-            print(f"finetune: error: [rank {world.rank}] another process of this run ended (its rank's log or the "
-                  f"scheduler says why); the last checkpoint stays: resume with: {_resume_command(out_dir)}",
-                  file=sys.stderr)
+            from finetune.engine.distributed import lost_ranks
+
+            lost = lost_ranks()
+            who = (f"rank {', '.join(map(str, lost))} of this run ended" if lost else
+                   "another process of this run ended" + (" (on another node)" if lost == [] else ""))
+            print(f"finetune: error: [rank {world.rank}] {who} (its log or the scheduler says why); the last "
+                  f"checkpoint stays: resume with: {_resume_command(out_dir)}", file=sys.stderr)
             sys.exit(2)
         if not in_sweep:
             if (Path(out_dir) / "summary.json").is_file():  # a run that started says it failed, and why

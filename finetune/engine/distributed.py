@@ -11,6 +11,7 @@ would otherwise never be all-reduced and the replicas would drift apart without 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -88,11 +89,45 @@ def init(world: World, device: torch.device, timeout_minutes: float = 30.0) -> N
     dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.size,
                             timeout=timedelta(minutes=timeout_minutes),
                             device_id=device if device.type == "cuda" else None)
+    # every rank's (host, pid): when a collective fails, a survivor can name the rank that died (on its node).
+    # Process-wide, as the process group it describes is.
+    _ROSTER[:] = gather((socket.gethostname(), os.getpid()))
+
+
+_ROSTER: list[tuple[str, int]] = []
+
+
+def _gone(pid: int) -> bool:
+    """The process ended: no such pid, or a zombie torchrun has not reaped yet (it polls every few seconds)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (macOS): the signal-0 probe, which sees a zombie as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+
+def lost_ranks(roster: list[tuple[str, int]] | None = None) -> list[int] | None:
+    """The ranks on this node whose process has ended, from the roster init() gathered ([]: none here, so
+    the lost one ran on another node); None without a roster."""
+    roster = _ROSTER if roster is None else roster
+    if not roster:
+        return None
+    here = socket.gethostname()
+    return [rank for rank, (host, pid) in enumerate(roster) if host == here and _gone(pid)]
 
 
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    _ROSTER.clear()
 
 
 def active() -> bool:
