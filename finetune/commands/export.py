@@ -8,6 +8,7 @@ class names in output order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from finetune.base.errors import UserError, writing
 from finetune.commands.saved import SavedModel, architecture, load, parse_args
+from finetune.models import adapters
 
 log = logging.getLogger("finetune")
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -33,6 +35,9 @@ class ExportArgs:
     tolerance: float = 1e-4  # max abs difference of the logits allowed
     average: bool = True
     opset: int = 18  # ONNX opset
+    # a run with adapters (peft=...): true folds them into the base weights (peft's merge) and exports the plain
+    # model; false writes the adapters alone in peft's format under OUT/adapter (format is then ignored)
+    merge: bool = True
 
 
 def _check(name: str, expected: torch.Tensor, got: torch.Tensor, tolerance: float) -> float:
@@ -82,9 +87,31 @@ def _to_safetensors(saved: SavedModel, path: Path, check: torch.Tensor) -> torch
     state = {k: v.detach().contiguous().cpu() for k, v in saved.model.state_dict().items()}
     with writing(path):
         save_file(state, str(path), metadata={"format": "pt", "classes": json.dumps(saved.classes)})
-    fresh = architecture(saved.config, len(saved.classes)).model
+    fresh = plain_architecture(saved).model  # adapters are merged before any export
     fresh.load_state_dict(load_file(str(path)))
     return fresh.eval()(check)
+
+
+def plain_architecture(saved: SavedModel):
+    """The run's architecture without adapters (the merged model's), no weights."""
+    return architecture({**saved.config, "peft": None}, len(saved.classes))[0]
+
+
+def _adapter(saved: SavedModel, out: Path, check: torch.Tensor) -> tuple[Path, torch.Tensor]:
+    """merge=false: the adapters in peft's format, checked by loading them with peft onto a fresh model that
+    holds the base weights and a new, untrained head (the trained layers outside the adapters come from the
+    adapter files)."""
+    from peft import PeftModel
+
+    path = out / "adapter"
+    with writing(path / "adapter_model.safetensors"):
+        whole = adapters.save_adapter(saved.model, saved.groups, OmegaConf.create(saved.config["peft"]), path)
+    fresh = plain_architecture(saved).model
+    base = adapters.unload(saved.model).state_dict()
+    fresh.load_state_dict({k: v for k, v in base.items() if not any(k.startswith(f"{m}.") for m in whole)},
+                          strict=False)
+    loaded = PeftModel.from_pretrained(fresh, str(path)).eval()
+    return path, loaded(check)
 
 
 def run(argv: list[str]) -> Path:
@@ -92,23 +119,30 @@ def run(argv: list[str]) -> Path:
     if args.format not in FORMATS:
         raise UserError(f"export: format must be one of {', '.join(FORMATS)}, got '{args.format}'")
     saved = load(args.ckpt, "cpu", args.average)  # exported from the CPU: the file runs anywhere
+    if not args.merge and saved.groups is None:
+        raise UserError("export: merge=false writes a run's adapters alone, and this run has none (peft=none)")
     out = Path(args.out) if args.out else saved.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     size = saved.preprocess.input_size
     g = torch.Generator().manual_seed(0)
     example, check = (torch.randn(n, 3, size, size, generator=g) for n in (2, 3))  # another batch size too
     with torch.no_grad():
-        expected = saved.model(check)
+        expected = saved.model(check)  # the adapted model's: the merged export is checked against it
+        if saved.groups is not None and args.merge:  # peft's merge: the plain architecture again
+            saved = dataclasses.replace(saved, model=adapters.merge(saved.model))
         path = out / FORMATS[args.format]
-        if args.format == "torchscript":
+        if not args.merge:
+            path, got = _adapter(saved, out, check)
+        elif args.format == "torchscript":
             got = _to_torchscript(saved, path, example, check)
         elif args.format == "onnx":
             got = _to_onnx(saved, path, example, check, args.opset)
         else:
             got = _to_safetensors(saved, path, check)
-    diff = None if got is None else _check(args.format, expected, got, args.tolerance)
+    what = args.format if args.merge else "peft adapter"
+    diff = None if got is None else _check(what, expected, got, args.tolerance)
     p = saved.preprocess
-    info = {"format": args.format, "file": path.name, "input": [None, 3, size, size], "mean": list(p.mean),
+    info = {"format": args.format if args.merge else "peft", "file": path.name, "input": [None, 3, size, size], "mean": list(p.mean),
             "std": list(p.std), "input_size": size, "interpolation": p.interpolation, "crop_pct": p.crop_pct,
             "resize": "short side to input_size / crop_pct, then centre crop to input_size; RGB scaled to [0, 1], "
                       "then (x - mean) / std", "classes": saved.classes,
@@ -118,7 +152,10 @@ def run(argv: list[str]) -> Path:
     # every format exported here from this checkpoint, each with its own check (one file per format)
     before = _read_json(out / "preprocess.json")
     earlier = before.get("exports", {}) if before.get("checkpoint") == info["checkpoint"] else {}
-    info["exports"] = {**earlier, args.format: {"file": path.name, "max_abs_diff": diff}}
+    info["exports"] = {**earlier, info["format"]: {"file": path.name, "max_abs_diff": diff}}
+    if saved.groups is not None:
+        info["adapters"] = ("merged into the base weights (peft's merge)" if args.merge else
+                            "peft's format: PeftModel.from_pretrained(<the base model with this head size>, DIR)")
     with writing(out / "preprocess.json"):
         (out / "preprocess.json").write_text(json.dumps(info, indent=2) + "\n")
     checked = "not checked (no onnxruntime)" if diff is None else f"max abs difference {diff:.2e} on a batch of 3"

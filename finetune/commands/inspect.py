@@ -18,8 +18,9 @@ from finetune.engine.setup import setup
 from finetune.recipes.lr_find import resolve_lr
 
 
-def describe(plan: Plan, groups, sizes, batchnorm: str) -> dict:
-    """The plan as plain data: what `inspect.format=json` prints."""
+def describe(plan: Plan, groups, sizes, batchnorm: str, counts=None) -> dict:
+    """The plan as plain data: what `inspect.format=json` prints. `counts`: with adapters (peft=...), each
+    group's {"base_params", "adapter_params", "trainable_params"} (what the group trains when it trains)."""
     out = []
     for i, (gp, group, size) in enumerate(zip(plan.groups, groups, sizes)):
         sched = dict(gp.schedule_cfg)
@@ -27,6 +28,7 @@ def describe(plan: Plan, groups, sizes, batchnorm: str) -> dict:
             "name": gp.name,
             "patterns": list(group.patterns),
             "params": size,
+            **(counts[i] if counts else {}),
             "trainable_from_epoch": gp.first_epoch,
             "lr": plan.lr_range(i),
             "weight_decay": gp.weight_decay,
@@ -52,11 +54,17 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
     table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps"
                         f"{' = ' if not cut else ', '}{info['total_steps']} steps{cut}",
                   caption=f"BatchNorm: {info['batchnorm']}")
-    for col in ("group", "patterns", "params", "trains from", "lr start", "lr peak", "lr end", "wd", "schedule"):
-        table.add_column(col, justify="right" if col.startswith(("params", "lr", "wd", "trains")) else "left")
+    peft = "adapter_params" in info["groups"][0]
+    columns = ("group", "patterns", "params", *(("adapters", "trains") if peft else ()), "trains from", "lr start",
+               "lr peak", "lr end", "wd", "schedule")
+    for col in columns:
+        right = col.startswith(("params", "lr", "wd", "trains", "adapters"))
+        table.add_column(col + (" (base)" if peft and col == "params" else ""), justify="right" if right else "left")
     for g in info["groups"]:
         first = "never" if g["trainable_from_epoch"] is None else f"epoch {g['trainable_from_epoch']}"
-        table.add_row(g["name"], " ".join(g["patterns"]), f"{g['params']:,}", first,
+        sizes = (f"{g['base_params']:,}", f"{g['adapter_params']:,}", f"{g['trainable_params']:,}") if peft else (
+            f"{g['params']:,}",)
+        table.add_row(g["name"], " ".join(g["patterns"]), *sizes, first,
                       f"{g['lr']['start']:.2e}", f"{g['lr']['peak']:.2e}", f"{g['lr']['end']:.2e}",
                       f"{g['weight_decay']:g}", _schedule_text(g["schedule"]))
     console.print(table)
@@ -108,7 +116,13 @@ def inspect(cfg) -> dict:
     plan = parts.plan(cfg)
     params = dict(parts.model.named_parameters())
     sizes = [sum(params[n].numel() for n in g.param_names) for g in parts.groups]
-    info = describe(plan, parts.groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval))
+    counts = None
+    if any(g.adapters or g.fixed for g in parts.groups):
+        counts = [{"base_params": size - sum(params[n].numel() for n in g.adapters),
+                   "adapter_params": sum(params[n].numel() for n in g.adapters),
+                   "trainable_params": size - sum(params[n].numel() for n in g.fixed)}
+                  for g, size in zip(parts.groups, sizes)]
+    info = describe(plan, parts.groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval), counts)
     info["recipe"] = recipe
     info["warnings"] = plan_warnings(cfg, plan, random_init)
     if choice and choice.get("provisional"):  # the probe runs when training starts: the near recipe, the other named

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from finetune.base.errors import UserError
 from finetune.base.files import first_line
 from finetune.engine import checkpoint
+from finetune.engine.setup import model_groups
 from finetune.engine.step import resolve_device
 from finetune.models import build as models
 from finetune.models.weights import Preprocess
@@ -37,6 +38,7 @@ class SavedModel:
     path: Path  # the checkpoint file
     averaged: bool  # the weights are the run's weight average (ema_half_life)
     device: torch.device
+    groups: list | None = None  # the layer groups, with the adapters of a peft=... run; None without adapters
 
     @property
     def run_dir(self) -> Path:
@@ -53,10 +55,14 @@ class SavedModel:
         return p
 
 
-def architecture(config: dict, num_classes: int):
+def architecture(config: dict, num_classes: int) -> tuple[models.ModelBundle, list | None]:
     """The run's model (a models.ModelBundle) built from its config without weights: they come from the
-    checkpoint, so nothing is downloaded."""
-    return models.build_model(OmegaConf.create({**config["model"], "weights": None}), num_classes)
+    checkpoint, so nothing is downloaded. With the run's adapters (peft=...): a checkpoint holds them."""
+    model_cfg = OmegaConf.create({**config["model"], "weights": None})
+    bundle = models.build_model(model_cfg, num_classes)
+    peft = config.get("peft") or {}
+    groups = model_groups(bundle, model_cfg, OmegaConf.create(peft)) if peft.get("kind", "none") != "none" else None
+    return bundle, groups
 
 
 def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
@@ -67,7 +73,7 @@ def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
     if not classes:  # the head's size alone would be a guess at which tensor is the head
         raise UserError(f"{path} holds no class names (a checkpoint of an older finetune); train the run again to "
                         "use it with eval, predict or export")
-    bundle = architecture(config, len(classes))
+    bundle, groups = architecture(config, len(classes))
     averaged = bool(average and saved.get("ema"))
     state = saved["ema"]["model"] if averaged else saved["model"]
     try:
@@ -85,7 +91,7 @@ def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
         log.warning("%s holds no preprocessing; using %s's defaults (%d px)", path, config['model']['name'],
                     preprocess.input_size)
     dev = resolve_device(device)
-    return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev)
+    return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev, groups)
 
 
 def parse_args(schema, args: list[str], command: str):

@@ -60,11 +60,15 @@ def write_auto_choice(recipe: dict | None, out_dir: Path) -> None:
 
 
 def absolute_paths(cfg):
-    """`cfg` with data.root and cache_dir absolute: the checkpoint's config must name the same folders
-    from any working directory (`finetune eval ckpt=RUN` elsewhere read another folder of that name)."""
+    """`cfg` with data.root and cache_dir absolute, and a Hugging Face model's local directory: the checkpoint's
+    config must name the same folders from any working directory (`finetune eval ckpt=RUN` elsewhere read
+    another folder of that name)."""
     cfg = copy.deepcopy(cfg)
     for key in ("data.root", "cache_dir"):
         value = OmegaConf.select(cfg, key)
         if value:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(str(value))))
+    name = OmegaConf.select(cfg, "model.name")
+    if str(OmegaConf.select(cfg, "model.source")) == "hf" and name and os.path.isdir(os.path.expanduser(str(name))):
+        OmegaConf.update(cfg, "model.name", os.path.abspath(os.path.expanduser(str(name))))  # not a hub id
     return cfg

@@ -19,6 +19,7 @@ from omegaconf import MISSING
 class ModelSource(StrEnum):
     torchvision = "torchvision"
     timm = "timm"
+    hf = "hf"  # Hugging Face transformers: model.name is a hub id or a save_pretrained directory
     custom = "custom"  # model._target_: your own class
 
 
@@ -47,6 +48,21 @@ class SpreadKind(StrEnum):
     geometric = "geometric"
     ulmfit = "ulmfit"
     layer_decay = "layer_decay"
+
+
+class PeftKind(StrEnum):
+    none = "none"
+    lora = "lora"
+    dora = "dora"
+    ia3 = "ia3"
+    loha = "loha"
+    lokr = "lokr"
+
+
+class PeftBias(StrEnum):
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
 
 
 class FreezeKind(StrEnum):
@@ -97,7 +113,9 @@ class InspectFormat(StrEnum):
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # the architecture, a torchvision or timm model name (model=<choice> sets it)
+    # the architecture: a torchvision or timm model name, or (source hf) a Hugging Face hub id or a local
+    # save_pretrained directory (model=<choice> sets it)
+    name: str = MISSING
     source: ModelSource = ModelSource.timm  # where model.name comes from (custom: model._target_)
     # DEFAULT | a weights enum name / timm pretrained tag | null (random init) | a local file
     # (.pth/.pt/.safetensors) | pkg:<python package> (weights shipped inside an installed package)
@@ -232,6 +250,25 @@ class AutoConfig:
 
 
 @dataclass
+class PeftConfig:
+    """peft=<kind>: adapters in the layer groups below the head, through the peft library
+    (finetune/models/adapters.py). A group with adapters trains only them (and biases, by peft.bias) when
+    the freeze schedule trains it; its base weights never change."""
+
+    kind: PeftKind = PeftKind.none  # peft=<choice> sets it: lora, dora, ia3, loha, lokr (none: no adapters)
+    r: int = 8  # the adapters' rank (lora, dora, loha, lokr)
+    alpha: float = 16.0  # their scale: alpha / r (lora, dora, loha, lokr)
+    dropout: float = 0.0  # dropout on the adapters' input (lora, dora; loha and lokr: module dropout)
+    # the layer groups that get adapters; null: every group below the head (a group with no module that
+    # peft.target matches then keeps its base weights frozen)
+    groups: Optional[List[str]] = None
+    # a regex (re.search) over module names inside those groups: the Linear and Conv2d layers adapted; null:
+    # every Linear (a ViT's attention and MLP) and every 1x1 convolution (a convnet's pointwise layers)
+    target: Optional[str] = None
+    bias: PeftBias = PeftBias.none  # biases that train with the adapters: none, all (of the group), lora_only
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -242,6 +279,7 @@ class TrainConfig:
     inspect: InspectConfig = field(default_factory=InspectConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     auto: AutoConfig = field(default_factory=AutoConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all

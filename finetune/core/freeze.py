@@ -127,26 +127,28 @@ def _is_norm(module: nn.Module) -> bool:
 def apply_trainable(
     model: nn.Module, groups: Sequence[LayerGroup], mask: Sequence[bool], train_bn: bool = False
 ) -> None:
-    """requires_grad = group trainable (or, with train_bn, the parameter belongs to a BatchNorm)."""
+    """requires_grad = group trainable (or, with train_bn, the parameter belongs to a BatchNorm), except for a
+    group's fixed parameters (the base weights under adapters), which never train."""
     bn_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     params = dict(model.named_parameters())
     for group, on in zip(groups, mask):
+        fixed = set(group.fixed)
         for name in group.param_names:
             p = params[name]
-            p.requires_grad_(bool(on) or (train_bn and id(p) in bn_params))
+            p.requires_grad_((bool(on) or (train_bn and id(p) in bn_params)) and name not in fixed)
 
 
 def frozen_norm_modules(
     model: nn.Module, groups: Sequence[LayerGroup], mask: Sequence[bool], train_bn: bool = False,
     bn_eval: bool = False,
 ) -> list[nn.Module]:
-    """BatchNorm modules that must stay in eval mode: those whose parameters all sit in frozen groups,
-    or, with bn_eval, every one (trainable groups then normalise with the pretrained statistics)."""
+    """BatchNorm modules that must stay in eval mode: those whose parameters all sit in frozen groups, or,
+    with bn_eval, every one (trainable groups then normalise with the pretrained statistics). A BatchNorm
+    whose parameters are fixed under adapters is part of the base model, whose statistics stay too."""
     if bn_eval:
         return [m for m in model.modules() if _is_norm(m)]
-    if train_bn:
-        return []
-    frozen = {name for g, on in zip(groups, mask) if not on for name in g.param_names}
+    fixed = {name for g in groups for name in g.fixed}
+    frozen = fixed if train_bn else fixed | {name for g, on in zip(groups, mask) if not on for name in g.param_names}
     out = []
     for mod_name, module in model.named_modules():
         if not _is_norm(module):
@@ -154,7 +156,7 @@ def frozen_norm_modules(
         names = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
         if names and all(n in frozen for n in names):
             out.append(module)
-        elif not names and _buffer_group_frozen(f"{mod_name}.running_mean", groups, mask):
+        elif not names and not train_bn and _buffer_group_frozen(f"{mod_name}.running_mean", groups, mask):
             out.append(module)  # affine=False: no parameter says its group; its buffers' names do
     return out
 

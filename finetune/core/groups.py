@@ -25,6 +25,10 @@ class LayerGroup:
     name: str
     patterns: list[str]
     param_names: list[str] = field(default_factory=list)
+    # with adapters (peft=...): the group's adapter parameters, and the parameters that never train (the
+    # base weights under the adapters), both among param_names
+    adapters: list[str] = field(default_factory=list)
+    fixed: list[str] = field(default_factory=list)
 
 
 def normalize_spec(spec) -> list[tuple[str, list[str]]]:

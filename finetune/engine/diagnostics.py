@@ -146,7 +146,9 @@ class Diagnostics:
         self.every, self.plan, self.out_dir, self.main = every, plan, out_dir, main  # rank 0 alone writes
         self.names = [g.name for g in groups]
         params = dict(model.named_parameters())
-        self.params = [[params[n] for n in g.param_names] for g in groups]
+        # what the group trains: under adapters their weights, not the fixed base's (a ratio over both would
+        # read ~0 however fast the adapters move)
+        self.params = [[params[n] for n in g.param_names if n not in set(g.fixed)] for g in groups]
         self.modules = last_modules(model, groups)
         kind = TraceFile if main else NoTrace
         self.csv = kind(out_dir / "diagnostics.csv", FIELDS)

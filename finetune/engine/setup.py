@@ -24,19 +24,30 @@ from finetune.data.loaders import DataBundle, build_data
 from finetune.engine import distributed
 from finetune.engine.distributed import World
 from finetune.engine.step import resolve_device, resolve_precision, seed_everything
+from finetune.models import adapters
 from finetune.models.build import ModelBundle, build_model
 
 log = logging.getLogger("finetune")
 
 
 def build_parts(cfg) -> tuple[ModelBundle, list[LayerGroup], int]:
-    """The model with its fresh head, its layer groups, and the data's number of classes."""
+    """The model with its fresh head (and adapters, peft=...), its layer groups, and the data's number of
+    classes."""
     num_classes = datasets.num_classes(cfg.data)
     bundle = build_model(cfg.model, num_classes)
-    spec = cfg.model.groups if cfg.model.groups is not None else bundle.group_spec
+    return bundle, model_groups(bundle, cfg.model, cfg.get("peft")), num_classes
+
+
+def model_groups(bundle: ModelBundle, model_cfg, peft_cfg=None) -> list[LayerGroup]:
+    """The layer groups of a built model (model.groups or its ready grouping); with peft_cfg's adapters
+    added to the model first (in place), each in its layer's group."""
+    spec = model_cfg.groups if model_cfg.get("groups") is not None else bundle.group_spec
     if OmegaConf.is_config(spec):
         spec = OmegaConf.to_container(spec, resolve=True)
-    return bundle, build_groups(bundle.model, spec, cfg.model.catch_all), num_classes
+    groups = build_groups(bundle.model, spec, model_cfg.get("catch_all"))
+    if peft_cfg is not None and str(peft_cfg.kind) != "none":
+        groups = adapters.add(bundle.model, groups, peft_cfg)
+    return groups
 
 
 def head_module(model: nn.Module, groups) -> tuple[str, nn.Module | None]:

@@ -1,9 +1,10 @@
-"""Build a classifier to fine-tune: a torchvision or timm model with a fresh head, its ready layer
-groups (finetune.models.zoo) and the preprocessing its weights expect.
+"""Build a classifier to fine-tune: a torchvision, timm or Hugging Face transformers model (finetune.models.hf)
+with a fresh head, its ready layer groups (finetune.models.zoo) and the preprocessing its weights expect.
 
 ``model.weights`` takes:
 - ``DEFAULT`` or a weights name: torchvision enum member (``IMAGENET1K_V1``) or timm pretrained tag
-  (``a1_in1k``); downloaded into the usual torch hub / Hugging Face cache.
+  (``a1_in1k``); downloaded into the usual torch hub / Hugging Face cache. A Hugging Face model
+  (``model.source=hf``) takes only ``DEFAULT``: the weights of the hub id or directory in ``model.name``.
 - ``null``: random init.
 - a local ``.pth/.pt/.bin/.safetensors`` state dict (possibly nested under ``model``/``state_dict``),
   read without running pickled code and loaded by the head rule (finetune.models.weights).
@@ -29,7 +30,7 @@ import torch.nn as nn
 from finetune.base.errors import UserError
 from finetune.base.files import first_line
 from finetune.core.groups import auto_spec, normalize_spec
-from finetune.models import targets, zoo
+from finetune.models import hf, targets, zoo
 from finetune.models.heads import last_layer, replace_last_layer
 from finetune.models.weights import (
     IMAGENET_MEAN,
@@ -250,8 +251,8 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
         return _build_target(cfg, int(num_classes))
     name, source = str(cfg.name), str(cfg.source).lower()
     drop_rate = float(getattr(cfg, "drop_rate", 0.0) or 0.0)
-    if source not in SOURCES:
-        raise UserError(f"model.source: '{cfg.source}' is not one of {sorted(SOURCES)}")
+    if source not in SOURCES and source != "hf":
+        raise UserError(f"model.source: '{cfg.source}' is not one of {sorted([*SOURCES, 'hf'])}")
     if int(num_classes) < 1:
         raise UserError(f"model: num_classes must be at least 1, got {num_classes}")
     if not 0.0 <= drop_rate < 1.0:
@@ -261,6 +262,8 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
         raise UserError(f"model.drop_path_rate: must be in [0, 1), got {drop_path}")
     if drop_path and source != "timm":
         raise UserError("model.drop_path_rate: stochastic depth is set through timm's models only (model.source=timm)")
+    if source == "hf":
+        return _build_hf(cfg, name, int(num_classes), drop_rate)
     src = SOURCES[source]
     if not src.is_known(name):
         raise _unknown_name(name, source, src.names())
@@ -289,6 +292,23 @@ def build_model(cfg, num_classes: int) -> ModelBundle:
     return ModelBundle(model, spec, preprocess, head_group=list(spec)[-1])
 
 
+def _build_hf(cfg, name: str, num_classes: int, drop_rate: float) -> ModelBundle:
+    """model.source=hf: transformers builds the model with `num_classes` outputs, its classifier is then
+    replaced by a fresh one, and a local weights file goes in on top (finetune.models.hf)."""
+    kind, value = weights_kind(getattr(cfg, "weights", None))
+    if kind == "pkg":
+        raise UserError("model.weights=pkg:... is for timm models; a Hugging Face model takes DEFAULT, null or a file")
+    sd = read_state_dict(value) if kind == "file" else None  # fail on a bad file before building
+    where = hf.local_dir(name) or name
+    model = hf.construct(where, value if kind == "named" else None, num_classes)
+    hf.fresh_head(model, num_classes, drop_rate)
+    if sd is not None:
+        hf.load_file(model, sd, value)
+    groups = getattr(cfg, "groups", None)
+    spec = dict(normalize_spec(groups)) if groups is not None else ready_spec(model, name, "hf")
+    return ModelBundle(model, spec, hf.preprocess(where, model), head_group=list(spec)[-1])
+
+
 def _build_target(cfg, num_classes: int) -> ModelBundle:
     """model._target_ (finetune/models/targets.py): the user's class, a fresh head at model.head, automatic
     groups (or model.groups), ImageNet normalisation; model.weights may name a local file to load."""
@@ -308,6 +328,8 @@ def _build_target(cfg, num_classes: int) -> ModelBundle:
 def ready_spec(model: nn.Module, name: str, source: str) -> dict[str, list[str]]:
     """The ready grouping for a known family (finetune.models.zoo), else groups.auto_spec."""
     source = str(source).lower()
+    if source == "hf":
+        return zoo.hf_spec(model, hf.body(model), hf.heads(model))
     if source == "timm":
         return zoo.timm_spec(model, _timm_heads(model))
     if source == "torchvision":

@@ -1,10 +1,11 @@
 """Ready layer groupings for known model families, always expressed as regex group specs.
 
 Every grouping here is built the same way: decide which parameters belong to which group (by module
-paths for torchvision families, by timm's own ``group_matcher`` for timm models), then turn that into
-``re.match`` patterns on the shortest module prefixes (``layer1\\.``, ``features\\.(?:2|3)\\.``,
-``class_token$``). The patterns are shown to users by ``finetune inspect`` and can be copied into
-``model.groups``. Group order is input -> output; ``neck`` (pre-logits layers) and ``head`` come last.
+paths for torchvision families, by timm's own ``group_matcher`` for timm models, by the encoder's layer
+list for Hugging Face transformers models), then turn that into ``re.match`` patterns on the shortest
+module prefixes (``layer1\\.``, ``features\\.(?:2|3)\\.``, ``class_token$``). The patterns are shown to
+users by ``finetune inspect`` and can be copied into ``model.groups``. Group order is input -> output;
+``neck`` (pre-logits layers) and ``head`` come last.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from typing import Callable, Iterable, Sequence
 
 import torch.nn as nn
+
+from finetune.core.groups import auto_spec
 
 HEAD = "head"
 NECK = "neck"
@@ -302,3 +305,55 @@ def timm_spec(model: nn.Module, heads: Sequence[str]) -> dict:
     owner.update({n: HEAD for n in names if is_head[n]})
     order = [g for g in order if g != HEAD] + [HEAD]
     return spec_from_owner(names, owner, order)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+
+
+def _block_list(model: nn.Module, body: str) -> str | None:
+    """Path of the encoder's layer list under `body`: the ModuleList holding the most parameters, the
+    outermost on a tie (``vit.layers`` / ``vit.encoder.layer``, ``convnext.encoder.stages``, Swin's
+    ``swin.encoder.layers`` rather than one stage's ``blocks``); None when the body has none."""
+    best, best_key = None, None
+    for path, module in model.get_submodule(body).named_modules(prefix=body):
+        if isinstance(module, nn.ModuleList) and len(module):
+            key = (sum(p.numel() for p in module.parameters()), -path.count("."))
+            if key[0] and (best_key is None or key > best_key):
+                best, best_key = path, key
+    return best
+
+
+def hf_spec(model: nn.Module, body: str, heads: Sequence[str]) -> dict:
+    """Ready grouping of a transformers image classifier with its backbone at `body` and classifier(s) at
+    `heads`: ``embeddings`` (every parameter before the encoder's layer list), one group per list entry,
+    ``neck`` (after it: final norm, pooler), ``head``. Entries are ``stages_<i>`` when the list is of
+    stages (named so, or entries holding their own block list: ConvNeXt, Swin, ResNet), else ``blocks_<i>``
+    (ViT, DeiT, BEiT, DINOv2, CLIP / SigLIP vision). Without a layer list: groups.auto_spec's groups of the
+    body (one per child), then the head (which may lie inside the body)."""
+    names = [n for n, _ in model.named_parameters()]
+    is_head = {n: any(n.startswith(h + ".") for h in heads) for n in names}
+    blocks = _block_list(model, body)
+    if blocks is None:
+        sub = auto_spec(model.get_submodule(body))
+        owner = {}
+        for n in names:
+            rel = n[len(body) + 1:]
+            group = HEAD if is_head[n] else next(g for g, pats in sub.items() if any(re.match(p, rel) for p in pats))
+            owner[n] = f"{group}_body" if group == HEAD and not is_head[n] else group
+        order = [f"{g}_body" if g == HEAD else g for g in sub] + [HEAD]
+        return spec_from_owner(names, owner, [g for g in order if g in set(owner.values())])
+    entries = model.get_submodule(blocks)
+    staged = blocks.rpartition(".")[2] == "stages" or any(
+        isinstance(m, nn.ModuleList) for entry in entries for m in entry.modules())
+    kind = "stages" if staged else "blocks"
+    owner, seen_blocks = {}, False
+    for n in names:
+        if is_head[n]:
+            owner[n] = HEAD
+        elif n.startswith(blocks + "."):
+            owner[n], seen_blocks = f"{kind}_{n[len(blocks) + 1:].split('.')[0]}", True
+        else:
+            owner[n] = NECK if seen_blocks else "embeddings"
+    order = ["embeddings"] + [f"{kind}_{i}" for i in range(len(entries))] + [NECK, HEAD]
+    return spec_from_owner(names, owner, [g for g in order if g in set(owner.values())])
