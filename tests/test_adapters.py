@@ -167,3 +167,43 @@ def test_every_peft_kind_trains_its_adapters_alone(kind, tmp_path):
     base = [n for n in start if n not in adapter and not n.startswith("head.")]
     assert adapter and any(not torch.equal(start[n], end[n]) for n in adapter)
     assert all(torch.equal(start[n], end[n]) for n in base)
+
+
+@pytest.mark.slow
+def test_the_benchmark_measures_what_adapters_save():
+    """scripts/bench_peft.py's smoke run: each mode in its own process, LoRA training a share of the
+    parameters with that share of the optimizer state, the head alone keeping almost no activations."""
+    from finetune.bench.adapters import run_all, table
+
+    rows = {r["mode"]: r for r in run_all("test_vit", batch=2, size=160, steps=1, rank=8)}
+    full, lora, head = rows["full"], rows["lora"], rows["head"]
+    assert head["trainable"] == 64 * 10 + 10 and lora["trainable"] == head["trainable"] + 6 * 8 * (
+        (64 + 192) + (64 + 64) + (64 + 192) + (192 + 64))
+    # AdamW: two moments of every trained parameter, 4 bytes each
+    assert [r["optimizer_bytes"] for r in (full, lora, head)] == [8 * r["trainable"] for r in (full, lora, head)]
+    assert head["activation_bytes"] < 0.05 * full["activation_bytes"] < lora["activation_bytes"]
+    assert table([full, lora, head]).count("\n") == 4
+
+
+def test_lora_on_a_hugging_face_vit_trains_merges_and_loads_with_peft(tmp_path, capsys):
+    """model=hf with peft=lora: adapters on the transformers ViT's attention and MLP layers, its base fixed,
+    the merged export and peft's format both reproducing the adapted model."""
+    from test_hf_models import save_tiny, vit_processor
+
+    path = save_tiny(tmp_path / "vit-tiny", "vit", vit_processor())
+    cfg = compose("model=hf", f"model.name={path}", "data=synthetic", "data.image_size=32", "data.num_classes=2",
+                  "data.train_size=16", "data.val_size=8", "batch_size=8", "progress=false", "device=cpu",
+                  "experiment=lp_ft", "epochs=2", "peft=lora")
+    groups = {g.name: g for g in setup(cfg, training=False).groups}
+    # query, key, value, attention output, intermediate and output dense layers of each of the 2 layers
+    assert [len(groups[n].adapters) // 2 for n in ("embeddings", "blocks_0", "blocks_1", "neck", "head")] == [
+        0, 6, 6, 0, 0]
+    start = {n: p.detach().clone() for n, p in setup(cfg, training=False).model.named_parameters()}
+    train(cfg, tmp_path / "run")
+    end = weights(tmp_path / "run")
+    assert all(torch.equal(start[n], end[n]) for n in start if ".lora_" not in n and ".classifier." not in n)
+    assert any(not torch.equal(start[n], end[n]) for n in start if ".lora_B." in n)
+    for extra in ("format=onnx", "merge=false"):
+        code, err = run_cli(capsys, "export", f"ckpt={tmp_path / 'run'}", extra, f"out={tmp_path / extra[:5]}")
+        assert code == 0, err
+        assert json.loads((tmp_path / extra[:5] / "preprocess.json").read_text())["max_abs_diff"] <= 1e-4

@@ -177,3 +177,23 @@ def test_a_submitit_job_of_two_tasks_is_one_distributed_run(tmp_path):
     summary = json.loads((job / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["replica_fingerprints"][0] == summary["replica_fingerprints"][1]
+
+
+def test_adapters_under_torchrun_join_the_ddp_rewrap_and_leave_the_base_alone(tmp_path):
+    """peft=lora on every convolution under the gradual unfreeze: each freeze change rebuilds DDP with the
+    adapters that now train (a parameter DDP did not register would drift between ranks without an error);
+    both ranks end equal, with the base weights as they started."""
+    import finetune
+    from finetune.engine.setup import setup
+
+    lora = ["peft=lora", "peft.target=conv"]
+    torchrun(tmp_path, *lora, "hydra.run.dir=run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(set(summary["replica_fingerprints"])) == 1
+    start = dict(setup(finetune.compose([*RUN, "batch_size=4", *lora], probe=False), training=False)
+                 .model.named_parameters())
+    end = load(tmp_path / "run")["model"]
+    assert all(torch.equal(start[n].detach(), end[n]) for n in start if ".lora_" not in n and not n.startswith("fc."))
+    # layer3 and layer4 unfroze at epochs 2 and 1 (gradual): their adapters trained; layer1's never did
+    moved = {n.split(".")[0] for n in start if ".lora_B." in n and not torch.equal(start[n].detach(), end[n])}
+    assert moved == {"layer3", "layer4"}

@@ -211,7 +211,41 @@ def by_job(check, key):
     return job_check
 
 
+VIT_S = ["stem", *(f"blocks_{i}" for i in range(12)), "neck", "head"]
+
+
+def adapters_in(info) -> list:
+    return [g["name"] for g in info["groups"] if g.get("adapter_params")]
+
+
+def check_lora_default(info):  # "adds them to every group below the head, whose base weights then never change"
+    # every Lite0 block and the neck hold 1x1 convolutions; the stem's only convolution is 3x3
+    assert adapters_in(info) == LITE0[1:-1]
+    groups = {g["name"]: g for g in info["groups"]}
+    assert all(groups[n]["trainable_params"] == groups[n]["adapter_params"] for n in LITE0[:-1])
+    assert groups["head"]["trainable_params"] == groups["head"]["params"] and groups["stem"]["trainable_params"] == 0
+
+
+def check_lora_last_blocks(info):  # peft.groups=[blocks_8 .. blocks_11]: adapters there, the rest as without
+    assert names(info) == VIT_S and adapters_in(info) == VIT_S[9:13]
+    groups = {g["name"]: g for g in info["groups"]}
+    # attention (qkv 384x1152, proj 384x384) and MLP (fc1 384x1536, fc2 1536x384) at r=8
+    assert groups["blocks_8"]["adapter_params"] == 8 * (384 + 1152 + 384 + 384 + 384 + 1536 + 1536 + 384)
+    assert groups["blocks_7"]["trainable_params"] == groups["blocks_7"]["params"]  # outside peft.groups: whole
+
+
+def check_lora_attention(info):  # peft.target=attn: the attention layers of every block
+    assert adapters_in(info) == VIT_S[1:13]
+    assert {g["adapter_params"] for g in info["groups"] if g["name"].startswith("blocks_")} == {
+        8 * (384 + 1152 + 384 + 384)}
+
+
 CHECKS = {
+    "finetune train peft=lora": check_lora_default,
+    "finetune train model=timm model.name=vit_small_patch16_224 model.weights=null peft=lora "
+    "peft.groups=[blocks_8,blocks_9,blocks_10,blocks_11]": check_lora_last_blocks,
+    "finetune inspect model=timm model.name=vit_small_patch16_224 model.weights=null peft=lora peft.target=attn":
+        check_lora_attention,
     "finetune train model=resnet18 unfreeze=5": check_unfreeze_5,
     "finetune inspect model=resnet18 unfreeze=5": check_unfreeze_5,
     "finetune train -m unfreeze=1,3,all": by_job(check_lp_ft_unfreeze, "unfreeze"),
@@ -253,6 +287,9 @@ CHECKS = {
 }
 # checked elsewhere: they download, read a run that is not there, or are not a plan
 ELSEWHERE = {
+    "finetune train model=hf model.name=google/vit-base-patch16-224": "downloads (test_hf_models: a local dir)",
+    "finetune train model=hf model.name=google/vit-base-patch16-224 peft=lora": "downloads (test_adapters)",
+    "finetune train model=hf model.name=/models/my-vit": "test_hf_models (a save_pretrained directory)",
     "finetune train data=cifar10": "downloads CIFAR-10 (test_data)",
     "finetune train hparams_search=optuna hydra.sweeper.n_trials=20": "test_sweep runs a 3-trial study",
     "finetune summarize multirun/2026-12-01/10-00-00": "test_sweep",

@@ -27,7 +27,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(mode: str, model: str, batch: int, size: int, steps: int, rank: int) -> dict:
+def measure(mode: str, model: str, batch: int, size: int, steps: int, rank: int, target: str = "") -> dict:
     """One mode in this process: trainable parameters, optimizer state bytes, peak RSS growth, step time."""
     import peft  # noqa: F401  (imported by every mode before the baseline: its import is not a step's memory)
 
@@ -41,7 +41,7 @@ def measure(mode: str, model: str, batch: int, size: int, steps: int, rank: int)
     overrides = ["model=timm", f"model.name={model}", "model.weights=null", "data=synthetic",
                  f"data.image_size={size}", "data.num_classes=10", "experiment=none", "device=cpu"]
     if mode == "lora":
-        overrides += ["peft=lora", f"peft.r={rank}"]
+        overrides += ["peft=lora", f"peft.r={rank}", *([f"peft.target={target}"] if target else [])]
     cfg = compose(overrides, probe=False)
     bundle, groups, _ = build_parts(cfg)
     net = bundle.model.train()
@@ -84,12 +84,12 @@ def measure(mode: str, model: str, batch: int, size: int, steps: int, rank: int)
             "peak_rss_mib": _rss_mib() - before, "step_s": statistics.median(times)}
 
 
-def run_all(model: str, batch: int, size: int, steps: int, rank: int) -> list[dict]:
+def run_all(model: str, batch: int, size: int, steps: int, rank: int, target: str = "") -> list[dict]:
     """Every mode, each in a child process (`python -m finetune.bench.adapters MODE ...`)."""
     out = []
     for mode in MODES:
         child = subprocess.run([sys.executable, "-m", "finetune.bench.adapters", mode, model, str(batch), str(size),
-                                str(steps), str(rank)], capture_output=True, text=True, check=False)
+                                str(steps), str(rank), target], capture_output=True, text=True, check=False)
         if child.returncode:
             raise RuntimeError(f"{mode}: {child.stderr[-2000:]}")
         out.append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -115,6 +115,5 @@ def table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":  # one mode, in a child process of run_all
-    mode, model, batch, size, steps, rank = sys.argv[1:7]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(json.dumps(measure(mode, model, int(batch), int(size), int(steps), int(rank))))
+    mode, model, batch, size, steps, rank, target = sys.argv[1:8]
+    print(json.dumps(measure(mode, model, int(batch), int(size), int(steps), int(rank), target)))
