@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # reinstalls only when pyproject.toml changes
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[test,sweep,export,tensorboard,docs,hf,peft]"
+	$(BIN)/pip install -e ".[test,sweep,export,tensorboard,docs,hf,peft,data,trackers]"
 	touch $@
 
 install: $(VENV)/.installed

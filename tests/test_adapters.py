@@ -207,3 +207,12 @@ def test_lora_on_a_hugging_face_vit_trains_merges_and_loads_with_peft(tmp_path, 
         code, err = run_cli(capsys, "export", f"ckpt={tmp_path / 'run'}", extra, f"out={tmp_path / extra[:5]}")
         assert code == 0, err
         assert json.loads((tmp_path / extra[:5] / "preprocess.json").read_text())["max_abs_diff"] <= 1e-4
+
+
+def test_the_head_epoch_of_lp_ft_with_adapters_runs_from_the_feature_cache(tmp_path, caplog):
+    """The body, adapters included, is frozen while the head trains alone: its features are cached; once the
+    adapters train, the cache is off (they change the features)."""
+    caplog.set_level("INFO", logger="finetune")
+    train(compose(*LORA, "epochs=2", "data.augment=false"), tmp_path / "run")
+    assert "feature cache: on from epoch 0" in caplog.text
+    assert "feature cache: off in epoch 1: groups below the head train" in caplog.text

@@ -261,7 +261,7 @@ def test_verbose_adds_the_traceback_and_keeps_exit_2(tmp_path, capsys):
     ("freeze=gradul", "freeze=gradul: no such freeze config; choose one of fine_tune, fixed, freezeout, gradual, "
                       "milestones (closest: gradual)"),
     ("model=resnet19", "model=resnet19: no such model config; choose one of convnext_tiny, custom, densenet121, "
-                       "efficientnet_b0, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, mobilenet_v3_large, "
+                       "efficientnet_b0, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, hf, mobilenet_v3_large, "
                        "regnet_y_400mf, resnet18, resnet50, swin_t, timm, torchvision, vit_b_16 (closest: resnet18, "
                        "resnet50, densenet121)"),
     ("epochs=many", "epochs=many: Value 'many' of type 'str' could not be converted to Integer"),

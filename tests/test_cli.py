@@ -158,7 +158,7 @@ def test_tab_completion_sees_overrides_after_the_command(tmp_path):
     out = finetune("-sc", "query=bash", cwd=tmp_path, env=env).stdout.split()
     assert "schedule=" in out
     out = finetune("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "finetune ins"}).stdout.split()
-    assert out == ["train", "inspect", "lr-find", "eval", "predict", "export", "summarize", "config"]
+    assert out == ["train", "inspect", "lr-find", "eval", "predict", "export", "shard", "summarize", "config"]
     script = finetune("-sc", "install=bash", cwd=tmp_path).stdout
     assert "-F hydra_bash_completion finetune" in script
 

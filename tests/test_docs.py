@@ -121,4 +121,4 @@ def test_the_package_metadata_offers_the_docs_extra():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^docs = \["mkdocs-material>=9"\]$', pyproject, re.M)
     makefile = (ROOT / "Makefile").read_text()
-    assert '.[test,sweep,export,tensorboard,docs,hf,peft]' in makefile and re.search(r"^docs:", makefile, re.M)
+    assert '.[test,sweep,export,tensorboard,docs,hf,peft,data,trackers]' in makefile and re.search(r"^docs:", makefile, re.M)

@@ -193,6 +193,12 @@ def check_auto(info):  # the probe chooses when training starts: inspect shows l
     lp_ft_body_and_head(info)
 
 
+def check_default_plan(info):  # the default command line's plan: lp_ft on the default model, every group
+    assert names(info) == LITE0
+    check_lp_ft_unfreeze(info, "all")
+    lp_ft_body_and_head(info)
+
+
 def check_groups(expected):
     def check(info):
         assert names(info) == expected
@@ -284,6 +290,11 @@ CHECKS = {
     "finetune train -m lr=1e-4,1e-3,1e-2 hydra/launcher=joblib hydra.launcher.n_jobs=2": by_job(check_sweep_lr, "lr"),
     "finetune train -m lr=1e-4,1e-3 hydra/launcher=submitit_local": by_job(check_sweep_lr, "lr"),
     "finetune train -m lr=1e-4,1e-3 hydra/launcher=slurm hydra.launcher.partition=gpu": by_job(check_sweep_lr, "lr"),
+    # a tracker changes nothing the run computes: the default model's plan under auto's lp_ft (test_trackers
+    # runs each tracker)
+    "finetune train logger=mlflow": check_default_plan,
+    "finetune train logger=[tensorboard,mlflow] logger.tracking_uri=http://localhost:5000": check_default_plan,
+    "finetune train logger=wandb": check_default_plan,
 }
 # checked elsewhere: they download, read a run that is not there, or are not a plan
 ELSEWHERE = {
@@ -308,6 +319,13 @@ ELSEWHERE = {
     "finetune eval ckpt=outputs/2026-11-21/10-00-00 split=test tta=true": "test_model_commands",
     "finetune predict ckpt=outputs/2026-11-21/10-00-00 input=photos/ out=predictions.csv": "test_model_commands",
     "finetune export ckpt=outputs/2026-11-21/10-00-00 format=onnx": "test_model_commands",
+    "finetune shard data.root=../shared/data/hymenoptera out=shards/hymenoptera":
+        "test_shards (run as typed, then the train line below inspected on what it wrote)",
+    "finetune train data=webdataset \"data.train='shards/hymenoptera/train-{000000..000000}.tar'\" "
+    "\"data.val='shards/hymenoptera/val-{000000..000000}.tar'\"": "test_shards (inspected on the shards written)",
+    "finetune train data=hf data.path=/data/beans data.label_column=labels": "test_hf_data (a save_to_disk dir)",
+    "finetune train data=hf data.path=AI-Lab-Makerere/beans data.label_column=labels":
+        "downloads (test_hf_data: offline, the one-line error)",
 }
 
 

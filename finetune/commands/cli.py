@@ -40,6 +40,8 @@ commands:
   eval      score a trained model: finetune eval ckpt=RUN_DIR [split=val|train|test] [data.root=DIR] [tta=true]
   predict   top-k classes per image: finetune predict ckpt=RUN_DIR input=DIR|FILE|GLOB [out=predictions.csv]
   export    finetune export ckpt=RUN_DIR format=onnx|torchscript|safetensors [out=DIR]
+  shard     an ImageFolder as webdataset tar shards for data=webdataset:
+            finetune shard data.root=DIR out=SHARDS_DIR [shard_size=1000] [max_side=null]
   config    print the config a command line trains, its recipe applied: finetune config [overrides...]
 
 `finetune <command> --help` lists its keys with what each does. After train, inspect and lr-find the
@@ -379,7 +381,7 @@ def _exit_for_sweep(report: Path) -> None:
 
 
 COMMANDS = {"train": train_task, "inspect": inspect_task, "lr-find": lr_find_task}  # Hydra's
-ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "summarize", "config"]
+ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "shard", "summarize", "config"]
 
 
 def _shell_completion(argv: list[str]) -> None:
@@ -397,11 +399,12 @@ def _shell_completion(argv: list[str]) -> None:
 
 
 def model_command(command: str, args: list[str]) -> None:
-    """eval / predict / export: key=value arguments (not Hydra: they start from a checkpoint's config)."""
+    """eval / predict / export / shard: key=value arguments (not Hydra: they start from a checkpoint's config, or
+    need none)."""
     import importlib
 
     module = importlib.import_module({"eval": "finetune.commands.evaluate", "predict": "finetune.commands.predict",
-                                      "export": "finetune.commands.export"}[command])
+                                      "export": "finetune.commands.export", "shard": "finetune.commands.shard"}[command])
     if args and args[0] in ("-h", "--help"):
         print(model_command_help(command, module))
         sys.exit(0)
@@ -500,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "summarize":
         summarize_command(rest)
-    if command in ("eval", "predict", "export"):
+    if command in ("eval", "predict", "export", "shard"):
         model_command(command, rest)
     if command == "config":
         config_command(rest)

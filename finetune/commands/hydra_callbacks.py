@@ -1,5 +1,6 @@
 """Hydra callbacks (configured under hydra.callbacks in conf/train.yaml): every job records its number and
-overrides when it starts; after a multirun the sweep's summary is written and printed."""
+overrides when it starts; after a multirun the sweep's summary is written and printed. With logger=mlflow
+a sweep is one MLflow parent run, every job's run its child (finetune.engine.trackers)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 
 from finetune.base.errors import UserError
 from finetune.commands import sweep
-from finetune.engine import checkpoint
+from finetune.engine import checkpoint, trackers
 from finetune.output import report
 
 
@@ -32,6 +33,12 @@ class SweepSummary(Callback):
         if holder is not None:
             print(f"finetune: error: {sweep_dir} is in use by another sweep (process {holder}); wait for it, or "
                   "choose another directory (hydra.sweep.dir=...)", file=sys.stderr)
+            sys.exit(2)
+        try:  # logger=mlflow: the sweep's parent run, which the jobs' runs find in the sweep directory
+            trackers.start_sweep(config.logger, sweep_dir)
+        except UserError as err:  # the tracker's package is missing
+            sweep.unlock(sweep_dir)
+            print(f"finetune: error: {err}", file=sys.stderr)
             sys.exit(2)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -54,6 +61,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep.unlock(sweep_dir)
         rows = sweep.summarize(sweep_dir)
+        trackers.end_sweep(sweep_dir)  # after the summary, which the MLflow parent run keeps
         if not rows:  # no job ran
             return
         if self.report:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from finetune.base.errors import UserError
 from finetune.commands.compose import recipe_of
+from finetune.data import shards
 from finetune.engine import checkpoint, distributed
 from finetune.engine.loop import Run
 from finetune.recipes import lr_find
@@ -68,6 +69,13 @@ def absolute_paths(cfg):
         value = OmegaConf.select(cfg, key)
         if value:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(str(value))))
+    for key in ("data.train", "data.val"):  # data=webdataset's shard patterns, unless URLs
+        value = OmegaConf.select(cfg, key, default=None)
+        if value and not shards.is_remote(str(value)):
+            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(str(value))))
+    path = OmegaConf.select(cfg, "data.path", default=None)
+    if path and os.path.isdir(os.path.expanduser(str(path))):  # data=hf: a local directory, not a hub id
+        OmegaConf.update(cfg, "data.path", os.path.abspath(os.path.expanduser(str(path))))
     name = OmegaConf.select(cfg, "model.name")
     if str(OmegaConf.select(cfg, "model.source")) == "hf" and name and os.path.isdir(os.path.expanduser(str(name))):
         OmegaConf.update(cfg, "model.name", os.path.abspath(os.path.expanduser(str(name))))  # not a hub id

@@ -75,6 +75,10 @@ def _values(override) -> list:
     return [value]
 
 
+# data=webdataset's brace patterns, which an unquoted shell expands into several arguments
+SHARD_KEYS = ("data.train", "data.val")
+
+
 def check(args: Sequence[str]) -> None:
     """Raise UserError for the first bad override in `args` (a command line after `finetune train`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -90,7 +94,15 @@ def check(args: Sequence[str]) -> None:
                 key, _, value = candidate.partition("=")
                 raise UserError(f"{candidate}: Hydra reads ~ as syntax; quote the path ({key}='{value}') or "
                                 "write it out (/home/you/...)") from None
+            if "{" in candidate.partition("=")[2]:  # a shard pattern: DIR/train-{000000..000009}.tar
+                key, _, value = candidate.partition("=")
+                raise UserError(f"{candidate}: Hydra reads {{ as syntax; quote the pattern, in the shell too: "
+                                f"\"{key}='{value}'\"") from None
             raise UserError(f"{candidate}: {' '.join(str(err).split())}") from None
+    shell_expanded = [k for k in SHARD_KEYS if sum(a.startswith(f"{k}=") for a in candidates) > 1]
+    if shell_expanded:  # bash turned train-{000000..000009}.tar into ten arguments
+        raise UserError(f"{shell_expanded[0]} is given more than once: the shell expanded its braces; quote the "
+                        f"pattern: \"{shell_expanded[0]}='DIR/train-{{000000..000009}}.tar'\"")
     overrides = parser.parse_overrides(candidates)
     multirun = any(a in ("-m", "--multirun") for a in args)
     schema = OmegaConf.structured(TrainConfig)
@@ -102,11 +114,12 @@ def check(args: Sequence[str]) -> None:
         if override.is_delete() or key.split("/")[0].split(".")[0] in HYDRA_GROUPS:
             continue
         options = group_options(key)
-        if options is not None:  # a config group: model=resnet18
+        if options is not None:  # a config group: model=resnet18, or several of it: logger=[tensorboard,mlflow]
             for value in _values(override):
-                if value is not None and str(value) not in options:
-                    raise UserError(f"{key}={value}: no such {key} config; choose one of {', '.join(options)}"
-                                    f"{_closest(str(value), options)}")
+                for choice in value if isinstance(value, list) else [value]:
+                    if choice is not None and str(choice) not in options:
+                        raise UserError(f"{key}={choice}: no such {key} config; choose one of {', '.join(options)}"
+                                        f"{_closest(str(choice), options)}")
             continue
         if "/" in key:
             continue  # a nested group path Hydra resolves itself

@@ -100,9 +100,10 @@ class BestMetric(StrEnum):
     live_val_loss = "live_val_loss"
 
 
-class Logger(StrEnum):
-    none = "none"
-    tensorboard = "tensorboard"
+class TrackerMode(StrEnum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 class InspectFormat(StrEnum):
@@ -133,9 +134,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # digits | synthetic | imagefolder | custom | a torchvision dataset (cifar10, ...): data=<choice> sets it
+    # digits | synthetic | imagefolder | webdataset | hf | custom | a torchvision dataset (cifar10, ...):
+    # data=<choice> sets it
     name: str = MISSING
     root: Optional[str] = None  # imagefolder: DIR holding train/<class>/ and val/<class>/
+    # webdataset: the train shards, a brace pattern of tar files written by `finetune shard` (quoted on the command
+    # line: "data.train='DIR/train-{000000..000009}.tar'"), local paths or URLs; the class names come from the
+    # index.json beside them
+    train: Optional[str] = None
+    val: Optional[str] = None  # webdataset: the validation shards, a brace pattern like data.train
+    # hf: a Hugging Face dataset, as a hub id, a directory written by save_to_disk, or a folder datasets.load_dataset
+    # reads (an imagefolder: DIR/train/<class>/, DIR/validation/<class>/)
+    path: Optional[str] = None
+    image_column: str = "image"  # hf: the column holding the images
+    label_column: str = "label"  # hf: the column holding the labels (a ClassLabel names the classes)
+    train_split: str = "train"  # hf: the split to train on
+    val_split: str = "validation"  # hf: the split to validate on (often validation or test)
     num_classes: int = 4  # synthetic only; real datasets count their classes
     train_size: int = 192  # synthetic only
     val_size: int = 96  # synthetic only
@@ -151,6 +165,13 @@ class DataConfig:
     num_workers: int = -1  # -1: pick from the CPU count
     download: bool = True  # torchvision datasets
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing
+    # decode a large JPEG at reduced scale (1/2 .. 1/8, Pillow's draft mode) when its short side stays at or above
+    # what the transforms read (train: a random crop's side at full size; eval: the resize): much faster on
+    # camera photos, pixels slightly different from a full decode; small images are decoded as always
+    draft: bool = True
+    # resize the images once to what the transforms read (a JPEG copy under $XDG_CACHE_HOME/finetune/resized, keyed by
+    # each file and the size): later epochs and runs decode small files; pixels differ slightly (needs data.draft)
+    cache_resized: bool = False
     # your own dataset (finetune/models/targets.py): called with split=train|val and `args`
     _target_: Optional[str] = None
     args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of data._target_, besides split
@@ -269,6 +290,27 @@ class PeftConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """logger=<choice> (conf/logger/): the experiment trackers a run logs to, besides the CSV files of its
+    directory; logger=[tensorboard,mlflow] for several (finetune/engine/trackers.py). MLflow and W&B get
+    every group's LR at every step, the train loss and accuracy, every evaluation, the config as params and,
+    at the end, the run's plots, CSV files and summary.json; their points are sent at each checkpoint, so a
+    resumed run continues the same tracker run without a step twice."""
+
+    tensorboard: bool = False  # RUN_DIR/tensorboard, beside the CSV files (logger=tensorboard sets it)
+    mlflow: bool = False  # an MLflow run (logger=mlflow sets it; pip install "finetune[trackers]")
+    wandb: bool = False  # a W&B run (logger=wandb sets it; pip install "finetune[trackers]")
+    # MLflow's tracking server or store (http://localhost:5000, sqlite:///mlflow.db); null: a local store beside
+    # the run directory, <its parent>/mlruns/mlflow.db (a sweep's jobs: one in the sweep directory)
+    tracking_uri: Optional[str] = None
+    experiment: str = "finetune"  # the MLflow experiment, and the W&B project unless logger.project names one
+    project: Optional[str] = None  # the W&B project (null: logger.experiment)
+    # W&B: online syncs as it trains; offline writes RUN_DIR/wandb/ for `wandb sync` later; null: online when
+    # WANDB_API_KEY (or WANDB_MODE) is set, else offline
+    mode: Optional[TrackerMode] = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -318,7 +360,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic algorithms (cuDNN included): exact resume on a GPU too
     resume: Optional[str] = None  # run dir or checkpoint file
     overwrite: bool = False  # run in a directory that already holds a run, replacing it
-    logger: Logger = Logger.none  # tensorboard: RUN_DIR/tensorboard, beside the CSV files
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=<choice> or logger=[tensorboard,mlflow]
     verbose: bool = False  # show tracebacks for user errors
     progress: bool = True  # the progress bar (false: log lines only)
     # set by finetune.compose, not on the command line: the recipe applied, what it set, auto's choice

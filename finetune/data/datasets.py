@@ -2,7 +2,8 @@
 
 Four of them: `digits` (the embedded default, real handwritten digits), `synthetic` (an offline, generated
 classification task), `imagefolder` (ROOT/train and ROOT/val, one folder per class) and torchvision
-datasets by name (cifar10, ...); a `_target_` builds a custom one (finetune/data/targets.py).
+datasets by name (cifar10, ...); a `_target_` builds a custom one (finetune/data/targets.py); tar shards
+(`webdataset`, finetune/data/shards.py) and Hugging Face datasets (`hf`, finetune/data/hf.py) hold more.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.base.errors import UserError
-from finetune.data import targets
+from finetune.data import hf, shards, targets
 from finetune.data.transforms import to_rgb
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def dataset_name(cfg) -> str:
     return str(cfg.name).strip().lower().replace("-", "_")
 
 
-BUILT_IN = ("digits", "synthetic", "imagefolder", "custom")
+BUILT_IN = ("digits", "synthetic", "imagefolder", "webdataset", "hf", "custom")
 
 
 def check_name(name: str) -> None:
@@ -75,6 +76,10 @@ def num_classes(cfg) -> int:
         return len(_imagefolder_classes(imagefolder_root(cfg)))
     if name == "digits":
         return len(DIGIT_CLASSES)
+    if name == "webdataset":  # the index.json beside the shards (finetune/data/shards.py)
+        return len(shards.classes(cfg))
+    if name == "hf":  # the label column's ClassLabel (finetune/data/hf.py)
+        return len(hf.classes(cfg))
     if name == "custom":
         return targets.num_classes(cfg)
     return TORCHVISION_DATASETS[name][1]
@@ -96,6 +101,10 @@ def splits(cfg, size: int) -> tuple[Dataset, Dataset, list[str], int]:
         return train, val, DIGIT_CLASSES, 0
     if name == "imagefolder":
         return _imagefolder_splits(cfg)
+    if name == "webdataset":
+        return (*shards.splits(cfg), 0)
+    if name == "hf":
+        return (*hf.splits(cfg), 0)
     if name == "custom":
         return (*targets.build_splits(cfg), 0)
     return (*_torchvision_splits(cfg, name), 0)
@@ -263,8 +272,16 @@ def _readable(path: str, decode: bool = False) -> bool:
         return False
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
+    """The image as 8-bit RGB. `min_side`: a JPEG at least twice that on its short side is decoded at a
+    reduced scale (libjpeg's DCT scaling, 1/2 to 1/8: Pillow's draft mode) that keeps the short side at or
+    above it: most of a 12-megapixel decode is skipped when training at 224 px. The pixels differ slightly
+    from a full decode then resized (a different low-pass), never in resolution below `min_side`."""
     with Image.open(path) as im:
+        if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+            w, h = im.size
+            short = min(w, h)
+            im.draft(im.mode, (-(-w * min_side // short), -(-h * min_side // short)))
         return to_rgb(im)
 
 
@@ -273,6 +290,8 @@ def files_fingerprint(dataset) -> str | None:
     transformed views; None when its images are not files (digits, synthetic: their config defines them)."""
     while not hasattr(dataset, "samples") and hasattr(dataset, "base"):
         dataset = dataset.base
+    if callable(getattr(dataset, "fingerprint", None)):  # shards, a Hugging Face split: their own digest
+        return dataset.fingerprint()
     samples = getattr(dataset, "samples", None)
     if not samples or not isinstance(samples[0][0], str):
         return None
@@ -287,8 +306,9 @@ class CheckedImageFolder(Dataset):
     """(PIL RGB image, label) from a list of (path, label). An image that fails to decode raises a UserError
     naming the file, or, with skip_bad, is replaced by the next readable sample (deterministic)."""
 
-    def __init__(self, samples: list[tuple[str, int]], skip_bad: bool):
+    def __init__(self, samples: list[tuple[str, int]], skip_bad: bool, min_side: int | None = None):
         self.samples, self.skip_bad = samples, skip_bad
+        self.min_side = min_side  # decode JPEGs at reduced scale down to this short side (load_rgb)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -297,7 +317,7 @@ class CheckedImageFolder(Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return load_rgb(path), label
+                return load_rgb(path, self.min_side), label
             except Exception as e:
                 if not self.skip_bad:
                     message = f"cannot read image '{path}' ({e}); fix or delete it, or set data.skip_bad=true."

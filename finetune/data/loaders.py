@@ -15,8 +15,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.base.errors import UserError
 from finetune.data import datasets
+from finetune.data.resized import cache_resized
 from finetune.data.sampling import EpochSampler, Shard, TransformedDataset
-from finetune.data.transforms import eval_transform, image_size, train_transform
+from finetune.data.transforms import (
+    TRAIN_CROP_SCALE,
+    eval_transform,
+    image_size,
+    train_transform,
+)
 
 _WORKER_ERROR = re.compile(r"UserError: (.*?)\s*\Z", re.S)
 
@@ -160,6 +166,15 @@ def build_data(
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
     size = image_size(cfg, preprocess)
     train_base, val_base, classes, skipped = datasets.splits(cfg, size)
+    if getattr(cfg, "draft", True):  # JPEGs decoded at reduced scale, never below what the transforms read
+        eval_side = math.ceil(size / preprocess.crop_pct)
+        # a random-resized crop keeps at least TRAIN_CROP_SCALE[0] of the area: its side, at full resolution
+        train_side = math.ceil(size / math.sqrt(TRAIN_CROP_SCALE[0])) if cfg.augment else eval_side
+        for base, side in ((train_base, train_side), (val_base, eval_side)):
+            if hasattr(base, "min_side"):
+                base.min_side = side
+                if getattr(cfg, "cache_resized", False):
+                    base.samples, _ = cache_resized(base.samples, side, progress=getattr(cfg, "progress", True))
     if len(classes) < 2:  # one class: every prediction is right, val acc 1.000 says nothing
         raise UserError(f"the data has {len(classes)} class ({', '.join(map(str, classes))}); a classifier needs at "
                         "least 2: add a folder per class (ImageFolder: train/<class>/, val/<class>/)")

@@ -5,9 +5,9 @@
 LR trace row, the NaN check, an evaluation inside the epoch (eval_every) with best.pt, a checkpoint
 (checkpoint_every) and the stop check; after each epoch the freeze-integrity check, diagnostics' warnings,
 early stopping, the checkpoint, best.pt and the reports. Observers (finetune.engine.observers: the
-progress bar, TensorBoard) are told what happened and cannot steer the run. `save` and `report` are the
-only ways to write a checkpoint and the reports, so a checkpoint is always checked for finite values
-first and the reports always describe the same state.
+progress bar; finetune.engine.trackers: TensorBoard, MLflow, W&B) are told what happened and cannot steer
+the run. `save` and `report` are the only ways to write a checkpoint and the reports, so a checkpoint is
+always checked for finite values first and the reports always describe the same state.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from finetune.base import files
 from finetune.base.errors import UserError, writing
 from finetune.core import freeze
 from finetune.core.plan import warnings as plan_warnings
-from finetune.engine import best, checkpoint, distributed
+from finetune.engine import best, checkpoint, distributed, trackers
 from finetune.engine.cache import FeatureCache, as_tensor, fit_head
 from finetune.engine.diagnostics import Diagnostics, FreezeIntegrity, resolve_every
 from finetune.engine.distributed import World
 from finetune.engine.divergence import check_finite_state, diverged, first_bad
-from finetune.engine.observers import StepView, check_due, observers
+from finetune.engine.observers import ProgressBar, StepView, check_due
 from finetune.engine.setup import setup
 from finetune.engine.signals import (
     TIME_LIMIT_EXIT,
@@ -123,9 +123,13 @@ class Run:
         self.trace = TraceFile(self.out_dir / "lr_trace.csv") if world.main else NoTrace(self.out_dir / "lr_trace.csv")
         self._trace_before = _previous_trace(cfg.resume, saved) if saved else (None, None)
         names = [g.name for g in self.groups]
-        self.observers = observers(cfg.logger, cfg.progress, world.main, names, self.out_dir, self.state.step)
-        every = resolve_every(cfg.diag_every, self.plan.steps_per_epoch)
         resumed_dir = checkpoint.resolve_resume_path(cfg.resume).parent.parent if cfg.resume else None
+        # the progress bar (rank 0's alone under torchrun) and the trackers of cfg.logger (rank 0)
+        self.observers = [ProgressBar(cfg.progress and world.main, names)]
+        if world.main:
+            self.observers += trackers.trackers(cfg.logger, self.out_dir, self.state.step, resumed_dir, self.config,
+                                                self.recipe)
+        every = resolve_every(cfg.diag_every, self.plan.steps_per_epoch)
         self.diagnostics = (Diagnostics(self.model, self.groups, self.plan, self.out_dir, every, world.main, resumed_dir)
                             if every else None)
         self.integrity = FreezeIntegrity()
@@ -170,9 +174,9 @@ class Run:
             # the final reports while signals are still caught: a job scheduler's SIGTERM now is taken
             # after them (a second or two), never halfway through them
             self.summary = self.report("completed")
-            self.observe("end", self.state.metrics, self.summary)
             if self.diagnostics is not None:
                 self.diagnostics.plot()
+            self.observe("end", self.state.metrics, self.summary)  # the run's files are all written
         if self.stop.signum is not None:
             log.warning("%s arrived after the last step: the run is complete and its reports are written",
                         signal.Signals(self.stop.signum).name)
@@ -318,13 +322,13 @@ class Run:
         freeze.set_train_mode(self.model, self.trainer.frozen_norms)
         state.evals.append(row)
         log.info("step %d: val loss %.3f val acc %.3f", row["step"], row["val_loss"], row["val_acc"])
+        self.observe("evaluation", row)  # before best.pt's checkpoint of this step, which then holds it
         if self.epoch_t0 is not None:
             self.epoch_t0 += time.perf_counter() - t0
         if best.last_is_best(self.evaluations(), self.cfg.best_metric):
             if self.saved_at != state.step:  # best.pt copies a checkpoint of this very step
                 self.save()
             self.copy_checkpoint(self.ckpt_path.with_name(best.BEST))
-        self.observe("evaluation", row)
 
     def evaluations(self) -> list[dict]:
         """What best.pt is chosen from: every evaluation with eval_every (for a val_* best_metric), else the
@@ -459,6 +463,7 @@ class Run:
         if self.world.main:
             self._write_checkpoint(ranks)
         distributed.barrier()  # a rank that stops next must not exit (torchrun then ends rank 0) mid-write
+        self.observe("checkpoint", state.step)  # MLflow and W&B send what it holds
 
     def _write_checkpoint(self, ranks: list[dict]) -> None:
         state, trainer = self.state, self.trainer

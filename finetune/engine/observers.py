@@ -1,4 +1,5 @@
-"""What watches a run's loop (finetune.engine.loop) without steering it: the progress bar and TensorBoard.
+"""What watches a run's loop (finetune.engine.loop) without steering it: the progress bar and TensorBoard
+(MLflow and W&B: finetune.engine.trackers).
 
 The loop decides everything itself (evaluation, checkpoints, best.pt, early stopping, stop checks) and
 then tells each observer what happened, with plain values: an observer never sees the run, so it
@@ -37,6 +38,7 @@ class Observer:
     def step(self, view: StepView) -> None: ...
     def evaluation(self, row: dict) -> None: ...  # eval_every: {step, epoch, val_*} inside an epoch
     def epoch_end(self, metrics: dict, step: int) -> None: ...  # `step`: the steps done so far
+    def checkpoint(self, step: int) -> None: ...  # a checkpoint of `step` steps, holding all observed so far, is written
     def end(self, metrics: list[dict], summary: dict) -> None: ...
     def close(self) -> None: ...
 
@@ -100,13 +102,3 @@ class TensorBoard(Observer):
 
     def close(self):
         self.writer.close()
-
-
-def observers(logger: str, progress: bool, main: bool, group_names: list[str], out_dir: Path,
-              step: int) -> list[Observer]:
-    """The run's observers: the progress bar (rank 0's alone under torchrun) and the logger's (the
-    schema's enum has refused an unknown one already)."""
-    found: list[Observer] = [ProgressBar(progress and main, group_names)]
-    if logger == "tensorboard" and main:
-        found.append(TensorBoard(out_dir, step))
-    return found
