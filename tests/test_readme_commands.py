@@ -293,6 +293,7 @@ CHECKS = {
     # a tracker changes nothing the run computes: the default model's plan under auto's lp_ft (test_trackers
     # runs each tracker)
     "finetune train logger=mlflow": check_default_plan,
+    "finetune train data=hf data.path=../shared/data/hymenoptera": check_hymenoptera,  # HF's image-folder reader
     "finetune train logger=[tensorboard,mlflow] logger.tracking_uri=http://localhost:5000": check_default_plan,
     "finetune train logger=wandb": check_default_plan,
 }
