@@ -96,6 +96,11 @@ def run_all(model: str, batch: int, size: int, steps: int, rank: int, target: st
     return out
 
 
+def _ratio(a: float, b: float) -> str:
+    # a tiny model's step may not raise the process's peak RSS at all (imports set it): no ratio then
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: each mode's numbers and its ratio to full fine-tuning."""
     full = next(r for r in rows if r["mode"] == "full")
@@ -109,8 +114,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['mode']} | {r['trainable']:,} ({r['trainable'] / full['trainable']:.2%}) "
             f"| {mib('optimizer_bytes', r)} | {mib('activation_bytes', r)} | {mib('memory_bytes', r)} "
-            f"| {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_mib'] / full['peak_rss_mib']:.2f}) "
-            f"| {r['step_s']:.2f} s ({r['step_s'] / full['step_s']:.2f}) |")
+            f"| {r['peak_rss_mib']:.0f} MiB ({_ratio(r['peak_rss_mib'], full['peak_rss_mib'])}) "
+            f"| {r['step_s']:.2f} s ({_ratio(r['step_s'], full['step_s'])}) |")
     return "\n".join(lines)
 
 
