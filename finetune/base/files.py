@@ -107,3 +107,9 @@ def _pickled_code(path: Path) -> str | None:
     except Exception:  # not a pickle: pickletools raises on the first byte that is no opcode
         return None
     return None
+
+
+def cache_home(*parts: str) -> Path:
+    """finetune's cache folder, $XDG_CACHE_HOME/finetune (~/.cache when unset), joined with `parts`: the
+    stored probes, resized copies and downloaded shards live under it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "finetune" / Path(*parts)

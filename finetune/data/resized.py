@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from finetune.base.files import cache_home
 from finetune.data.datasets import load_rgb
 from finetune.output.progress import bar
 
@@ -26,7 +27,7 @@ log = logging.getLogger("finetune")
 
 
 def resized_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "finetune" / "resized"
+    return cache_home("resized")
 
 
 def _target(path: str, min_side: int, root: Path) -> Path:

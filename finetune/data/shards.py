@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.base.errors import UserError
-from finetune.base.files import first_line
+from finetune.base.files import cache_home, first_line
 from finetune.data.transforms import to_rgb
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def is_remote(url: str) -> bool:
 
 def cache_root() -> Path:
     """Where shards named by URL are copied: $XDG_CACHE_HOME/finetune/shards (~/.cache when unset)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "finetune" / "shards"
+    return cache_home("shards")
 
 
 def _url_file_name(url: str) -> str:

@@ -52,6 +52,7 @@ from omegaconf import OmegaConf
 
 from finetune.base.checksum import fingerprints
 from finetune.base.errors import UserError
+from finetune.base.files import cache_home
 from finetune.config.presets import conf_dir
 from finetune.core.plan import total_steps
 from finetune.data.datasets import files_fingerprint
@@ -293,7 +294,7 @@ def adapted_head_inputs(model: nn.Module, groups, head: nn.Module, loader, devic
 
 def probe_store() -> Path:
     """Where auto.reuse keeps probes: $XDG_CACHE_HOME/finetune/probes (~/.cache when unset)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "finetune" / "probes"
+    return cache_home("probes")
 
 
 def probe_key(cfg, parts) -> str:
