@@ -412,6 +412,33 @@ def test_a_symlink_loop_in_a_class_folder_counts_each_image_once(folder, tmp_pat
     assert [len(files["ants"]), len(files["bees"])] == [2, 2]
 
 
+def test_a_link_back_up_the_tree_never_relabels_an_image(folder):
+    """ants/loop -> train/ and bees/loop2 -> train/: every image is read once, under the folder it lives in
+    (before: 8 images, the bee photos under ants/loop/bees and the ant photos under bees/loop2/ants)."""
+    from finetune.data.datasets import scan_split
+
+    train = folder / "train"
+    os.symlink("..", train / "ants" / "loop")
+    os.symlink(train, train / "bees" / "loop2")
+    files = scan_split(str(train), ["ants", "bees"])
+    assert files == {name: [str(train / name / f"{i}.png") for i in range(2)] for name in ("ants", "bees")}
+
+
+def test_an_image_outside_the_class_folders_belongs_to_the_one_class_that_links_it(folder, tmp_path):
+    from finetune.base.errors import UserError
+    from finetune.data.datasets import scan_split
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    Image.new("RGB", (16, 16)).save(pool / "x.png")
+    train = folder / "train"
+    os.symlink(pool / "x.png", train / "ants" / "x.png")  # a class folder of links to a pool: kept
+    assert len(scan_split(str(train), ["ants", "bees"])["ants"]) == 3
+    os.symlink(pool / "x.png", train / "bees" / "x.png")  # the same image under two labels: refused
+    with pytest.raises(UserError, match="linked from class folders 'ants' and 'bees'"):
+        scan_split(str(train), ["ants", "bees"])
+
+
 def test_a_class_folder_that_links_to_another_is_named_in_a_warning(folder, caplog):
     from finetune.data.datasets import scan_split
 
@@ -501,3 +528,48 @@ def test_a_command_line_refused_before_anything_ran_leaves_no_run_directory(tmp_
     code, err = cli_call(capsys, "train", *ARGS, "data=imagefolder", f"data.root={tmp_path / 'nowhere'}")
     assert code == 2 and err[-1].startswith("finetune: error: data.root")
     assert not (tmp_path / "outputs").exists()  # no outputs/<date>/<time> holding only Hydra's files
+
+
+def _bytes(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_command_changes_no_byte_of_the_run_it_names(tmp_path, capsys):
+    """Hydra's own files (.hydra/, finetune.log) as a user's command writes them: before, a refused resume
+    turned summary.json 'failed', wrote error.log and .hydra/overrides.yaml said epochs=2; a second run
+    into the directory rewrote .hydra/config.yaml."""
+    from tiny_runs import run_cli as cli_call
+
+    run = tmp_path / "run"
+    code, lines = cli_call(capsys, "train", *ARGS, f"hydra.run.dir={run}")
+    assert code == 0, lines
+    assert (run / ".hydra" / "overrides.yaml").is_file() and (run / "finetune.log").is_file()
+    before = _bytes(run)
+    code, lines = cli_call(capsys, "train", *ARGS[:-2], "epochs=2", "experiment=none", f"resume={run}",
+                           f"hydra.run.dir={run}")
+    assert code == 2 and lines[-1].startswith("finetune: error: resume: the checkpoint's run was planned with epochs=1")
+    assert _bytes(run) == before
+    code, lines = cli_call(capsys, "train", *ARGS, "lr=0.5", f"hydra.run.dir={run}")
+    assert code == 2 and "already holds a run" in lines[-1]
+    assert _bytes(run) == before
+    # a resume that goes ahead records its own command line and appends to the run's log
+    code, lines = cli_call(capsys, "train", *ARGS, f"resume={run}", f"hydra.run.dir={run}")
+    assert code == 0, lines
+    assert f"resume={run}" in (run / ".hydra" / "overrides.yaml").read_text()
+    log_text = (run / "finetune.log").read_text()
+    assert log_text.startswith(before["finetune.log"].decode()) and "nothing to train" in log_text
+
+
+def test_a_run_that_fails_before_its_first_report_says_so_in_its_summary(tmp_path, capsys, monkeypatch):
+    """A NaN inside the first accumulation window: no summary.json was written before (the first report
+    comes at the epoch's end)."""
+    import torch.nn.functional as F
+
+    from finetune.engine import step
+
+    real = F.cross_entropy
+    monkeypatch.setattr(step.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    code, lines = run_cli(tmp_path, capsys, "accumulate=2", "epochs=1")
+    assert code == 2 and "loss became nan at step 0" in lines[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "loss became nan" in summary["reason"]

@@ -119,3 +119,65 @@ def test_the_averages_val_metrics_in_a_cached_epoch_are_those_of_the_saved_avera
     assert result["weights"] == "average"
     assert float(last["val_loss"]) == pytest.approx(result["loss"], rel=1e-5)
     assert float(last["val_acc"]) == pytest.approx(result["accuracy"], abs=1e-6)
+
+
+def _entry(store):
+    (entry,) = [p for p in store.iterdir() if p.is_dir()]
+    return entry
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated"])
+def test_a_damaged_cache_entry_is_computed_again_with_one_warning(tmp_path, caplog, damage):
+    """Before: zeroed data (header intact) was reused without a word and the head never learned; a truncated
+    file was a numpy traceback."""
+    import numpy as np
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    store = tmp_path / "features"
+    train(compose_cfg(*LP, f"cache_dir={store}"), tmp_path / "first")
+    view = _entry(store) / "view0.npy"
+    if damage == "zeroed":
+        data = np.load(view, mmap_mode="r+")
+        data[:] = 0
+        data.flush()
+    else:
+        view.write_bytes(view.read_bytes()[:-100])
+    caplog.clear()
+    train(compose_cfg(*LP, f"cache_dir={store}"), tmp_path / "second")
+    damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "computing the features again" in damaged[0]
+    assert "feature cache: reusing" not in caplog.text
+    assert_same_run(tmp_path / "first", tmp_path / "second", tol=0)
+    caplog.clear()  # the entry written again is whole: the third run reuses it
+    train(compose_cfg(*LP, f"cache_dir={store}"), tmp_path / "third")
+    assert "feature cache: reusing" in caplog.text and "is damaged" not in caplog.text
+
+
+def test_a_run_waits_for_the_run_filling_its_key_and_reuses_what_it_wrote(tmp_path, caplog):
+    import shutil
+    import threading
+
+    from finetune.engine.cache import store_lock
+
+    caplog.set_level(logging.INFO, logger="finetune")
+    store = tmp_path / "features"
+    train(compose_cfg(*LP, f"cache_dir={store}"), tmp_path / "first")
+    entry = _entry(store)
+    kept = tmp_path / "kept"
+    shutil.move(entry, kept)
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():  # holds the key, then "finishes" the entry, as a concurrent run would
+        with store_lock(entry):
+            held.set()
+            release.wait(60)
+            shutil.move(kept, entry)
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    held.wait(10)
+    threading.Timer(1.0, release.set).start()
+    train(compose_cfg(*LP, f"cache_dir={store}"), tmp_path / "second")
+    other.join()
+    assert "another run is filling" in caplog.text and "feature cache: reusing" in caplog.text
+    assert [p.name for p in store.iterdir() if p.is_dir()] == [entry.name]  # no second copy computed

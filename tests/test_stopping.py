@@ -111,6 +111,24 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert summary["epochs"] == 2
 
 
+def test_an_epoch_that_accumulate_does_not_divide_ends_with_a_partial_step(tmp_path, monkeypatch):
+    """4 micro-batches an epoch, accumulate=3: a step of 3 and a final step of 1, every image trained
+    (before: 2 steps an epoch planned, 1 taken, 24 of 32 images)."""
+    taken = []
+    real = Trainer.step_accumulated
+
+    def counted(self, batches, step, *args, **kwargs):
+        taken.append([int(y.numel()) for _, y in batches])
+        return real(self, batches, step, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step_accumulated", counted)
+    train(compose_cfg(*RUN, "unfreeze=all", "epochs=2", "data.train_size=32", "accumulate=3", "cache=false"),
+          tmp_path / "run")
+    assert taken == [[8, 8, 8], [8]] * 2
+    assert load(tmp_path / "run" / "checkpoints" / checkpoint.LAST)["step"] == 4
+    assert [int(r["step"]) for r in read_csv(tmp_path / "run" / "lr_trace.csv")][::6] == [0, 1, 2, 3]
+
+
 def test_accumulate_out_of_range_is_one_line(tmp_path, capsys):
     for value, message in (("0", "accumulate must be >= 1 (micro-batches per optimizer step), got 0"),
                            ("9", "accumulate=9 is more than the 3 batches of an epoch; lower it or batch_size")):
@@ -143,7 +161,9 @@ def test_eval_every_records_every_evaluation_and_best_pt_can_be_mid_epoch(tmp_pa
     assert evals == [(2, 0, 0.5), (3, 0, 0.6), (4, 1, 0.9), (6, 1, 0.7)]
     best = load(tmp_path / "run" / "checkpoints" / "best.pt")
     assert (best["step"], best["epoch"], best["batch"]) == (4, 1, 1)  # written for the evaluation at step 4
-    assert summary["best_eval"] == {"step": 4, "epoch": 1, "val_acc": 0.9}
+    # one best, wherever it was measured: summary.json agrees with best.pt (before: best_val_acc 0.7, the epochs' best)
+    assert summary["best"] == {"metric": "val_acc", "value": 0.9, "val_acc": 0.9, "epoch": 1, "step": 4}
+    assert summary["best_val_acc"] == 0.9 and summary["best_epoch"] == 1
     assert [float(m["val_acc"]) for m in read_csv(tmp_path / "run" / "metrics.csv")] == [0.6, 0.7]
 
 

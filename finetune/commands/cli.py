@@ -141,6 +141,12 @@ def train_task(cfg: DictConfig) -> float | None:
     if not world.main:
         log.setLevel(logging.ERROR)  # rank 0 logs for the run; the others' warnings would repeat its own
     _share_cores(hydra_cfg)
+    composed, started = cfg, []
+
+    def on_start():  # every check passed: from here on this command's run owns the directory
+        started.append(True)
+        HELD_RUN.write(composed, hydra_cfg)
+
     try:
         out_dir = _join_processes(cfg, out_dir)
         checkpoint.refuse_used_dir(Path(out_dir), cfg)  # before the probe runs or anything is written
@@ -148,7 +154,7 @@ def train_task(cfg: DictConfig) -> float | None:
             log.info("%s", line({"name": "auto"}))
         cfg = _resolve(cfg)
         log.info("%s", line(recipe_of(cfg)))
-        summary = train(cfg, out_dir)
+        summary = train(cfg, out_dir, on_start=on_start)
     except Interrupted as stop:
         if world.main:
             print(f"finetune: {stop.reason}\nfinetune: resume with: {_resume_command(out_dir)}", file=sys.stderr)
@@ -164,7 +170,7 @@ def train_task(cfg: DictConfig) -> float | None:
         return float("nan")
     except Exception as err:
         if world.enabled and _peer_lost(err):  # another rank died: gloo/NCCL's error here is only the symptom
-            if world.main and (Path(out_dir) / "summary.json").is_file():
+            if world.main and started:
                 _mark_failed(Path(out_dir), err)
             from finetune.engine.distributed import lost_ranks
 
@@ -175,7 +181,7 @@ def train_task(cfg: DictConfig) -> float | None:
                   f"checkpoint stays: resume with: {_resume_command(out_dir)}", file=sys.stderr)
             sys.exit(2)
         if not in_sweep:
-            if (Path(out_dir) / "summary.json").is_file():  # a run that started says it failed, and why
+            if started:  # a run that started says it failed, and why (a refused one changes nothing)
                 _mark_failed(Path(out_dir), err)
             if not isinstance(err, UserError):
                 raise  # a bug: the traceback is what a report needs
@@ -194,6 +200,70 @@ def train_task(cfg: DictConfig) -> float | None:
         log.setLevel(level)
     log.info("run directory: %s", out_dir)
     return summary["final_val_acc"]  # what sweepers optimise
+
+
+class HeldRun:
+    """A single `finetune train` into a directory that already holds a run (a resume, or one about to be
+    refused): Hydra would rewrite its .hydra/ files and append to its log before finetune's checks run, so
+    a refused command would leave the run's recorded config describing a run that never happened. Hydra
+    is told to write neither there (`overrides`); the log goes to a staging file, and `write` puts both
+    in place once the run starts. A refusal leaves every byte of the directory as it was."""
+
+    def __init__(self):
+        self.run_dir: Path | None = None
+        self.subdir: str | None = None  # what hydra.output_subdir would have been
+        self.staging: Path | None = None
+
+    def overrides(self, args: list[str]) -> list[str]:
+        """The extra overrides for this command line (none unless its hydra.run.dir holds a run)."""
+        from finetune.engine.checkpoint import holds_run
+
+        given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+        if not given or not holds_run(Path(os.path.expanduser(given[-1].strip("'\"")))):
+            return []
+        self.run_dir = Path(os.path.expanduser(given[-1].strip("'\"")))
+        subdir = [a.split("=", 1)[1] for a in args if a.startswith("hydra.output_subdir=")]
+        self.subdir = (subdir[-1] if subdir else ".hydra") if not subdir or subdir[-1] != "null" else None
+        extra = ["hydra.output_subdir=null"]
+        if not any(a.startswith("hydra/job_logging=") for a in args):  # Hydra's default: a file handler
+            self.staging = Path(tempfile.mkdtemp(prefix="finetune-log-")) / "finetune.log"
+            extra.append(f"hydra.job_logging.handlers.file.filename={hydra_quote(str(self.staging))}")
+        return extra
+
+    def write(self, task_cfg: DictConfig, hydra_cfg) -> None:
+        """The run starts: Hydra's files for this command line, as Hydra writes them, and the log so far
+        appended to the run's own, which the log handler writes to from now on."""
+        if self.run_dir is None:
+            return
+        from omegaconf import OmegaConf
+
+        if self.subdir is not None:
+            out = self.run_dir / self.subdir
+            out.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(task_cfg, out / "config.yaml")
+            OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), out / "hydra.yaml")
+            OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), out / "overrides.yaml")
+        if self.staging is not None:
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == self.staging:
+                    handler.acquire()
+                    try:
+                        handler.close()
+                        with open(self.run_dir / self.staging.name, "a") as log_file:
+                            log_file.write(self.staging.read_text())
+                        handler.baseFilename = str((self.run_dir / self.staging.name).resolve())
+                        handler.stream = None  # reopened, for appending, on the next record
+                    finally:
+                        handler.release()
+        self.run_dir = None
+
+    def clean(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging.parent, ignore_errors=True)
+        self.__init__()
+
+
+HELD_RUN = HeldRun()
 
 
 def _peer_lost(err: BaseException) -> bool:
@@ -540,8 +610,13 @@ def main(argv: list[str] | None = None) -> None:
     elif world.enabled and not world.main:  # rank 0 alone writes the run directory, Hydra's files included
         rest = [a for a in rest if not a.startswith("hydra.run.dir=")] + INSPECT_OVERRIDES
     if not any(a in ("-m", "--multirun") for a in rest):
+        if command == "train" and world.main:
+            rest = rest + HELD_RUN.overrides(rest)
         sys.argv = [f"finetune {command}"] + rest
-        COMMANDS[command]()
+        try:
+            COMMANDS[command]()
+        finally:
+            HELD_RUN.clean()
         return
     # a sweep: its summary callback writes the counts the exit code comes from to this file
     with tempfile.TemporaryDirectory() as scratch:

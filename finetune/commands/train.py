@@ -24,7 +24,7 @@ from finetune.recipes import lr_find
 log = logging.getLogger("finetune")
 
 
-def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
+def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None, on_start=None) -> dict:
     """Fine-tune as configured, writing the run directory; returns the summary (with final_val_acc).
 
     `cfg.resume` (a run directory or checkpoint file) continues that run exactly: same weights, optimizer
@@ -36,7 +36,9 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     resume), where a run with fewer `epochs` would follow a different schedule.
     `cfg.recipe` (finetune.compose records it: what the recipe set, auto's choice) goes to summary.json
     and, under auto, to auto.json. `lr=auto` runs the LR finder first (lr_find.png in `out_dir`) and
-    trains with its suggestion, which summary.json keeps under lr_auto.
+    trains with its suggestion, which summary.json keeps under lr_auto. `on_start()` is called once every
+    check has passed (a resume's included), right before the run writes its first file: a refused command
+    changes nothing in a directory that holds a run.
     """
     if cfg.auto.enabled:
         raise UserError("experiment=auto chooses its recipe when the config is composed: pass "
@@ -48,9 +50,12 @@ def train(cfg, out_dir: str | Path, *, stop_at_step: int | None = None) -> dict:
     cfg = absolute_paths(cfg)
     saved = checkpoint.resumed(cfg.resume)  # read once: lr=auto's LR and the run's state both come from it
     recipe = recipe_of(cfg)
+    cfg, lr_auto = lr_find.resolve_lr(cfg, out_dir, saved)  # the finder writes only where no run is held
+    run = Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe, lr_auto=lr_auto, saved=saved)
+    if on_start is not None:
+        on_start()
     write_auto_choice(recipe, out_dir)
-    cfg, lr_auto = lr_find.resolve_lr(cfg, out_dir, saved)
-    return Run(cfg, out_dir, stop_at_step=stop_at_step, recipe=recipe, lr_auto=lr_auto, saved=saved).fit()
+    return run.fit()
 
 
 def write_auto_choice(recipe: dict | None, out_dir: Path) -> None:

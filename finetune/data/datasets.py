@@ -328,30 +328,57 @@ class CheckedImageFolder(Dataset):
 
 def scan_split(split_dir: str, classes: list[str]) -> dict[str, list[str]]:
     """Image files per class, sorted, recursing into subfolders and symlinks: each real folder once (a link
-    back up the tree is a loop os.walk would follow forever), each real file once. Class folders that are
-    the same folder (one links to the other) are named in a warning: their images carry two labels."""
+    back up the tree is a loop os.walk would follow forever), each real file once. A file belongs to the
+    class folder it really lives in: a link that leads into another class's folder (`ants/loop -> ..`) is
+    not followed there, so no image is read under a second label. A file that lives outside every class
+    folder (class folders of links to a pool of images) belongs to the class that links it, and to one
+    only: linked from two classes, the split is refused. Class folders that are the same folder (one links
+    to the other) are named in a warning: their images carry two labels."""
     files, real_class = {}, {}
+    tops = {name: os.path.realpath(os.path.join(split_dir, name)) for name in classes}
     for name in classes:
-        top = os.path.realpath(os.path.join(split_dir, name))
-        if top in real_class:
+        if tops[name] in real_class:
             log.warning("class folders '%s' and '%s' in %s are the same folder (%s): its images are labelled as both",
-                        real_class[top], name, split_dir, top)
-        real_class.setdefault(top, name)
+                        real_class[tops[name]], name, split_dir, tops[name])
+        real_class.setdefault(tops[name], name)
+    owner = _class_folder(list(tops.values()))
+    outside: dict[str, str] = {}  # real path of a file outside every class folder -> the class that links it
+    for name in classes:
         seen_dirs, seen_files, found = set(), set(), []
         for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, name), followlinks=True):
             real = os.path.realpath(dirpath)
-            if real in seen_dirs:
+            if real in seen_dirs or owner(real) not in (None, tops[name]):
                 dirnames[:] = []
                 continue
             seen_dirs.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in filenames:
                 path = os.path.join(dirpath, f)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.realpath(path) not in seen_files:
-                    seen_files.add(os.path.realpath(path))
-                    found.append(path)
+                real_file = os.path.realpath(path)
+                if not f.lower().endswith(IMAGE_EXTENSIONS) or real_file in seen_files:
+                    continue
+                belongs = owner(real_file)
+                if belongs not in (None, tops[name]):  # found there, under its own label
+                    continue
+                if belongs is None:
+                    if outside.setdefault(real_file, name) != name:
+                        raise UserError(f"image '{real_file}' is linked from class folders '{outside[real_file]}' "
+                                        f"and '{name}' in {split_dir}: an image has one label; remove one link")
+                seen_files.add(real_file)
+                found.append(path)
         files[name] = sorted(found)
     return files
+
+
+def _class_folder(tops: list[str]):
+    """owner(real_path): the real class folder that holds the path (the deepest), or None for a path
+    outside every class folder."""
+    by_depth = sorted(set(tops), key=len, reverse=True)
+
+    def owner(path: str) -> str | None:
+        return next((top for top in by_depth if path == top or path.startswith(top.rstrip(os.sep) + os.sep)), None)
+
+    return owner
 
 
 def _drop_unreadable(files: list[str], skip_bad: bool) -> tuple[list[str], list[str]]:

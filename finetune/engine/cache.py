@@ -12,8 +12,9 @@ It is valid, and used without being asked (`cache=false` turns it off), when in 
   cached or not, so the cache holds K views;
 - one process (under torchrun the head's gradients must go through DDP).
 Otherwise the log says why it is off. Features are held in memory, or with `cache_dir=DIR` in
-memory-mapped files there (reused by a later run whose model, data and views are the same), in fp32 or
-with `cache_dtype` fp16/bf16. A cached epoch's evaluation scores the head on the val set's cached
+memory-mapped files there (reused by a later run whose model, data and views are the same: each entry's
+files carry crc32 checksums written last and checked before use, a damaged entry is computed again, and a
+lock lets one run fill a key while another waits for it), in fp32 or with `cache_dtype` fp16/bf16. A cached epoch's evaluation scores the head on the val set's cached
 features; the weight average's body, once it differs from the live one, runs on the images.
 
 `head_init=lbfgs` fits the new head to convergence on the cached features first (multinomial logistic
@@ -22,10 +23,16 @@ regression, L-BFGS, a little L2), so fine-tuning starts from the best linear pro
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
+import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -173,19 +180,55 @@ class FeatureCache:
     @torch.no_grad()
     def build(self) -> None:
         t0 = time.perf_counter()
-        cfg, data = self.cfg, self.data
-        k = cfg.cache_views or 1
-        dtype = DTYPES[cfg.cache_dtype]
-        n = len(data.train)
+        cfg = self.cfg
         self.key = self._key()
-        store = Path(cfg.cache_dir).expanduser() / self.key if cfg.cache_dir else None
-        self.val = self._val_features(dtype)
-        if store is not None and (store / "done").is_file():
-            self.views = [np.load(store / f"view{v}.npy", mmap_mode="r") for v in range(k)]
-            self.labels = torch.from_numpy(np.load(store / "labels.npy"))
-            self.build_seconds = time.perf_counter() - t0
-            log.info("feature cache: reusing %s", store)
-            return
+        self.val = self._val_features(DTYPES[cfg.cache_dtype])
+        if not cfg.cache_dir:
+            self.views, self.labels = self._compute(None)
+        else:  # one run fills a key at a time; the others wait, then read what it finished
+            store = Path(cfg.cache_dir).expanduser() / self.key
+            with store_lock(store):
+                self.views, self.labels = self._reuse(store) or self._fill(store)
+        self.build_seconds = time.perf_counter() - t0
+        shape = tuple(self.views[0].shape)
+        log.info("feature cache: %d images x %d view(s) x %d features (%s, %s) in %.1f s", shape[0], len(self.views),
+                 shape[1], cfg.cache_dtype, Path(cfg.cache_dir).expanduser() / self.key if cfg.cache_dir else
+                 "in memory", self.build_seconds)
+
+    def _reuse(self, store: Path):
+        """The stored views and labels, checked against the checksums written last; None when there are
+        none, or (one warning, and the entry is removed) when a file no longer matches them."""
+        if not store.is_dir():
+            return None
+        try:
+            views, labels = read_store(store, self.cfg.cache_views or 1)
+        except DamagedEntry as err:
+            log.warning("feature cache: %s is damaged (%s); computing the features again", store, err)
+            shutil.rmtree(store, ignore_errors=True)
+            return None
+        log.info("feature cache: reusing %s", store)
+        return views, labels
+
+    def _fill(self, store: Path):
+        """Compute into a private folder beside the entry, checksum it, then rename it into place: a reader
+        never sees half-written files, and an interrupted fill leaves no entry."""
+        tmp = store.with_name(f".{store.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            views, labels = self._compute(tmp)
+            np.save(tmp / "labels.npy", labels.numpy())
+            for out in views:
+                out.flush()
+            write_checksums(tmp, len(views))
+            os.replace(tmp, store)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return read_store(store, len(views))
+
+    def _compute(self, store: Path | None) -> tuple[list, torch.Tensor]:
+        """Every view's features (in memory, or memory-mapped files in `store`) and the labels."""
+        cfg, data = self.cfg, self.data
+        k, dtype, n = cfg.cache_views or 1, DTYPES[cfg.cache_dtype], len(data.train)
         views, labels = [], torch.empty(n, dtype=torch.long)
         with bar(k * -(-n // (data.batch_size * 2)), "caching features", enabled=cfg.progress) as advance:
             for v in range(k):
@@ -201,16 +244,7 @@ class FeatureCache:
                     at += len(feats)
                     advance()
                 views.append(out)
-        if store is not None:
-            np.save(store / "labels.npy", labels.numpy())
-            for out in views:
-                out.flush()
-            (store / "done").write_text("")
-        self.views, self.labels = views, labels
-        self.build_seconds = time.perf_counter() - t0
-        shape = tuple(views[0].shape)
-        log.info("feature cache: %d images x %d view(s) x %d features (%s, %s) in %.1f s", shape[0], k, shape[1],
-                 cfg.cache_dtype, store or "in memory", self.build_seconds)
+        return views, labels
 
     @torch.no_grad()
     def _val_features(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,6 +270,77 @@ class FeatureCache:
         store.mkdir(parents=True, exist_ok=True)
         np_dtype = np.float16 if dtype == torch.float16 else np.float32  # numpy has no bf16: stored as fp32
         return np.lib.format.open_memmap(store / f"view{view}.npy", mode="w+", dtype=np_dtype, shape=shape)
+
+
+# ----------------------------------------------------------------------------- the store on disk (cache_dir)
+
+CHECKSUMS = "checksums.json"  # written last: an entry without it is unfinished
+CHUNK = 1 << 22  # bytes per checksum: a damaged chunk is found without trusting the rest
+
+
+class DamagedEntry(Exception):
+    """A stored entry whose files do not match the checksums written with it."""
+
+
+def _chunk_sums(path: Path) -> list[int]:
+    """crc32 of each CHUNK bytes of the file (zlib's: about a GB/s, a small share of computing features)."""
+    sums = []
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sums.append(zlib.crc32(chunk))
+    return sums
+
+
+def _entry_files(views: int) -> list[str]:
+    return ["labels.npy", *(f"view{v}.npy" for v in range(views))]
+
+
+def write_checksums(store: Path, views: int) -> None:
+    sums = {name: {"bytes": (store / name).stat().st_size, "crc32": _chunk_sums(store / name)}
+            for name in _entry_files(views)}
+    tmp = store / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(sums))
+    os.replace(tmp, store / CHECKSUMS)
+
+
+def read_store(store: Path, views: int) -> tuple[list, torch.Tensor]:
+    """(memory-mapped views, labels) of an entry whose every file matches its checksums; DamagedEntry
+    otherwise (a missing checksum file: an entry of an older finetune, or an unfinished one)."""
+    try:
+        sums = json.loads((store / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        raise DamagedEntry(f"no readable {CHECKSUMS}") from None
+    for name in _entry_files(views):
+        path, want = store / name, sums.get(name)
+        if want is None or not path.is_file():
+            raise DamagedEntry(f"{name} is missing")
+        if path.stat().st_size != want["bytes"]:
+            raise DamagedEntry(f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written")
+        bad = next((i for i, (a, b) in enumerate(zip(_chunk_sums(path), want["crc32"])) if a != b), None)
+        if bad is not None:
+            raise DamagedEntry(f"{name} differs from what was written at byte {bad * CHUNK}")
+    try:
+        return ([np.load(store / f"view{v}.npy", mmap_mode="r") for v in range(views)],
+                torch.from_numpy(np.load(store / "labels.npy")))
+    except ValueError as err:  # a header that no longer describes the data
+        raise DamagedEntry(str(err)) from None
+
+
+@contextlib.contextmanager
+def store_lock(store: Path):
+    """An exclusive lock on `store`'s key (a `.lock` file beside it) while it is read or filled: a second
+    run on the same key waits, then reuses what the first wrote, instead of computing it again."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(f".{store.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("feature cache: another run is filling %s; waiting for it", store)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-4,

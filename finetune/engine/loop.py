@@ -56,7 +56,6 @@ class RunState:
     epoch: int = 0
     batch: int = 0
     step: int = 0
-    best_val_acc: float = -1.0
     metrics: list[dict] = field(default_factory=list)
     trainable_params: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -360,7 +359,6 @@ class Run:
         if cfg.eval_every:
             state.evals.append({"step": state.step, "epoch": state.epoch,
                                 **{k: v for k, v in metrics.items() if "val_" in k}})
-        state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
         epoch = state.epoch
         state.epoch, state.batch = epoch + 1, 0
         self.loss_sum.zero_(), self.correct.zero_()
@@ -486,12 +484,14 @@ class Run:
         state, out_dir, names = self.state, self.out_dir, [g.name for g in self.groups]
         self.trace.flush()
         ema_fields = report.EMA_METRIC_FIELDS if self.trainer.ema else ()
+        chosen = _best(self.evaluations(), self.cfg.best_metric)
         report.write_csv(out_dir / "metrics.csv", state.metrics, report.METRIC_FIELDS + ema_fields)
         if self.cfg.eval_every:
             report.write_csv(out_dir / "evals.csv", state.evals, report.EVAL_FIELDS + ema_fields)
         summary = {
             "status": status,
-            "best_val_acc": state.best_val_acc if state.metrics else None,
+            # the evaluation best_metric chose (best.pt's), an epoch's or with eval_every one inside an epoch
+            "best_val_acc": chosen["val_acc"] if chosen else None,
             "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
             "final_val_loss": state.metrics[-1]["val_loss"] if state.metrics else None,
             "epochs": len(state.metrics), "wall_seconds": round(state.wall_seconds, 3),
@@ -501,9 +501,8 @@ class Run:
             "torch_threads": torch.get_num_threads(), "recipe": self.recipe,
             "skipped_images": self.data.skipped,  # unreadable files left out (data.skip_bad)
             "finished_early": state.finished_early,
-            "best_epoch": best.best_epoch(state.metrics, self.cfg.best_metric) if state.metrics else None,
-            **({"best_eval": _best_eval(state.evals, self.cfg.best_metric)}
-               if self.cfg.eval_every and state.evals and "val_" in self.cfg.best_metric else {}),
+            "best_epoch": chosen["epoch"] if chosen else None,
+            "best": chosen,
             **({"lr_auto": self.lr_auto} if self.lr_auto else {}),
             "world_size": self.world.size,
             "images_per_step": self.cfg.batch_size * self.accumulate * self.world.size,
@@ -528,9 +527,13 @@ def _previous_trace(resume: str, saved: dict) -> tuple[Path | None, list | None]
     return found, saved.get("trace")
 
 
-def _best_eval(evals: list[dict], metric: str) -> dict:
-    row = evals[best.best_epoch(evals, metric)]
-    return {"step": row["step"], "epoch": row["epoch"], metric: row[metric]}
+def _best(rows: list[dict], metric: str) -> dict | None:
+    """The evaluation `metric` chose among `rows` (Run.evaluations): where, its metric and its val_acc."""
+    if not rows:
+        return None
+    row = rows[best.best_epoch(rows, metric)]
+    return {"metric": metric, "value": row[metric], "val_acc": row["val_acc"], "epoch": row["epoch"],
+            **({"step": row["step"]} if "step" in row else {})}
 
 
 def _check_settings(cfg) -> None:

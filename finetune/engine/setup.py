@@ -127,7 +127,7 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
     name, head = head_module(model, groups)
     return Setup(device, amp_dtype, channels_last, model, groups,
                  {**dataclasses.asdict(bundle.preprocess), "input_size": size}, data, accumulate,
-                 data.steps_per_epoch // accumulate, name, head)
+                 -(-data.steps_per_epoch // accumulate), name, head)
 
 
 def _deterministic_cublas() -> None:

@@ -184,7 +184,7 @@ class Trainer:
                          probe=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the gradients of several equal micro-batches (gradient accumulation):
         each backward adds its loss / len(batches), so the update is that of their concatenation (up to
-        BatchNorm's batch statistics). Returns the mean loss over their samples and the correct count.
+        BatchNorm's batch statistics); an epoch's final partial step averages over the micro-batches it has. Returns the mean loss over their samples and the correct count.
         `lrs` (one per layer group; the LR finder) replaces the plan's LRs for this step. `probe`
         (finetune/engine/diagnostics.py) measures gradients before the optimizer step and the update after it;
         its rows are left in `self.diag_rows`."""
@@ -282,10 +282,11 @@ def trace_rows(plan: Plan, optimizer, step: int, epoch: int, mask: list[bool]) -
 
 
 def chunks(loader, k: int, steps: int):
-    """Lists of `k` consecutive batches, `steps` of them (a shorter tail is dropped)."""
+    """Lists of `k` consecutive batches, `steps` of them; the epoch's last may be shorter (a final partial
+    step, as timm and Lightning take: every image of the epoch trains)."""
     it = iter(loader)
     for _ in range(steps):
         chunk = [b for _, b in zip(range(k), it)]
-        if len(chunk) < k:
+        if not chunk:
             return
         yield chunk
