@@ -58,3 +58,11 @@ def test_every_model_command_help_lists_all_its_keys(capsys, command, module):
     schema = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and v.__name__.endswith("Args"))
     listed = {line.split()[0] for line in out.split("keys (key=value):")[1].splitlines() if line.strip()}
     assert code == 0 and listed == {f.name for f in dataclasses.fields(schema)}
+
+
+def test_config_help_lists_the_keys(capsys):
+    """Before: a Hydra OverrideParseException traceback, exit 1."""
+    for flag in ("--help", "-h"):
+        code, out, err = out_of(capsys, "config", flag)
+        assert code == 0 and err == ""
+        assert out.startswith("usage: finetune config [key=value ...]") and "common keys (key=value" in out

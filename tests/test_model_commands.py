@@ -158,3 +158,23 @@ def test_exports_of_several_formats_into_one_folder_each_keep_their_entry(traine
     exports = json.loads((tmp_path / "preprocess.json").read_text())["exports"]
     assert sorted(exports) == ["safetensors", "torchscript"]
     assert all((tmp_path / e["file"]).is_file() and e["max_abs_diff"] <= 1e-4 for e in exports.values())
+
+
+def test_eval_and_export_name_a_run_that_did_not_complete(trained, capsys, tmp_path):
+    """A copy of the run whose summary says failed, then running: one line names the status and the
+    checkpoint's step (before: nothing)."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained / "run", run)
+    summary = json.loads((run / "summary.json").read_text())
+    code, err = run_cli(capsys, "eval", f"ckpt={run}", "num_workers=0")
+    assert code == 0 and any(line.startswith(f"ckpt: {run}/checkpoints/last.pt, written at step 12 (epoch 2, batch 0)")
+                             for line in err), err
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "failed", "reason": "loss became nan"}))
+    code, err = run_cli(capsys, "eval", f"ckpt={run}", "num_workers=0")
+    assert code == 0 and f"ckpt: the run in {run} failed (loss became nan); using its checkpoint last.pt, written " \
+                         "at step 12 (epoch 2, batch 0)" in err, err
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    code, err = run_cli(capsys, "export", f"ckpt={run}", "format=safetensors")
+    assert code == 0 and any("is still training" in line for line in err), err

@@ -153,6 +153,36 @@ def test_a_time_limit_stops_like_a_signal_with_exit_3_and_the_run_resumes(tmp_pa
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
 
 
+def test_the_time_limit_stops_an_evaluation_between_batches(tmp_path, monkeypatch):
+    """The limit passes while the val set is scored (at its second batch): the run stops there, as for a
+    signal, with the checkpoint of the step, and the resume scores the epoch (before: the whole evaluation
+    ran past the limit)."""
+    from finetune.engine.loop import Run
+    from finetune.engine.signals import Interrupted
+
+    scored = []
+    real = Trainer.evaluate
+
+    def evaluate(self, loader, average=False, stop=None, **kw):
+        def counting():
+            scored.append(1)
+            return stop() if stop is not None else False
+        return real(self, loader, average=average, stop=counting, **kw)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(Run, "out_of_time", lambda self: len(scored) >= 2)
+    cfg = [*RUN, "epochs=2", "data.val_size=64", "cache=false"]
+    with pytest.raises(Interrupted, match="stopped by time_limit=10 min after 3 of 6 steps"):
+        train(compose_cfg(*cfg, "time_limit=10"), tmp_path / "run")
+    assert len(scored) == 2  # the second batch never ran
+    saved = load(tmp_path / "run" / "checkpoints" / checkpoint.LAST)
+    assert (saved["step"], saved["epoch"], saved["metrics"]) == (3, 0, [])
+    monkeypatch.undo()
+    train(compose_cfg(*cfg, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    train(compose_cfg(*cfg), tmp_path / "straight")
+    assert read_csv(tmp_path / "run" / "metrics.csv")[0]["val_acc"] == read_csv(tmp_path / "straight" / "metrics.csv")[0]["val_acc"]
+
+
 def test_eval_every_records_every_evaluation_and_best_pt_can_be_mid_epoch(tmp_path, scripted):
     # 3 steps an epoch, eval_every=2: step 2 (inside epoch 0), 3 (its end), 4 (inside epoch 1), 6 (its end)
     scripted([(0.9, 0.5), (0.5, 0.6), (0.2, 0.9), (0.4, 0.7)])

@@ -545,6 +545,9 @@ def config_command(args: list[str]) -> None:
     from finetune.commands.compose import compose, recipe_of
     from finetune.config.recipe import line
 
+    if args and args[0] in ("-h", "--help", "--help-all"):
+        print(command_help("config", every_key=args[0] == "--help-all"))
+        sys.exit(0)
     try:
         cfg = compose(args, probe=False)
     except UserError as err:

@@ -9,6 +9,7 @@ per command (`parse_args`), so a wrong key or type is one line naming it.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -90,8 +91,28 @@ def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
             preprocess.input_size = int(size)
         log.warning("%s holds no preprocessing; using %s's defaults (%d px)", path, config['model']['name'],
                     preprocess.input_size)
+    note_status(path, saved)
     dev = resolve_device(device)
     return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev, groups)
+
+
+def note_status(path: Path, saved: dict) -> None:
+    """One line naming the checkpoint used (its step, epoch and batch) and, for a run that did not complete,
+    its status: eval / predict / export of a run still training or one that failed is no accident."""
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    where = f"step {saved.get('step')} (epoch {saved.get('epoch')}, batch {saved.get('batch')})"
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    status = summary.get("status")
+    if status in (None, "completed"):
+        log.info("ckpt: %s, written at %s", path, where)
+        return
+    why = {"running": "is still training (or its process ended without a word)",
+           "interrupted": "was interrupted (resume=RUN continues it)",
+           "failed": f"failed ({summary.get('reason') or 'summary.json says why'})"}.get(status, f"is {status}")
+    log.warning("ckpt: the run in %s %s; using its checkpoint %s, written at %s", run_dir, why, path.name, where)
 
 
 def parse_args(schema, args: list[str], command: str):

@@ -297,8 +297,9 @@ class Run:
         return {"val_loss": val_loss, "val_acc": val_acc, **live}
 
     def _score(self, cached: bool, average: bool) -> tuple[float, float]:
-        # one process stops between batches on a signal; several would have to agree on the batch first
-        stop = None if self.world.enabled else (lambda: self.stop.signum is not None)
+        # one process stops between batches on a signal or the time limit (a large val set can take
+        # minutes); several would have to agree on the batch first
+        stop = None if self.world.enabled else (lambda: self.stop.signum is not None or self.out_of_time())
         if cached:
             return self.trainer.evaluate(self.cache.val_loader(), average=average, head=self.head_name, stop=stop)
         return self.trainer.evaluate(self.data.val_loader(), average=average, stop=stop)
