@@ -294,3 +294,29 @@ def test_shard_help_lists_its_keys(capsys):
     keys = {line.split()[0] for line in out.split("keys (key=value):")[1].splitlines() if line.strip()}
     assert info.value.code == 0 and keys == {"data", "out", "shard_size", "max_side", "progress"}
     assert "data.root=DIR (required)" in out
+
+
+def test_train_shards_without_some_classes_are_refused(sharded, tmp_path, capsys):
+    """train-000000.tar holds only blue images (the writer goes class by class): before, a run on it trained
+    a one-class model (train acc 1.000) without a word. Refused from index.json's per-shard counts and, for
+    shards made elsewhere (an index without them), from the labels in the shards."""
+    import shutil
+
+    index = json.loads((sharded / "index.json").read_text())
+    assert [s["class_counts"] for s in index["splits"]["train"]["shards"]] == [[10, 0], [6, 4], [0, 10], [0, 2]]
+    bare = tmp_path / "bare"
+    shutil.copytree(sharded, bare)
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            del shard["class_counts"]
+    (bare / "index.json").write_text(json.dumps(index))
+    for where in (sharded, bare):
+        args = ["data=webdataset", f"data.train='{where}/train-000000.tar'", f"data.val='{where}/val-000000.tar'"]
+        code, err = run_cli(capsys, "inspect", *RUN, *args)
+        assert code == 2 and err == [f"finetune: error: data.train: the shards of '{where}/train-000000.tar' hold no "
+                                     "sample of 1 of the 2 classes their index.json names (red); name every train "
+                                     "shard (a brace pattern over all of them) or shard a folder of the classes you "
+                                     "train"], err
+        code, err = run_cli(capsys, "inspect", *RUN, *args[:1], f"data.train='{where}/train-{{000000..000001}}.tar'",
+                            args[2])
+        assert code == 0, err

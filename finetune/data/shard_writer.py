@@ -95,6 +95,7 @@ def _write_split(out: Path, split: str, root: str, classes: list[str], files: di
     pattern = os.path.join(str(out).replace("%", "%%"), f"{split}-%06d.tar")  # ShardWriter fills in %06d
     written, counts, skipped = [], [], 0
     class_counts = [0] * len(classes)
+    per_shard: list[list[int]] = []  # class counts of each shard: a reader of some of the shards checks its classes
     writer = ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, encoder=False,
                          mtime=TAR_MTIME, post=written.append)
     try:
@@ -111,6 +112,9 @@ def _write_split(out: Path, split: str, root: str, classes: list[str], files: di
                 writer.write({"__key__": f"{index:08d}", field: data, shards.LABEL_FIELD: str(label).encode(),
                               "json": json.dumps(meta, sort_keys=True).encode()})
                 class_counts[label] += 1
+                if index % shard_size == 0:
+                    per_shard.append([0] * len(classes))
+                per_shard[-1][label] += 1
                 index += 1
             if class_counts[label] == 0:
                 raise UserError(f"class folder '{os.path.join(root, split, name)}' has no readable images")
@@ -120,7 +124,8 @@ def _write_split(out: Path, split: str, root: str, classes: list[str], files: di
         counts.append(min(shard_size, index - i * shard_size))
     names = [os.path.basename(f) for f in written]
     return {"count": index, "class_counts": class_counts, "skipped": skipped,
-            "shards": [{"name": n, "count": c, "bytes": (out / n).stat().st_size} for n, c in zip(names, counts)]}
+            "shards": [{"name": n, "count": c, "bytes": (out / n).stat().st_size, "class_counts": k}
+                       for n, c, k in zip(names, counts, per_shard)]}
 
 
 def write_shards(root: str, out: str, shard_size: int = 1000, max_side: int | None = None, skip_bad: bool = False,

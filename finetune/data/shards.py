@@ -129,13 +129,43 @@ def read_index(what: str, first: str, local_first: str) -> dict:
     return index
 
 
-def _known_counts(index: dict) -> dict[str, int]:
-    """{shard file name: samples} from an index.json's splits."""
+def _known_counts(index: dict, key: str = "count") -> dict:
+    """{shard file name: samples} (or with key="class_counts" its samples per class) from an index.json's
+    splits."""
     counts = {}
     for split in (index.get("splits") or {}).values():
         for shard in split.get("shards", []):
-            counts[shard["name"]] = int(shard["count"])
+            if key in shard:
+                counts[shard["name"]] = shard[key]
     return counts
+
+
+def shard_labels(path: str) -> list[int]:
+    """The class index of every sample of a local shard (its cls field; -1 where it has none or no number)."""
+    labels = []
+    with open(path, "rb") as f:
+        for _, fields in index_shard(path):
+            offset, size = fields.get(LABEL_FIELD, (0, 0))
+            f.seek(offset)
+            text = f.read(size).strip() if LABEL_FIELD in fields else b""
+            labels.append(int(text) if text.lstrip(b"-").isdigit() else -1)
+    return labels
+
+
+def class_counts(files: list[str], index: dict, n_classes: int) -> list[int]:
+    """Samples per class in these shards: their index.json entries (finetune shard records them), else the
+    labels read from the shards themselves."""
+    known = _known_counts(index, "class_counts")
+    total = [0] * n_classes
+    for path in files:
+        counts = known.get(os.path.basename(path))
+        if counts is None or len(counts) != n_classes:
+            counts = [0] * n_classes
+            for label in shard_labels(path):
+                if 0 <= label < n_classes:
+                    counts[label] += 1
+        total = [a + b for a, b in zip(total, counts)]
+    return total
 
 
 def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -265,10 +295,20 @@ def _shard_set(cfg, key: str) -> tuple[list[str], list[int], list[str]]:
         raise UserError(f"{what}: {len(missing)} of the {len(files)} shards of '{spec}' do not exist (first: "
                         f"{missing[0]}){hint}")
     known = _known_counts(index)
-    counts = [known[os.path.basename(f)] if os.path.basename(f) in known else len(index_shard(f)) for f in files]
+    counts = [int(known[os.path.basename(f)]) if os.path.basename(f) in known else len(index_shard(f)) for f in files]
     if sum(counts) == 0:
         raise UserError(f"{what}: the shards of '{spec}' hold no samples")
-    return files, counts, list(index["classes"])
+    names = list(index["classes"])
+    absent = [c for c, n in zip(names, class_counts(files, index, len(names))) if n == 0]
+    if absent:  # as an image folder's empty class folder: a class the head has but nothing teaches
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        message = (f"{what}: the shards of '{spec}' hold no sample of {len(absent)} of the {len(names)} classes "
+                   f"their {INDEX} names ({shown})")
+        if key == "train":
+            raise UserError(f"{message}; name every train shard (a brace pattern over all of them) or shard a "
+                            "folder of the classes you train")
+        log.warning("%s: they are never scored", message)
+    return files, counts, names
 
 
 def classes(cfg) -> list[str]:
@@ -284,6 +324,7 @@ def classes(cfg) -> list[str]:
 
 def splits(cfg) -> tuple[ShardImages, ShardImages, list[str]]:
     """(train, val, class names) of data=webdataset."""
+    _spec(cfg, "val")  # both named before either is read
     train_files, train_counts, names = _shard_set(cfg, "train")
     val_files, val_counts, val_names = _shard_set(cfg, "val")
     if val_names != names:
