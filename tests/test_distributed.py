@@ -197,3 +197,30 @@ def test_adapters_under_torchrun_join_the_ddp_rewrap_and_leave_the_base_alone(tm
     # layer3 and layer4 unfroze at epochs 2 and 1 (gradual): their adapters trained; layer1's never did
     moved = {n.split(".")[0] for n in start if ".lora_B." in n and not torch.equal(start[n].detach(), end[n])}
     assert moved == {"layer3", "layer4"}
+
+
+def test_ranks_that_see_other_data_stop_at_once_naming_the_rank_and_the_difference(tmp_path):
+    """Rank 1 reads a folder with the same number of classes under other names (before: trained to the
+    end without a word; with another count, DDP's traceback and a resume command for a checkpoint that
+    did not exist)."""
+    from PIL import Image
+
+    for root, classes in (("a", ("ants", "bees")), ("b", ("ants", "wasps"))):
+        for split in ("train", "val"):
+            for name in classes:
+                (tmp_path / root / split / name).mkdir(parents=True)
+                for i in range(8):
+                    Image.new("RGB", (16, 16), (30 * i, 90, 200)).save(tmp_path / root / split / name / f"{i}.png")
+    args = [*RUN[:2], "data=imagefolder", "data.root='${oc.env:ROOT_${oc.env:RANK}}'", "data.image_size=16",
+            "data.num_workers=0", "progress=false", "device=cpu", "experiment=none", "epochs=1", "batch_size=4"]
+    env = {**os.environ, **ONE_THREAD_ENV, "ROOT_0": str(tmp_path / "a"), "ROOT_1": str(tmp_path / "b")}
+    out = subprocess.run([*TORCHRUN, "-m", "finetune", "train", *args, "hydra.run.dir=run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert errors and all("rank 1 sees another class list than rank 0 (['ants', 'wasps'] against ['ants', 'bees'])"
+                          in line for line in errors), out.stderr[-3000:]
+    # torchrun's own traceback (ChildFailedError) follows a failed child; none comes from finetune or DDP
+    assert "/finetune/" not in out.stderr.replace("-m finetune", "") and "DistBackendError" not in out.stderr
+    assert "resume with" not in out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -179,6 +179,24 @@ def gather(obj) -> list:
     return out
 
 
+def agree(facts: dict) -> None:
+    """Every rank holds the same `facts` ({what: value}: the class list, the data's size, the config's
+    fingerprint), or a UserError on every rank names the first rank and what differs from rank 0: ranks that
+    see other data would train one model on two label sets (same class count) or fail inside DDP."""
+    every = gather(facts)
+    for rank, theirs in enumerate(every[1:], start=1):
+        for what, value in every[0].items():
+            if theirs.get(what) != value:
+                raise UserError(f"rank {rank} sees another {what} than rank 0 ({_short(theirs.get(what))} against "
+                                f"{_short(value)}): every process must see the same data and config (data.root "
+                                "on each node, the same command line)")
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def broadcast(obj, src: int = 0):
     """Rank `src`'s `obj` on every rank."""
     if not active():

@@ -6,6 +6,8 @@ step counts."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -117,7 +119,9 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
     if training:
         log.info("data: %d train / %d val images, %d classes, %d px", len(data.train), len(data.val),
                  len(data.classes), size)
-        if world.enabled:
+        if world.enabled:  # before DDP, which would fail on another head size with a traceback
+            distributed.agree({"class list": list(data.classes), "number of train images": len(data.train),
+                               "number of val images": len(data.val), "config": _config_digest(cfg)})
             _check_world_batch(len(data.train), cfg.batch_size, world)
             log.info("distributed: %d processes (%s), batch_size %d per process: %d images per step", world.size,
                      "nccl" if device.type == "cuda" else "gloo", cfg.batch_size,
@@ -128,6 +132,12 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
     return Setup(device, amp_dtype, channels_last, model, groups,
                  {**dataclasses.asdict(bundle.preprocess), "input_size": size}, data, accumulate,
                  -(-data.steps_per_epoch // accumulate), name, head)
+
+
+def _config_digest(cfg) -> str:
+    """A digest of the resolved config (the same command line on every rank gives the same one)."""
+    text = json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _deterministic_cublas() -> None:
