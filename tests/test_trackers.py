@@ -251,3 +251,44 @@ def test_points_a_tracker_refused_are_sent_at_the_next_checkpoint_and_none_twice
     assert "flaky: the points up to step 1 wait for the next checkpoint" in caplog.text
     assert flaky.sent == [(s, "lr/head") for s in range(4)]
     assert json.loads((tmp_path / trackers.RUN_FILE).read_text())["flaky"]["last_sent"] == {"lr/head": 3}
+
+
+def test_a_tracking_server_that_is_down_is_one_warning_and_training_goes_on(tmp_path, capsys):
+    """Before: no training step in 240 s of urllib3 retries."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    code, lines = run_cli(capsys, "train", *TINY, *QUIET, "experiment=none", "epochs=1", "logger=mlflow",
+                          f"logger.tracking_uri=http://127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, lines
+    assert time.perf_counter() - t0 < 60
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+    assert not (tmp_path / "run" / trackers.RUN_FILE).exists()
+
+
+def test_a_file_store_uri_is_one_line_naming_the_fix(tmp_path, capsys):
+    """Before: MLflow 3's MlflowException traceback."""
+    code, lines = run_cli(capsys, "train", *TINY, *QUIET, "experiment=none", "epochs=1", "logger=mlflow",
+                          f"logger.tracking_uri=file://{tmp_path}/mlruns", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and lines == [f"finetune: error: logger.tracking_uri=file://{tmp_path}/mlruns: MLflow 3 keeps no "
+                                   "file store; give an sqlite file instead, logger.tracking_uri=sqlite:///DIR/mlflow.db "
+                                   "(or leave it unset: a store in the run's parent folder, mlruns/mlflow.db)"]
+
+
+def test_an_sqlite_store_keeps_the_artifacts_beside_it(tmp_path, empty_store, monkeypatch, capsys):
+    """Before: the artifacts went to ./mlruns of whatever directory the command ran in."""
+    store = tmp_path / "tracking"
+    store.mkdir()
+    shutil.copyfile(empty_store, store / "mlflow.db")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, lines = run_cli(capsys, "train", *TINY, *QUIET, "experiment=none", "epochs=1", "logger=mlflow",
+                          f"logger.tracking_uri=sqlite:///{store}/mlflow.db", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 0, lines
+    assert list(cwd.iterdir()) == []
+    assert any(p.name == "summary.json" for p in (store / "artifacts").rglob("*"))

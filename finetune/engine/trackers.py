@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from finetune.base.errors import UserError, writing
 from finetune.base.files import first_line
@@ -34,6 +36,7 @@ RUN_FILE = "trackers.json"  # in a run directory: its MLflow and W&B run ids, an
 SWEEP_FILE = "trackers_sweep.json"  # in a sweep directory: MLflow's parent run, W&B's group
 EXTRA = 'pip install "finetune[trackers]"'
 BATCH = 1000  # points per request (MLflow's log_batch takes at most 1000)
+REACH_SECONDS = 3  # how long a tracking server may take to accept a connection before the run goes on without it
 ARTIFACTS = ("*.png", "*.csv", "summary.json", "auto.json")  # what the run directory gives the tracker at the end
 
 
@@ -56,10 +59,25 @@ def trackers(logger, out_dir: Path, step: int, resumed_dir: Path | None, config:
         ids = _read(resumed_dir / RUN_FILE) if resumed_dir else {}
         sweep = _read(out_dir.parent / SWEEP_FILE)
         if logger.mlflow:
-            found.append(MLflow(logger, out_dir, ids.get("mlflow"), config, recipe, sweep.get("mlflow")))
+            tracker = _reachable("mlflow", lambda: MLflow(logger, out_dir, ids.get("mlflow"), config, recipe,
+                                                          sweep.get("mlflow")))
+            found += [tracker] if tracker else []
         if logger.wandb:
             found.append(WandB(logger, out_dir, ids.get("wandb"), config, recipe, sweep.get("name")))
     return found
+
+
+def _reachable(name: str, start):
+    """The tracker `start()` makes, or None with one warning when its service cannot be reached: training
+    goes on without it (its files in the run directory hold every metric). A wrong setting is a UserError."""
+    try:
+        return start()
+    except UserError:
+        raise
+    except Exception as err:  # the library's or the network's error
+        log.warning("logger=%s: could not start its run (%s); training goes on without it (metrics.csv, "
+                    "lr_trace.csv and summary.json hold every figure)", name, first_line(err))
+        return None
 
 
 class Tracker(Observer):
@@ -222,7 +240,29 @@ def mlflow_client(uri: str | None, parent: Path):
     if not uri:
         (parent / "mlruns").mkdir(parents=True, exist_ok=True)
         uri = local_store(parent)
+    check_uri(uri)
+    # MLflow retries a refused HTTP request for minutes (7 tries, backoff 2) before it raises: a server that
+    # is down would stall the run's start and every checkpoint. A setting of the user's own stays.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return MlflowClient(uri), uri
+
+
+def check_uri(uri: str) -> None:
+    """A tracking URI MLflow can use: a file store (file:// or a plain folder), which MLflow 3 refuses with a
+    traceback, is one line naming the key and the fix; an HTTP server is tried once, for a few seconds."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+        raise UserError(f"logger.tracking_uri={uri}: MLflow 3 keeps no file store; give an sqlite file instead, "
+                        "logger.tracking_uri=sqlite:///DIR/mlflow.db (or leave it unset: a store in the run's parent "
+                        "folder, mlruns/mlflow.db)")
+    if scheme in ("http", "https"):
+        parsed = urlparse(uri)
+        port = parsed.port or (443 if scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=REACH_SECONDS).close()
+        except OSError as err:
+            raise ConnectionError(f"{uri} cannot be reached: {err.strerror or err}") from None
 
 
 def local_store(parent: Path) -> str:
@@ -231,14 +271,16 @@ def local_store(parent: Path) -> str:
 
 
 def experiment_id(client, name: str, uri: str, parent: Path) -> str:
-    """The id of MLflow experiment `name`, created if new: in the local store with its artifacts beside it
-    (parent/mlruns/artifacts), not in the working directory."""
+    """The id of MLflow experiment `name`, created if new: in an sqlite store with its artifacts beside it
+    (the default store: parent/mlruns/artifacts), not in the working directory."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    local = (parent / "mlruns" / "artifacts").resolve().as_uri() if uri == local_store(parent) else None
+    local = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the sqlite file (MLflow's default: ./mlruns of the cwd)
+        local = (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=local)
     except MlflowException:  # another job of the sweep created it meanwhile
@@ -262,15 +304,20 @@ def start_sweep(logger, sweep_dir: Path) -> None:
     path = sweep_dir / SWEEP_FILE
     info = {**_read(path), "name": sweep_dir.name}
     if logger.mlflow:
-        client, uri = mlflow_client(logger.tracking_uri, sweep_dir)
-        held = info.get("mlflow") or {}
-        if held.get("tracking_uri") == uri:
-            client.update_run(held["parent_run_id"], status="RUNNING")
-        else:
-            experiment = experiment_id(client, logger.experiment, uri, sweep_dir)
-            parent = client.create_run(experiment, run_name=sweep_dir.name, tags={"sweep_dir": str(sweep_dir.resolve())})
-            info["mlflow"] = {"tracking_uri": uri, "parent_run_id": parent.info.run_id}
+        _reachable("mlflow", lambda: _start_parent(logger, sweep_dir, info))
     _write(path, info)
+
+
+def _start_parent(logger, sweep_dir: Path, info: dict) -> None:
+    """The sweep's MLflow parent run (a sweep started again in its directory keeps its run), into `info`."""
+    client, uri = mlflow_client(logger.tracking_uri, sweep_dir)
+    held = info.get("mlflow") or {}
+    if held.get("tracking_uri") == uri:
+        client.update_run(held["parent_run_id"], status="RUNNING")
+    else:
+        experiment = experiment_id(client, logger.experiment, uri, sweep_dir)
+        parent = client.create_run(experiment, run_name=sweep_dir.name, tags={"sweep_dir": str(sweep_dir.resolve())})
+        info["mlflow"] = {"tracking_uri": uri, "parent_run_id": parent.info.run_id}
 
 
 def end_sweep(sweep_dir: Path) -> None:
@@ -279,10 +326,14 @@ def end_sweep(sweep_dir: Path) -> None:
     held = _read(sweep_dir / SWEEP_FILE).get("mlflow")
     if not held:
         return
-    client, _ = mlflow_client(held["tracking_uri"], sweep_dir)
-    for path in sorted(sweep_dir.glob("summary.*")):
-        client.log_artifact(held["parent_run_id"], str(path))
-    client.set_terminated(held["parent_run_id"], "FINISHED")
+
+    def finish():
+        client, _ = mlflow_client(held["tracking_uri"], sweep_dir)
+        for path in sorted(sweep_dir.glob("summary.*")):
+            client.log_artifact(held["parent_run_id"], str(path))
+        client.set_terminated(held["parent_run_id"], "FINISHED")
+
+    _reachable("mlflow", finish)
 
 
 # ------------------------------------------------------------------------------------------------- W&B
