@@ -218,3 +218,31 @@ def test_the_head_epoch_of_lp_ft_with_adapters_runs_from_the_feature_cache(tmp_p
     train(compose(*LORA, "epochs=2", "data.augment=false"), tmp_path / "run")
     assert "feature cache: on from epoch 0" in caplog.text
     assert "feature cache: off in epoch 1: groups below the head train" in caplog.text
+
+
+def test_merge_false_keeps_trained_biases_or_refuses_a_format_that_cannot_hold_them(tmp_path, capsys):
+    """peft.bias=all trains the adapted groups' biases: LoRA's format holds them and its export is checked
+    from the base as it was before training; LoHa's holds none: refused (before: written without them, and
+    the check, which loaded the trained biases first, could not notice)."""
+    for kind in ("lora", "loha"):
+        train(compose(*VIT, f"peft={kind}", "peft.bias=all", "epochs=1", "max_steps=2", "freeze=fixed",
+                      "experiment=none"), tmp_path / kind)
+    code, err = run_cli(capsys, "export", f"ckpt={tmp_path / 'lora'}", "merge=false", f"out={tmp_path / 'out'}")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "preprocess.json").read_text())["max_abs_diff"] <= 1e-4
+    code, err = run_cli(capsys, "export", f"ckpt={tmp_path / 'loha'}", "merge=false", f"out={tmp_path / 'out2'}")
+    assert code == 2 and err[-1].startswith("finetune: error: export: merge=false: peft's loha format holds no "
+                                            "biases, and this run trained ") and "peft.bias=all" in err[-1], err
+
+
+def test_the_adapter_check_starts_from_the_base_before_training(tmp_path, capsys, monkeypatch):
+    """A trained bias the adapter file leaves out shows in the check (before: the check loaded the trained
+    base first, so the difference could not show)."""
+    from finetune.models import adapters
+
+    train(compose(*VIT, "peft=lora", "peft.bias=all", "epochs=1", "max_steps=2", "freeze=fixed",
+                  "experiment=none", "lr=0.05"), tmp_path / "run")
+    real = adapters.peft_config
+    monkeypatch.setattr(adapters, "peft_config", lambda cfg, modules, bias="none": real(cfg, modules, "none"))
+    code, err = run_cli(capsys, "export", f"ckpt={tmp_path / 'run'}", "merge=false", f"out={tmp_path / 'out'}")
+    assert code == 2 and "peft adapter" in err[-1], err

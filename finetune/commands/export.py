@@ -103,13 +103,24 @@ def _adapter(saved: SavedModel, out: Path, check: torch.Tensor) -> tuple[Path, t
     adapter files)."""
     from peft import PeftModel
 
+    peft_cfg = OmegaConf.create(saved.config["peft"])
+    trained_biases = [n for g in saved.groups for n in g.param_names if n.endswith(".bias") and n not in g.fixed
+                      and not adapters.is_adapter(n) and g.adapters]
+    if trained_biases and str(peft_cfg.kind) not in ("lora", "dora"):
+        raise UserError(f"export: merge=false: peft's {peft_cfg.kind} format holds no biases, and this run trained "
+                        f"{len(trained_biases)} (peft.bias={peft_cfg.bias}, e.g. {trained_biases[0]}): export merged "
+                        "(merge=true, the default), or train with peft.bias=none")
     path = out / "adapter"
     with writing(path / "adapter_model.safetensors"):
-        whole = adapters.save_adapter(saved.model, saved.groups, OmegaConf.create(saved.config["peft"]), path)
+        whole = adapters.save_adapter(saved.model, saved.groups, peft_cfg, path)
+    # the check starts from what a user of the adapter starts from, the base as it was before training: the
+    # parameters that never trained (and the buffers); whatever trained must come from the adapter files
+    fixed = {adapters.base_name(n) for g in saved.groups for n in g.fixed}
+    base = adapters.unload(saved.model)
+    untrained = {n: t for n, t in base.state_dict().items()
+                 if (n in fixed or n not in dict(base.named_parameters())) and not any(n.startswith(f"{m}.") for m in whole)}
     fresh = plain_architecture(saved).model
-    base = adapters.unload(saved.model).state_dict()
-    fresh.load_state_dict({k: v for k, v in base.items() if not any(k.startswith(f"{m}.") for m in whole)},
-                          strict=False)
+    fresh.load_state_dict(untrained, strict=False)
     loaded = PeftModel.from_pretrained(fresh, str(path)).eval()
     return path, loaded(check)
 

@@ -101,9 +101,14 @@ def peft_config(cfg, modules: Sequence[str], bias: str = "none"):
     raise UserError(f"peft.kind: '{kind}' is not one of lora, dora, ia3, loha, lokr")
 
 
-def _base_name(name: str) -> str:
+def base_name(name: str) -> str:
     """The parameter's name before adapters were added (peft moves the layer's own under `base_layer`)."""
     return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def is_adapter(name: str) -> bool:
+    """An adapter's own parameter (not a base layer's)."""
+    return _adapted_layer(name) is not None
 
 
 def _adapted_layer(name: str) -> str | None:
@@ -129,11 +134,11 @@ def add(model: nn.Module, groups: Sequence[LayerGroup], cfg) -> list[LayerGroup]
     new = {g.name: LayerGroup(g.name, list(g.patterns)) for g in groups}
     for name, _ in model.named_parameters():
         layer = _adapted_layer(name)
-        group = new[chosen[layer] if layer is not None else owner[_base_name(name)]]
+        group = new[chosen[layer] if layer is not None else owner[base_name(name)]]
         group.param_names.append(name)
         if layer is not None:
             group.adapters.append(name)
-        elif group.name in adapted_groups and not _trains_as_bias(_base_name(name), str(cfg.bias), chosen):
+        elif group.name in adapted_groups and not _trains_as_bias(base_name(name), str(cfg.bias), chosen):
             group.fixed.append(name)
     plain = [g for g in adapted_groups if not new[g].adapters]
     if plain:
