@@ -145,10 +145,14 @@ def train_task(cfg: DictConfig) -> float | None:
 
     def on_start():  # every check passed: from here on this command's run owns the directory
         started.append(True)
-        HELD_RUN.write(composed, hydra_cfg)
+        HELD_RUN.write(composed, hydra_cfg, Path(out_dir))
 
     try:
         out_dir = _join_processes(cfg, out_dir)
+        if in_sweep and not cfg.resume and not cfg.overwrite and checkpoint.holds_run(Path(out_dir)):
+            cfg, kept = _rerun_job(cfg, Path(out_dir), hydra_cfg.job.num)
+            if kept is not None:
+                return kept
         checkpoint.refuse_used_dir(Path(out_dir), cfg)  # before the probe runs or anything is written
         if cfg.auto.enabled:
             log.info("%s", line({"name": "auto"}))
@@ -203,42 +207,44 @@ def train_task(cfg: DictConfig) -> float | None:
 
 
 class HeldRun:
-    """A single `finetune train` into a directory that already holds a run (a resume, or one about to be
-    refused): Hydra would rewrite its .hydra/ files and append to its log before finetune's checks run, so
-    a refused command would leave the run's recorded config describing a run that never happened. Hydra
-    is told to write neither there (`overrides`); the log goes to a staging file, and `write` puts both
-    in place once the run starts. A refusal leaves every byte of the directory as it was."""
+    """Hydra writes a job's .hydra/ files (and opens its log) before finetune's checks run: into a directory
+    that already holds a run (a resume, one about to be refused, a sweep's job run again) it would rewrite
+    the run's recorded config with a command line that never trained. So Hydra is told to write no .hydra/
+    (`overrides`), the log of a single run goes to a staging file, and `write` puts both in place once the
+    run starts. A refused command, or a sweep's completed job kept, changes no byte of the directory."""
+
+    # what hydra.output_subdir would have been ("": none), for the jobs a launcher runs in other processes
+    ENV = "FINETUNE_HYDRA_SUBDIR"
 
     def __init__(self):
-        self.run_dir: Path | None = None
-        self.subdir: str | None = None  # what hydra.output_subdir would have been
         self.staging: Path | None = None
 
-    def overrides(self, args: list[str]) -> list[str]:
-        """The extra overrides for this command line (none unless its hydra.run.dir holds a run)."""
+    def overrides(self, args: list[str], sweep: bool) -> list[str]:
+        """The extra overrides for this command line: a sweep's always (each job may hold a run), a single
+        run's when its hydra.run.dir holds one."""
         from finetune.engine.checkpoint import holds_run
 
         given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-        if not given or not holds_run(Path(os.path.expanduser(given[-1].strip("'\"")))):
+        if not sweep and (not given or not holds_run(Path(os.path.expanduser(given[-1].strip("'\""))))):
             return []
-        self.run_dir = Path(os.path.expanduser(given[-1].strip("'\"")))
         subdir = [a.split("=", 1)[1] for a in args if a.startswith("hydra.output_subdir=")]
-        self.subdir = (subdir[-1] if subdir else ".hydra") if not subdir or subdir[-1] != "null" else None
+        os.environ[self.ENV] = "" if subdir and subdir[-1] == "null" else (subdir[-1] if subdir else ".hydra")
         extra = ["hydra.output_subdir=null"]
-        if not any(a.startswith("hydra/job_logging=") for a in args):  # Hydra's default: a file handler
+        if not sweep and not any(a.startswith("hydra/job_logging=") for a in args):  # Hydra's default: a file
             self.staging = Path(tempfile.mkdtemp(prefix="finetune-log-")) / "finetune.log"
             extra.append(f"hydra.job_logging.handlers.file.filename={hydra_quote(str(self.staging))}")
         return extra
 
-    def write(self, task_cfg: DictConfig, hydra_cfg) -> None:
-        """The run starts: Hydra's files for this command line, as Hydra writes them, and the log so far
-        appended to the run's own, which the log handler writes to from now on."""
-        if self.run_dir is None:
+    def write(self, task_cfg: DictConfig, hydra_cfg, run_dir: Path) -> None:
+        """The run starts: Hydra's files for this command line in `run_dir`, as Hydra writes them, and a
+        single run's log so far appended to the run's own, which the log handler writes to from now on."""
+        subdir = os.environ.get(self.ENV)
+        if subdir is None:  # Hydra wrote its files itself
             return
         from omegaconf import OmegaConf
 
-        if self.subdir is not None:
-            out = self.run_dir / self.subdir
+        if subdir:
+            out = run_dir / subdir
             out.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(task_cfg, out / "config.yaml")
             OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), out / "hydra.yaml")
@@ -249,21 +255,43 @@ class HeldRun:
                     handler.acquire()
                     try:
                         handler.close()
-                        with open(self.run_dir / self.staging.name, "a") as log_file:
+                        with open(run_dir / self.staging.name, "a") as log_file:
                             log_file.write(self.staging.read_text())
-                        handler.baseFilename = str((self.run_dir / self.staging.name).resolve())
+                        handler.baseFilename = str((run_dir / self.staging.name).resolve())
                         handler.stream = None  # reopened, for appending, on the next record
                     finally:
                         handler.release()
-        self.run_dir = None
+            self.staging = None
 
     def clean(self) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging.parent, ignore_errors=True)
+        os.environ.pop(self.ENV, None)
         self.__init__()
 
 
 HELD_RUN = HeldRun()
+
+
+def _rerun_job(cfg: DictConfig, job_dir: Path, num: int) -> tuple[DictConfig, float | None]:
+    """A sweep run again into its directory, at a job that holds a run: a completed one is kept (its
+    objective returned, nothing written), one that stopped is resumed (or started afresh without a
+    checkpoint); one still running is left to refuse_used_dir."""
+    from omegaconf import OmegaConf
+
+    from finetune.commands import sweep
+
+    action = sweep.rerun_action(job_dir)
+    if action == "keep":
+        print(f"finetune: job {num} completed before; kept ({job_dir})", file=sys.stderr)
+        return cfg, (sweep.read_json(job_dir / "summary.json") or {}).get("final_val_acc")
+    if action in ("resume", "fresh"):
+        print(f"finetune: job {num} {'resumes' if action == 'resume' else 'starts again'}: its earlier run stopped "
+              f"({sweep.job_status(job_dir)})", file=sys.stderr)
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "resume" if action == "resume" else "overwrite",
+                         str(job_dir) if action == "resume" else True)
+    return cfg, None
 
 
 def _peer_lost(err: BaseException) -> bool:
@@ -612,21 +640,22 @@ def main(argv: list[str] | None = None) -> None:
         rest = INSPECT_OVERRIDES + rest
     elif world.enabled and not world.main:  # rank 0 alone writes the run directory, Hydra's files included
         rest = [a for a in rest if not a.startswith("hydra.run.dir=")] + INSPECT_OVERRIDES
-    if not any(a in ("-m", "--multirun") for a in rest):
-        if command == "train" and world.main:
-            rest = rest + HELD_RUN.overrides(rest)
-        sys.argv = [f"finetune {command}"] + rest
-        try:
+    sweeping = any(a in ("-m", "--multirun") for a in rest)
+    if command == "train" and world.main:
+        rest = rest + HELD_RUN.overrides(rest, sweeping)
+    try:
+        if not sweeping:
+            sys.argv = [f"finetune {command}"] + rest
             COMMANDS[command]()
-        finally:
-            HELD_RUN.clean()
-        return
-    # a sweep: its summary callback writes the counts the exit code comes from to this file
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "sweep.json"
-        sys.argv = [f"finetune {command}"] + rest + [f"++hydra.callbacks.sweep_summary.report={report}"]
-        COMMANDS[command]()
-        _exit_for_sweep(report)
+            return
+        # a sweep: its summary callback writes the counts the exit code comes from to this file
+        with tempfile.TemporaryDirectory() as scratch:
+            report = Path(scratch) / "sweep.json"
+            sys.argv = [f"finetune {command}"] + rest + [f"++hydra.callbacks.sweep_summary.report={report}"]
+            COMMANDS[command]()
+            _exit_for_sweep(report)
+    finally:
+        HELD_RUN.clean()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ class SweepSummary(Callback):
             print(f"finetune: error: {sweep_dir} is in use by another sweep (process {holder}); wait for it, or "
                   "choose another directory (hydra.sweep.dir=...)", file=sys.stderr)
             sys.exit(2)
+        planned = _planned_jobs(config)
+        if planned is not None:  # `finetune summarize` lists the jobs that never started too
+            sweep.write_plan(sweep_dir, planned)
         try:  # logger=mlflow: the sweep's parent run, which the jobs' runs find in the sweep directory
             trackers.start_sweep(config.logger, sweep_dir)
         except UserError as err:  # the tracker's package is missing
@@ -45,7 +48,10 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         # a job directory that holds a run is not rewritten unless this job continues or replaces it
         # (train then refuses the job with the reason)
+        # (train then refuses the job with the reason); a rerun of the sweep resumes one whose process died
         taken = checkpoint.holds_run(job_dir) and not (config.get("resume") or config.get("overwrite"))
+        if taken and _is_multirun(config) and sweep.rerun_action(job_dir) in ("resume", "fresh"):
+            taken = False
         if _is_multirun(config) and not taken:
             sweep.write_job_file(job_dir, config.hydra.job.num, list(config.hydra.overrides.task))
 
@@ -67,6 +73,20 @@ class SweepSummary(Callback):
         if self.report:
             Path(self.report).write_text(json.dumps({"failed": sweep.failed(rows), "total": len(rows),
                                                      "sweep_dir": str(sweep_dir)}))
+
+
+def _planned_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, in job order, as Hydra's basic sweeper will run them (None for another
+    sweeper: Optuna decides its trials as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    params = config.hydra.sweeper.get("params") or {}
+    parsed += OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def _is_multirun(config: DictConfig) -> bool:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -62,8 +63,55 @@ def _holder(path: Path) -> int | None:
 
 
 def write_job_file(job_dir: Path, num: int, overrides: Sequence[str]) -> None:
+    """job.json: the job's number and overrides, and the process that runs it (a dead one is interrupted)."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / JOB_FILE).write_text(json.dumps({"num": num, "overrides": list(overrides)}) + "\n")
+    (job_dir / JOB_FILE).write_text(json.dumps({"num": num, "overrides": list(overrides), "pid": os.getpid(),
+                                                "host": socket.gethostname()}) + "\n")
+
+
+PLAN_FILE = "sweep_jobs.json"  # in the sweep directory: every job the sweep will run, listed when it starts
+
+
+def write_plan(sweep_dir: Path, jobs: list[list[str]]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": jobs}) + "\n")
+
+
+def job_status(job_dir: Path) -> str:
+    """completed | failed | interrupted | running | incomplete (started, no epoch finished yet). A job whose
+    summary says running (or that never reported) while its process is gone (killed with the sweep) is
+    interrupted: a rerun of the sweep resumes it."""
+    status = (read_json(job_dir / "summary.json") or {}).get("status", "incomplete")
+    if status in ("running", "incomplete"):
+        job = read_json(job_dir / JOB_FILE) or {}
+        if job.get("pid") and job.get("host") == socket.gethostname() and not _alive(int(job["pid"])):
+            return "interrupted"
+    return status
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def rerun_action(job_dir: Path) -> str:
+    """What a sweep run again into its directory does with a job directory that holds a run: keep a
+    completed one (its result stands), resume one that stopped (interrupted, failed or killed: from its
+    last checkpoint, or afresh without one), refuse one whose process still runs."""
+    status = job_status(job_dir)
+    if status == "completed":
+        return "keep"
+    job = read_json(job_dir / JOB_FILE) or {}
+    if status == "running" and job.get("pid") != os.getpid():  # this process: the sweep that reruns it now
+        return "refuse"
+    from finetune.engine.checkpoint import LAST
+
+    return "resume" if (job_dir / "checkpoints" / LAST).is_file() else "fresh"
 
 
 def read_json(path: Path) -> dict | None:
@@ -105,8 +153,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     for job_dir in _job_dirs(sweep_dir):
         job = read_json(job_dir / JOB_FILE)
         summary = read_json(job_dir / "summary.json") or {}
-        # no summary yet: the job never finished an epoch (killed, or still running)
-        status = summary.get("status", "incomplete")
+        status = job_status(job_dir)
         rows.append({
             "job": _job_number(job_dir, job), "all_overrides": _overrides(job_dir, job), "status": status,
             "recipe": recipe_cell(summary),
@@ -114,6 +161,11 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "images_per_s": summary.get("train_images_per_second"), "reason": summary.get("reason", ""),
             "dir": job_dir.name, "trace": _digest(job_dir / "lr_trace.csv"),
         })
+    started = {row["job"] for row in rows}
+    planned = (read_json(sweep_dir / PLAN_FILE) or {}).get("jobs", [])
+    rows += [{"job": num, "all_overrides": overrides, "status": "not started", "recipe": "", "final_val_acc": None,
+              "best_val_acc": None, "final_val_loss": None, "wall_seconds": None, "images_per_s": None,
+              "reason": "", "dir": "", "trace": None} for num, overrides in enumerate(planned) if num not in started]
     swept = swept_keys(rows)
     for row in rows:
         row["overrides"] = [o for o in row["all_overrides"] if _key(o) in swept]
