@@ -54,3 +54,35 @@ def test_a_gradual_unfreeze_longer_than_training_is_warned_about(capsys, monkeyp
         "group(s) stem, layer1, layer2 never train in 3 epochs although unfreeze=all allows them "
         "(freeze.kind=gradual): their schedules never start; raise epochs or lower unfreeze"]
 
+
+
+@pytest.mark.parametrize("extra", [[], ["peft=lora"], ["freeze=gradual", "+per_group.head.schedule.kind=constant"]])
+def test_the_plan_at_80_columns_shows_every_group_name_and_lr_whole(capsys, extra):
+    """Before: every column cut at 80 columns (`block…`, `4.00e…`)."""
+    import io
+
+    from rich.console import Console
+
+    from finetune.commands.inspect import print_plan
+
+    info = inspect_json(capsys, *extra)
+    out = io.StringIO()
+    print_plan(info, "table", Console(file=out, width=80))
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip() and line.split()[0] in
+            {g["name"] for g in info["groups"]}}
+    assert len(rows) == len(info["groups"])
+    for g in info["groups"]:
+        for key in ("start", "peak", "end"):
+            assert f"{g['lr'][key]:.2e}" in rows[g["name"]].split(), (g["name"], key)
+    wide = io.StringIO()
+    print_plan(info, "table", Console(file=wide, width=160))
+    assert all(" ".join(g["patterns"]) in wide.getvalue() for g in info["groups"])
+
+
+def test_a_model_without_batchnorm_says_nothing_of_it(capsys):
+    info = inspect_json(capsys, "model=timm", "model.name=test_vit", "model.weights=null", "data=synthetic",
+                        "experiment=none")
+    assert info["batchnorm"] is None
+    assert inspect_json(capsys, *RESNET)["batchnorm"].startswith("pretrained statistics in frozen groups")

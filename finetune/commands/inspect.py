@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -51,25 +53,56 @@ def print_plan(info: dict, fmt: str, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     full = info["epochs"] * info["steps_per_epoch"]
     cut = "" if info["total_steps"] == full else " (max_steps: the last epoch cut short)"
-    table = Table(title=f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps"
-                        f"{' = ' if not cut else ', '}{info['total_steps']} steps{cut}",
-                  caption=f"BatchNorm: {info['batchnorm']}")
+    # the group names and LRs are the point of the command: they never wrap or get cut. One schedule for every
+    # group is said once, in the title. On a terminal narrower than the whole table (80 columns) the regex
+    # patterns are left out (inspect.format=json has them), then the schedules go under the table and the
+    # headers get short; a simple box spends no columns on borders
+    schedules: dict[str, list[str]] = {}
+    for g in info["groups"]:
+        schedules.setdefault(_schedule_text(g["schedule"]), []).append(g["name"])
+    for table in (_plan_table(info, cut, schedules, fit) for fit in range(4)):
+        if console.measure(table, options=console.options.update_width(10_000)).maximum <= console.width:
+            break
+    console.print(table)
+    if info.get("params"):
+        _print_params(info["params"], console)
+
+
+def _plan_table(info: dict, cut: str, schedules: dict[str, list[str]], fit: int) -> Table:
+    """The plan's table, narrower with each `fit` (0: every column; 1: no patterns; 2: schedules under the
+    table, short headers; 3: with adapters, no base parameter count)."""
     peft = "adapter_params" in info["groups"][0]
-    columns = ("group", "patterns", "params", *(("adapters", "trains") if peft else ()), "trains from", "lr start",
-               "lr peak", "lr end", "wd", "schedule")
+    title = (f"finetune plan: {info['epochs']} epochs x {info['steps_per_epoch']} steps"
+             f"{' = ' if not cut else ', '}{info['total_steps']} steps{cut}")
+    if len(schedules) == 1:
+        title += f"; schedule {next(iter(schedules))} in every group"
+    caption = [f"BatchNorm: {info['batchnorm']}"] if info.get("batchnorm") else []
+    if fit >= 1:
+        caption.append("each group's patterns: a wider terminal or inspect.format=json")
+    in_column = len(schedules) > 1 and fit < 2
+    if len(schedules) > 1 and not in_column:
+        caption += [f"schedule {text}: {', '.join(names)}" for text, names in schedules.items()]
+    table = Table(title=title, caption="\n".join(caption) or None, box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True)
+    short = fit >= 2
+    headers = {"params": ("base" if short else "params (base)") if peft else "params", "trains": "trains",
+               "adapters": "adapters", "trains from": "from" if short else "trains from"}
+    base = not (peft and fit >= 3)
+    columns = ("group", *(("patterns",) if fit == 0 else ()), *(("params",) if base else ()),
+               *(("adapters", "trains") if peft else ()),
+               "trains from", "lr start", "lr peak", "lr end", "wd", *(("schedule",) if in_column else ()))
     for col in columns:
         right = col.startswith(("params", "lr", "wd", "trains", "adapters"))
-        table.add_column(col + (" (base)" if peft and col == "params" else ""), justify="right" if right else "left")
+        table.add_column(headers.get(col, col), justify="right" if right else "left",
+                         no_wrap=col not in ("patterns", "schedule"))
     for g in info["groups"]:
         first = "never" if g["trainable_from_epoch"] is None else f"epoch {g['trainable_from_epoch']}"
         sizes = (f"{g['base_params']:,}", f"{g['adapter_params']:,}", f"{g['trainable_params']:,}") if peft else (
             f"{g['params']:,}",)
-        table.add_row(g["name"], " ".join(g["patterns"]), *sizes, first,
+        table.add_row(g["name"], *((" ".join(g["patterns"]),) if fit == 0 else ()), *sizes[0 if base else 1:], first,
                       f"{g['lr']['start']:.2e}", f"{g['lr']['peak']:.2e}", f"{g['lr']['end']:.2e}",
-                      f"{g['weight_decay']:g}", _schedule_text(g["schedule"]))
-    console.print(table)
-    if info.get("params"):
-        _print_params(info["params"], console)
+                      f"{g['weight_decay']:g}", *((_schedule_text(g["schedule"]),) if in_column else ()))
+    return table
 
 
 def tensor_rows(model, groups, plan: Plan, no_decay_norm_bias: bool) -> list[dict]:
@@ -122,7 +155,9 @@ def inspect(cfg) -> dict:
                    "adapter_params": sum(params[n].numel() for n in g.adapters),
                    "trainable_params": size - sum(params[n].numel() for n in g.fixed)}
                   for g, size in zip(parts.groups, sizes)]
-    info = describe(plan, parts.groups, sizes, batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval), counts)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in parts.model.modules())  # not a ViT
+    info = describe(plan, parts.groups, sizes,
+                    batchnorm_mode(cfg.freeze.train_bn, cfg.freeze.bn_eval) if has_bn else None, counts)
     info["recipe"] = recipe
     info["warnings"] = plan_warnings(cfg, plan, random_init)
     if choice and choice.get("provisional"):  # the probe runs when training starts: the near recipe, the other named
