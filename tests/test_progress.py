@@ -63,3 +63,35 @@ def test_log_lines_print_above_the_bar_and_the_handler_is_given_back():
         assert handler.stream is __import__("sys").stderr
     finally:
         root.removeHandler(handler)
+
+
+def test_without_a_terminal_a_plain_line_comes_every_thirty_seconds(monkeypatch):
+    """Piped output (tee, a CI log): before, rich drew every bar at once when the run ended."""
+    from finetune.output import progress
+
+    clock = Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    out = io.StringIO()
+    console = Console(width=200, file=out, force_terminal=False, color_system=None)
+    bar = EpochProgress(enabled=True, group_names=GROUPS, console=console)
+    bar.start_epoch(1, 5, 40)
+    for step in range(1, 41):  # 40 steps of 2 s: a line at the first step, then every 30 s
+        clock.now += 2.0
+        bar.step(step)
+        if step == 12:
+            bar.update(12, 0.4123, 0.8611, 35.0, trace(frozen_below=0))
+    bar.stop()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and bar.progress is None
+    assert lines[0].startswith("epoch 1 of 0..4: 1/40 (2%), 0:00:02 elapsed, 0:01:18 left")
+    assert lines[1].startswith("epoch 1 of 0..4: 16/40 (40%), 0:00:32 elapsed, 0:00:48 left | loss 0.412 | lr head=1.0e-02")
+
+
+def test_the_log_prefix_is_the_time_alone_on_a_terminal():
+    from finetune.output.progress import CompactFormatter
+
+    record = logging.LogRecord("finetune", logging.WARNING, __file__, 1, "disk %s", ("full",), None)
+    record.created = 0.0
+    terminal, piped = CompactFormatter(terminal=True).format(record), CompactFormatter(terminal=False).format(record)
+    assert terminal.endswith(" warning: disk full") and len(terminal) == len("00:00:00 warning: disk full")
+    assert piped.startswith("[") and piped.endswith("][finetune][WARNING] - disk full")

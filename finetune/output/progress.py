@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from typing import Sequence
 
 from rich.console import Console
@@ -19,6 +20,60 @@ from rich.progress import (
 from rich.table import Column, Table
 
 log = logging.getLogger("finetune")
+# without a terminal (piped into tee, a CI log, a cluster job's file) a bar cannot redraw: a plain line
+# says where the work is this often instead
+PLAIN_EVERY = 30.0
+
+
+class CompactFormatter(logging.Formatter):
+    """Log lines on a terminal as `12:04:31 message` (`12:04:31 warning: message` from WARNING up); piped
+    output keeps the date, logger and level (a CI log is read later, beside other programs' lines)."""
+
+    FULL = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+    def __init__(self, terminal: bool | None = None):
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        super().__init__("%(asctime)s %(message)s" if self.terminal else self.FULL,
+                         datefmt="%H:%M:%S" if self.terminal else None)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        if self.terminal and record.levelno >= logging.WARNING:
+            time_, _, message = text.partition(" ")
+            return f"{time_} {record.levelname.lower()}: {message}"
+        return text
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """Progress as plain lines, at most one every PLAIN_EVERY seconds (and at the first step), for output
+    that is not a terminal: `caching features: 120/400 (30%), 0:00:31 elapsed, 0:01:12 left`."""
+
+    def __init__(self, console: Console, every: float = PLAIN_EVERY):
+        self.console, self.every = console, every
+        self.t0 = self.last = 0.0
+        self.what, self.total, self.start_done = "", 0, 0
+
+    def start(self, what: str, total: int, done: int = 0) -> None:
+        self.what, self.total, self.start_done = what, total, done
+        self.t0 = time.monotonic()
+        self.last = self.t0 - self.every  # the first step prints
+
+    def show(self, done: int, info: str = "", force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 and done > self.start_done else 0.0
+        left = f", {_clock((self.total - done) / rate)} left" if rate else ""
+        share = f" ({100 * done // self.total}%)" if self.total else ""
+        self.console.print(f"{self.what}: {done}/{self.total}{share}, {_clock(elapsed)} elapsed{left}"
+                           + (f" | {info}" if info else ""), markup=False, highlight=False, soft_wrap=True)
 
 
 def lr_text(trace: Sequence[dict]) -> str:
@@ -54,9 +109,16 @@ class EpochProgress:
         self.progress: Progress | None = None
         self.task = None
         self._streams: list[tuple[logging.StreamHandler, object]] = []
+        # no terminal: a plain line every PLAIN_EVERY seconds (a live bar would appear all at once at the end)
+        self.plain = PlainProgress(self.console) if enabled and not self.console.is_terminal else None
+        self.info = ""
 
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         if not self.enabled:
+            return
+        if self.plain is not None:
+            self.plain.start(f"epoch {epoch} of 0..{epochs - 1}", steps, done)
+            self.info = ""
             return
         if self.progress is None:
             fixed = Column(no_wrap=True)
@@ -86,14 +148,19 @@ class EpochProgress:
 
     def step(self, done: int) -> None:
         """The bar's step count, every step (no device sync: the numbers come with `update`)."""
+        if self.plain is not None:
+            self.plain.show(done, self.info)
         if self.progress is not None:
             self.progress.update(self.task, completed=done)
 
     def update(self, done: int, loss: float, acc: float, images_per_s: float, trace: Sequence[dict]) -> None:
+        info = f"loss {loss:.3f} | lr {lr_text(trace)} | acc {acc:.3f} {images_per_s:.0f} img/s"
+        if self.plain is not None:
+            self.info = info
+            self.plain.show(done, info)
         if self.progress is None:
             return
-        self.progress.update(self.task, completed=done,
-                             info=f"loss {loss:.3f} | lr {lr_text(trace)} | acc {acc:.3f} {images_per_s:.0f} img/s")
+        self.progress.update(self.task, completed=done, info=info)
 
     def end_epoch(self, metrics: dict) -> None:
         line = (f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | val loss "
@@ -132,8 +199,19 @@ def bar(total: int, what: str, enabled: bool = True):
     if not enabled:
         yield lambda: None
         return
+    console = Console(stderr=True)
+    if not console.is_terminal:  # piped: a plain line now and then, not a bar drawn all at once at the end
+        plain, done = PlainProgress(console), [0]
+        plain.start(what, total)
+
+        def advance():
+            done[0] += 1
+            plain.show(done[0])
+
+        yield advance
+        return
     progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True), transient=True)
+                        console=console, transient=True)
     task = progress.add_task(what, total=total)
     with progress:
         yield lambda: progress.advance(task)
