@@ -130,7 +130,12 @@ def test_zero_or_negative_lr(tmp_path, capsys, lr, shown):
 
 def test_warmup_longer_than_training(tmp_path, capsys):
     assert_one_line_error(run_cli(tmp_path, capsys, "schedule=cosine", "schedule.warmup=3", "epochs=2"),
-                          "schedule.warmup (3.0 epochs) is not shorter than the 2 epochs group 'stem' trains")
+                          "schedule.warmup (3.0 epochs) is not shorter than the 2 epochs group 'stem' trains: set "
+                          "schedule.warmup below 2 or train longer (epochs)")
+    # only the head trains: the error names it (before: 'stem', which never trains, and no fix)
+    assert_one_line_error(run_cli(tmp_path, capsys, "experiment=linear_probe", "schedule.warmup=10", "epochs=2"),
+                          "schedule.warmup (10.0 epochs) is not shorter than the 2 epochs group 'head' trains: set "
+                          "schedule.warmup below 2 or train longer (epochs)")
 
 
 def test_unfreeze_out_of_range_and_unknown_schedule_kind(tmp_path, capsys):
@@ -573,3 +578,28 @@ def test_a_run_that_fails_before_its_first_report_says_so_in_its_summary(tmp_pat
     assert code == 2 and "loss became nan at step 0" in lines[-1]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "loss became nan" in summary["reason"]
+
+
+def test_a_resume_with_other_adapter_settings_names_them(tmp_path, capsys):
+    """Before: 'did data or the number of classes change?' for a changed peft.r."""
+    vit = ["model=timm", "model.name=test_vit", "model.weights=null", "data=synthetic", "data.image_size=160",
+           "data.num_classes=3", "data.train_size=16", "data.val_size=8", "batch_size=8", "progress=false",
+           "device=cpu", "experiment=none", "peft=lora", "epochs=1"]
+    run = tmp_path / "lora"
+    code, lines = run_finetune(capsys, "train", *vit, f"hydra.run.dir={run}", *QUIET)
+    assert code == 0, lines
+    code, lines = run_finetune(capsys, "train", *vit, "peft.r=4", f"resume={run}", f"hydra.run.dir={run}", *QUIET)
+    assert code == 2 and lines[-1].endswith("did the adapters' settings change (peft.kind, peft.r, peft.target, "
+                                            "peft.groups)?"), lines
+
+
+def test_characters_the_plot_font_lacks_are_one_log_line(tmp_path, caplog):
+    import warnings
+
+    from finetune.output.report import plot_confusion
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raw matplotlib warning fails the test
+        plot_confusion(tmp_path / "cm.png", [[3, 1], [0, 4]], ["\u8682\u8681", "\u871c\u8702"])  # ants, bees in Chinese
+    lines = [r.getMessage() for r in caplog.records if "matplotlib's font" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("cm.png: ") and (tmp_path / "cm.png").is_file()

@@ -89,3 +89,27 @@ def test_a_resumed_run_continues_the_files_without_duplicates(tmp_path):
     train(compose_cfg(*SGD, "epochs=2", "freeze=gradual", f"resume={run}"), run)
     for name in ("diagnostics.csv", "activations.csv"):
         assert read_csv(run / name) == read_csv(straight / name), name
+
+
+def test_no_lr_advice_for_groups_that_train_adapters(tmp_path, caplog):
+    """The ~1e-3 update ratio is a rule for pretrained weights; a LoRA B starts at zero (before: 'its LR
+    looks too high' for adapter groups)."""
+    import logging
+
+    from helpers import SixGroupNet, make_cfg, make_trainer
+
+    from finetune.engine.diagnostics import Diagnostics
+
+    model = SixGroupNet()
+    trainer = make_trainer(model, make_cfg(), 4)
+    groups = trainer.groups
+    groups[2].adapters.append(groups[2].param_names[0])  # b2 trains adapters
+    diag = Diagnostics(model, groups, trainer.plan, tmp_path, 1, main=True)
+    diag.start(0)
+    rows = [{"grad_norm": 1.0, "weight_norm": 1.0, "update_ratio": 0.5} for _ in groups]
+    diag.record(2, 0, [True] * len(groups), rows, [None] * len(groups))
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        diag.end_epoch(0)
+    diag.close()
+    named = {r.getMessage().split(":")[0] for r in caplog.records}
+    assert {"group stem", "group b1", "group b3"} <= named and "group b2" not in named

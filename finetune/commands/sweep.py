@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from finetune.output.report import subplots
+from finetune.output.report import fonts_checked, subplots
 
 JOB_FILE = "job.json"  # written when a job starts: its number and overrides
 OBJECTIVE = "final_val_acc"  # what `train` returns to sweepers
@@ -323,6 +323,7 @@ def _number(text: str) -> float | None:
         return None
 
 
+@fonts_checked
 def plot_summary(path: Path, sweep_dir: Path, rows: Sequence[dict]) -> bool:
     """summary.png (summary_figure); False when no job has finished an epoch (nothing to draw)."""
     fig = summary_figure(sweep_dir, rows)

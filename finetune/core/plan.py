@@ -188,10 +188,11 @@ def build_plan(cfg, group_names: Sequence[str], steps_per_epoch: int, depths: Se
         end = (last[i] + 1) * steps_per_epoch if sched.end_at_freeze and last[i] is not None else None
         end = end if end is not None and end < total else None
         span = (end if end is not None else total) - start
-        if sched.warmup >= span and sched.warmup > 0:
+        if sched.warmup >= span and sched.warmup > 0 and first[i] is not None:  # a frozen group's LR is moot
             raise UserError(
                 f"{key}.warmup ({sched_cfg['warmup']} epochs) is not shorter than the "
-                f"{span / steps_per_epoch:g} epochs group '{name}' trains"
+                f"{span / steps_per_epoch:g} epochs group '{name}' trains: set {key}.warmup below "
+                f"{span / steps_per_epoch:g} or train longer (epochs)"
             )
         # the ramp moves the spread's LRs only: a group's own per_group LR and head_lr stay as set
         from_spread = "lr" not in own and not (i == n - 1 and cfg.head_lr is not None)

@@ -106,8 +106,10 @@ def check_resumable(saved: Mapping, config: Mapping, groups: Sequence[tuple[str,
     if shapes != now:
         diff = sorted(k for k in shapes.keys() | now.keys() if shapes.get(k) != now.get(k))
         detail = ", ".join(f"{k}: checkpoint {shapes.get(k)} vs now {now.get(k)}" for k in diff[:3])
-        raise UserError(f"resume: the model's parameters do not fit the checkpoint ({detail}); did data or "
-                        "the number of classes change?")
+        adapters = [k for k in diff if ".default." in k or "base_layer" in k]  # peft's names
+        why = ("did the adapters' settings change (peft.kind, peft.r, peft.target, peft.groups)?" if adapters else
+               "did data or the number of classes change?")
+        raise UserError(f"resume: the model's parameters do not fit the checkpoint ({detail}); {why}")
     old_steps = saved.get("steps_per_epoch")
     if old_steps is not None and old_steps != steps_per_epoch:
         raise UserError(

@@ -145,6 +145,9 @@ class Diagnostics:
                  resumed_dir: Path | None = None):
         self.every, self.plan, self.out_dir, self.main = every, plan, out_dir, main  # rank 0 alone writes
         self.names = [g.name for g in groups]
+        # the ~1e-3 rule of thumb is for pretrained weights: adapters start at zero (LoRA's B) or one (IA3) and
+        # move by other ratios, so groups that train adapters get no LR advice
+        self.adapted = {g.name for g in groups if getattr(g, "adapters", None)}
         params = dict(model.named_parameters())
         # what the group trains: under adapters their weights, not the fixed base's (a ratio over both would
         # read ~0 however fast the adapters move)
@@ -195,7 +198,8 @@ class Diagnostics:
         """The update-ratio warnings of `epoch` (once per group), and the files flushed."""
         # the new head (the last group) is exempt: a freshly initialised layer under Adam moves by far
         # more than 1e-3 of its small initial weights, and that is how it should train
-        ratios = {self.names[i]: r for i, r in self.ratios.items() if i < len(self.names) - 1}
+        ratios = {self.names[i]: r for i, r in self.ratios.items()
+                  if i < len(self.names) - 1 and self.names[i] not in self.adapted}
         peaks = {g.name: g.lr for g in self.plan.groups}
         for name, line in ratio_warnings(ratios, peaks, epoch).items():
             if name not in self.warned:

@@ -27,6 +27,31 @@ def subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
+def fonts_checked(plot):
+    """A plot function (its first argument: the file it writes) whose matplotlib warnings for characters
+    the font lacks (class names in another script), one per character, become one log line."""
+    import functools
+    import logging
+    import warnings
+
+    @functools.wraps(plot)
+    def wrapper(path, *args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = plot(path, *args, **kwargs)
+        missing = [w for w in caught if "missing from font" in str(w.message)]
+        for w in caught:
+            if w not in missing:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if missing:
+            logging.getLogger("finetune").warning(
+                "%s: %d character(s) are not in matplotlib's font and show as boxes (e.g. %s)", Path(path).name,
+                len({str(w.message) for w in missing}), str(missing[0].message).split(" missing", 1)[0])
+        return result
+
+    return wrapper
+
+
 def write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
     with writing(path), open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields))
@@ -51,6 +76,7 @@ def lr_curves(trace: Sequence[dict], group_names: Sequence[str]) -> list[tuple[s
              [r for r in trace if r["group"] == names[0]]) for names in curves.values()]
 
 
+@fonts_checked
 def plot_lr_trace(path: Path, trace: Sequence[dict], group_names: Sequence[str], steps_per_epoch: int) -> None:
     """Every group's LR against the step (log scale), frozen stretches dotted, freeze changes marked."""
 
@@ -84,6 +110,7 @@ def dump_json(obj) -> str:
     return json.dumps(obj, indent=2)
 
 
+@fonts_checked
 def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> None:
     """The confusion matrix, rows normalised to the true class (counts written in the cells)."""
     import numpy as np
@@ -111,6 +138,7 @@ def plot_confusion(path: Path, matrix: Sequence[Sequence[int]], classes: Sequenc
         fig.savefig(path, dpi=110)
 
 
+@fonts_checked
 def plot_images(path: Path, files: Sequence[str], captions: Sequence[str], columns: int = 4) -> None:
     """A contact sheet of image files with a caption under each."""
     from PIL import Image
@@ -128,6 +156,7 @@ def plot_images(path: Path, files: Sequence[str], captions: Sequence[str], colum
         fig.savefig(path, dpi=90)
 
 
+@fonts_checked
 def plot_lr_find(path: Path, result: dict) -> None:
     """The LR finder's smoothed loss (raw loss faint) against the swept LR, suggestions marked."""
 
@@ -162,6 +191,7 @@ def _freeze_changes(rows: Sequence[dict]) -> list[int]:
     return changes
 
 
+@fonts_checked
 def plot_diagnostics(path: Path, rows: Sequence[dict], group_names: Sequence[str]) -> None:
     """Per group against the step: gradient norm, weight norm and update/weight ratio (log scales;
     dotted while frozen), freeze changes marked, the usual band of update ratios shaded."""
@@ -195,6 +225,7 @@ def plot_diagnostics(path: Path, rows: Sequence[dict], group_names: Sequence[str
         fig.savefig(path, dpi=100)
 
 
+@fonts_checked
 def plot_activations(path: Path, rows: Sequence[dict], group_names: Sequence[str], bins: int,
                      log10_range: tuple[float, float]) -> None:
     """The "colourful dimension" plot per group: diagnostic steps on x, log10 |activation| on y, the
