@@ -72,7 +72,7 @@ def test_the_command_line_puts_the_loggers_level_back(monkeypatch, tmp_path, cap
     monkeypatch.setattr(distributed, "init", lambda *a, **k: None)
     monkeypatch.setattr(distributed, "broadcast", lambda value: value)
     quiet = []
-    monkeypatch.setattr("finetune.commands.train.train", lambda cfg, out_dir: quiet.append(log.level) or {
+    monkeypatch.setattr("finetune.commands.train.train", lambda cfg, out_dir, **kw: quiet.append(log.level) or {
         "final_val_acc": 1.0})
     code, err = run_cli(capsys, "train", *TINY, "experiment=lp_ft", "epochs=1", *QUIET, f"hydra.run.dir={tmp_path}")
     assert code == 0, err
@@ -109,7 +109,8 @@ def test_a_lost_process_under_torchrun_is_one_line_with_the_resume_command(monke
     monkeypatch.setattr(distributed, "init", lambda *a, **k: None)
     monkeypatch.setattr(distributed, "broadcast", lambda value: value)
 
-    def lost(cfg, out_dir):
+    def lost(cfg, out_dir, on_start):
+        on_start()  # the run had started
         (tmp_path / "summary.json").write_text(json.dumps({"status": "running"}))
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: "
                            "Connection reset by peer")
