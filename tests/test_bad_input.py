@@ -317,8 +317,8 @@ def test_a_non_finite_val_loss_stops_the_run(tmp_path, capsys, monkeypatch):
 
     def evaluate(self, loader, average=False, **kw):
         calls.append(1)
-        loss, acc = real(self, loader, average, **kw)
-        return (float("nan"), acc) if len(calls) == 2 else (loss, acc)
+        scores = real(self, loader, average, **kw)
+        return {**scores, "loss": float("nan")} if len(calls) == 2 else scores
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
@@ -568,12 +568,10 @@ def test_a_refused_command_changes_no_byte_of_the_run_it_names(tmp_path, capsys)
 def test_a_run_that_fails_before_its_first_report_says_so_in_its_summary(tmp_path, capsys, monkeypatch):
     """A NaN inside the first accumulation window: no summary.json was written before (the first report
     comes at the epoch's end)."""
-    import torch.nn.functional as F
+    from finetune.tasks import SingleLabel
 
-    from finetune.engine import step
-
-    real = F.cross_entropy
-    monkeypatch.setattr(step.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = SingleLabel.loss
+    monkeypatch.setattr(SingleLabel, "loss", lambda self, *a: real(self, *a) * float("nan"))
     code, lines = run_cli(tmp_path, capsys, "accumulate=2", "epochs=1")
     assert code == 2 and "loss became nan at step 0" in lines[-1]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

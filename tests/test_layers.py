@@ -10,7 +10,7 @@ import finetune
 
 PACKAGE = Path(finetune.__file__).parent
 # lowest first; packages on one line share a layer and may not import each other in a cycle
-LAYERS = [("base",), ("config", "output"), ("core",), ("models", "data"), ("engine",), ("recipes",), ("commands",),
+LAYERS = [("base",), ("config", "output"), ("core", "tasks"), ("models", "data"), ("engine",), ("recipes",), ("commands",),
           ("bench",), ("__init__", "__main__")]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

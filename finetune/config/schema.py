@@ -92,12 +92,23 @@ class HeadInit(StrEnum):
 
 
 class BestMetric(StrEnum):
+    auto = "auto"  # the task's main metric: val_acc (single_label), val_map (multilabel)
     val_acc = "val_acc"
     val_loss = "val_loss"
+    val_map = "val_map"
+    val_f1_macro = "val_f1_macro"
+    val_f1_micro = "val_f1_micro"
     train_acc = "train_acc"
     train_loss = "train_loss"
     live_val_acc = "live_val_acc"
     live_val_loss = "live_val_loss"
+    live_val_map = "live_val_map"
+
+
+class TaskKind(StrEnum):
+    auto = "auto"  # multilabel when the labels give an image several labels, else single_label
+    single_label = "single_label"
+    multilabel = "multilabel"
 
 
 class TrackerMode(StrEnum):
@@ -142,12 +153,18 @@ class DataConfig:
     # line: "data.train='DIR/train-{000000..000009}.tar'"), local paths or URLs; the class names come from the
     # index.json beside them
     train: Optional[str] = None
-    val: Optional[str] = None  # webdataset: the validation shards, a brace pattern like data.train
+    # webdataset: the validation shards, a brace pattern like data.train; csv: the label files (CSV or TSV)
+    val: Optional[str] = None
     # hf: a Hugging Face dataset, as a hub id, a directory written by save_to_disk, or a folder datasets.load_dataset
     # reads (an imagefolder: DIR/train/<class>/, DIR/validation/<class>/)
     path: Optional[str] = None
-    image_column: str = "image"  # hf: the column holding the images
-    label_column: str = "label"  # hf: the column holding the labels (a ClassLabel names the classes)
+    image_column: str = "image"  # hf, csv: the column holding the images (csv: paths relative to the file)
+    # hf: the column holding the labels (a ClassLabel names the classes); csv: the labels of each image,
+    # several separated by spaces
+    label_column: str = "label"
+    # csv: one 0/1 column per label instead of label_column (null: label_column)
+    label_columns: Optional[List[str]] = None
+    val_fraction: float = 0.2  # csv with data.val=null: this share of data.train held out (seeded, stratified)
     train_split: str = "train"  # hf: the split to train on
     val_split: str = "validation"  # hf: the split to validate on (often validation or test)
     num_classes: int = 4  # synthetic only; real datasets count their classes
@@ -311,6 +328,13 @@ class LoggerConfig:
 
 
 @dataclass
+class TaskConfig:
+    # what the model predicts (finetune/tasks/): single_label (one class per image) or multilabel (a set of
+    # labels per image); auto: multilabel when the label file gives an image several labels
+    kind: TaskKind = TaskKind.auto
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -322,6 +346,7 @@ class TrainConfig:
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     auto: AutoConfig = field(default_factory=AutoConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all
@@ -353,7 +378,9 @@ class TrainConfig:
     cache_dir: Optional[str] = None  # memory-mapped feature files here (reused across runs); null: memory
     cache_dtype: CacheDtype = CacheDtype.fp32  # the cached features' dtype (fp16 / bf16: half the memory)
     head_init: HeadInit = HeadInit.none  # lbfgs: fit the new head on the cached features before training
-    best_metric: BestMetric = BestMetric.val_acc  # checkpoints/best.pt keeps the epoch best by this (val_acc up, val_loss down)
+    # checkpoints/best.pt keeps the evaluation best by this (losses down, every other metric up); auto: the
+    # task's main metric (val_acc; multilabel: val_map)
+    best_metric: BestMetric = BestMetric.auto
     patience: int = 0  # early stopping: end after this many epochs without a best_metric gain of min_delta (0: off)
     min_delta: float = 0.0  # early stopping: the smallest gain of best_metric that counts
     time_limit: Optional[float] = None  # minutes: stop after the step that passes it, resumable (exit 3)

@@ -80,6 +80,7 @@ class DataBundle:
     rank: int = 0  # this process among `world` (finetune/engine/distributed.py); batch_size is per process
     world: int = 1
     views: Optional[int] = None  # augmentations repeat every `views` epochs (cache_views)
+    multilabel: bool = False  # labels are sets (a 0/1 vector per image), not one class index
     _train_sampler: Optional[EpochSampler] = field(default=None, init=False, repr=False)
     _train_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
     _val_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
@@ -175,7 +176,8 @@ def build_data(
                 base.min_side = side
                 if getattr(cfg, "cache_resized", False):
                     base.samples, _ = cache_resized(base.samples, side, progress=getattr(cfg, "progress", True))
-    if len(classes) < 2:  # one class: every prediction is right, val acc 1.000 says nothing
+    multilabel = bool(getattr(train_base, "multilabel", False))
+    if len(classes) < 2 and not multilabel:  # one class: every prediction is right, val acc 1.000 says nothing
         raise UserError(f"the data has {len(classes)} class ({', '.join(map(str, classes))}); a classifier needs at "
                         "least 2: add a folder per class (ImageFolder: train/<class>/, val/<class>/)")
     return DataBundle(
@@ -192,4 +194,5 @@ def build_data(
         rank=rank,
         world=world,
         views=views,
+        multilabel=multilabel,
     )

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.base.checksum import fingerprints
@@ -105,7 +104,8 @@ class _Features(Dataset):
         # stored in fp16/bf16 to save memory; the head computes in its own precision (autocast on GPUs)
         row = self.views[epoch % len(self.views)][index]
         row = row.float() if isinstance(row, torch.Tensor) else torch.from_numpy(np.array(row, dtype=np.float32))
-        return row, int(self.labels[index])
+        label = self.labels[index]  # a class index, or a multilabel 0/1 vector
+        return row, int(label) if label.dim() == 0 else label
 
 
 def _head_inputs(trainer, head: nn.Module, loader):
@@ -229,7 +229,7 @@ class FeatureCache:
         """Every view's features (in memory, or memory-mapped files in `store`) and the labels."""
         cfg, data = self.cfg, self.data
         k, dtype, n = cfg.cache_views or 1, DTYPES[cfg.cache_dtype], len(data.train)
-        views, labels = [], torch.empty(n, dtype=torch.long)
+        views, labels = [], self.trainer.task.label_buffer(n)
         with bar(k * -(-n // (data.batch_size * 2)), "caching features", enabled=cfg.progress) as advance:
             for v in range(k):
                 loader = DataLoader(data.train, batch_size=data.batch_size * 2,
@@ -343,10 +343,11 @@ def store_lock(store: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-4,
+def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, task, l2: float = 1e-4,
              steps: int = 100) -> float:
-    """Multinomial logistic regression of the head on the features, to convergence (full-batch L-BFGS):
-    the best linear probe, as a starting point. Returns the final training loss."""
+    """The head fitted on the features to convergence under the task's loss (full-batch L-BFGS; single-label:
+    multinomial logistic regression), the best linear probe as a starting point. Returns the final training
+    loss."""
     params = [p for p in head.parameters()]
     opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
     x, y = features.float(), labels
@@ -354,7 +355,7 @@ def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: 
     def closure():
         opt.zero_grad()
         weight = head.weight.flatten(1) if hasattr(head, "weight") else params[0]
-        loss = F.cross_entropy(head(x), y) + l2 * weight.pow(2).sum()
+        loss = task.plain_loss(head(x), y) + l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -362,4 +363,4 @@ def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: 
     opt.step(closure)
     head.train(True)
     with torch.no_grad():
-        return float(F.cross_entropy(head(x), y))
+        return float(task.plain_loss(head(x), y))

@@ -61,7 +61,7 @@ class RunState:
     wall_seconds: float = 0.0
     # the epoch in progress, so a mid-epoch resume reports the same train loss/accuracy
     epoch_loss_sum: float = 0.0
-    epoch_correct: int = 0
+    epoch_correct: float = 0.0  # the task's train score summed (single-label: the correct count)
     epoch_seen: int = 0
     epoch_seconds: float = 0.0  # training seconds spent on it before the interruption
     finished_early: str | None = None  # why early stopping ended the run (a resume then trains no more)
@@ -96,8 +96,12 @@ class Run:
         parts = setup(cfg, world)
         self.device, self.amp_dtype, self.model, self.groups = parts.device, parts.amp_dtype, parts.model, parts.groups
         self.data, self.preprocess, self.accumulate = parts.data, parts.preprocess, parts.accumulate
+        self.task = parts.task
         self.trainer = Trainer.from_config(cfg, self.model, self.groups, parts.steps_per_epoch, self.device,
-                                           self.amp_dtype, parts.channels_last, num_classes=len(self.data.classes))
+                                           self.amp_dtype, parts.channels_last, num_classes=len(self.data.classes),
+                                           task=self.task)
+        # the metric best.pt, early stopping and the summary's best follow (auto: the task's main one)
+        self.best_metric = best.resolve_metric(cfg.best_metric, self.task, ema=cfg.ema_half_life is not None)
         self.plan, self.optimizer = self.trainer.plan, self.trainer.optimizer
         for warning in plan_warnings(cfg, self.plan, random_init=cfg.model.weights is None):
             log.warning("%s", warning)
@@ -135,7 +139,7 @@ class Run:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN/inf
         # the epoch in progress: sums as device tensors (no sync per step), images seen, and its start
         self.loss_sum = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.float64)
         self.seen = self.seen_before = 0
         self.epoch_t0: float | None = None  # perf_counter at the start of the epoch in progress
         self.epoch_before = 0.0  # its training seconds before an interruption
@@ -200,7 +204,7 @@ class Run:
             self._init_head()
         # a resumed epoch starts from the saved sums
         self.loss_sum = torch.tensor(state.epoch_loss_sum, device=self.device)
-        self.correct = torch.tensor(state.epoch_correct, device=self.device, dtype=torch.long)
+        self.correct = torch.tensor(float(state.epoch_correct), device=self.device, dtype=torch.float64)
         self.seen = self.seen_before = state.epoch_seen
         self.epoch_t0, self.epoch_before = time.perf_counter(), state.epoch_seconds
         self.pending.clear()
@@ -227,7 +231,7 @@ class Run:
                     raise
                 raise UserError(f"a batch of {len(micro[0][1])} image at step {state.step}: BatchNorm in train "
                                 "mode needs at least 2; raise batch_size or set freeze.bn_eval=true") from None
-            images = sum(y.numel() for _, y in micro)
+            images = sum(len(y) for _, y in micro)
             done = state.step
             if probing:
                 diag.record(done, state.epoch, self.trainer.mask, self.trainer.diag_rows, acts.hists)
@@ -264,45 +268,48 @@ class Run:
             raise UserError(f"head_init=lbfgs fits the head on cached features, but the cache is off in epoch 0: "
                             f"{self.cache.reason_off()}")
         features = as_tensor(self.cache.views[0]).to(self.device)
-        loss = fit_head(self.head, features, self.cache.labels.to(self.device))
+        loss = fit_head(self.head, features, self.cache.labels.to(self.device), self.task)
         log.info("head_init=lbfgs: the head fitted on %d cached feature vectors, train loss %.4f", len(features), loss)
 
     def evaluate(self) -> dict:
-        """This epoch's metrics row; with EMA, val_* score the average (the weights the run delivers) and
-        live_val_* the live model. `seconds` and images_per_s count training alone."""
+        """This epoch's metrics row: train_loss, train_<score>, val_loss, val_<metric> for each of the task's
+        metrics; with EMA, val_* score the average (the weights the run delivers) and live_val_* the live
+        model. `seconds` and images_per_s count training alone."""
         train_seconds = self.epoch_seconds()
         loss_sum, correct, seen = self.epoch_totals()
         val = self.validate()
         return {
-            "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen), "train_acc": correct / max(1, seen),
-            "val_loss": val["val_loss"], "val_acc": val["val_acc"], "seconds": round(train_seconds, 3),
+            "epoch": self.state.epoch, "train_loss": loss_sum / max(1, seen),
+            f"train_{self.task.train_metric}": correct / max(1, seen),
+            **{k: v for k, v in val.items() if not k.startswith("live")}, "seconds": round(train_seconds, 3),
             "images_per_s": round(seen / max(train_seconds, 1e-9), 2), **{k: v for k, v in val.items() if "live" in k},
         }
 
     def validate(self) -> dict:
-        """val_loss and val_acc (with EMA: of the average, and live_val_* of the live model)."""
+        """val_loss and the task's val_* metrics (with EMA: of the average, and live_val_* of the live model)."""
         ema = self.trainer.ema
         self.sync_buffers()
         # a head-only epoch scores the head on the val set's cached features: the body did not change.
         # The average's body, though, still holds weights of epochs the body trained (freezeout, milestones
         # that freeze again): then the cached features are not its own and it runs on the images
         average_cached = self.cached and (ema is None or self._average_body_is_live())
-        val_loss, val_acc = self._score(average_cached, average=ema is not None)
-        if not math.isfinite(val_loss):  # AdamW can keep the train loss finite while the model diverged
-            raise diverged(f"val loss became {val_loss} after step {self.state.step - 1}", self.plan,
-                            self.state.step - 1, self.ckpt_path)
+        val = {f"val_{k}": v for k, v in self._score(average_cached, average=ema is not None).items()}
+        if not math.isfinite(val["val_loss"]):  # AdamW can keep the train loss finite while the model diverged
+            raise diverged(f"val loss became {val['val_loss']} after step {self.state.step - 1}", self.plan,
+                           self.state.step - 1, self.ckpt_path)
         live = {}
-        if ema is not None:
-            live = dict(zip(("live_val_loss", "live_val_acc"), self._score(self.cached, average=False)))
-        return {"val_loss": val_loss, "val_acc": val_acc, **live}
+        if ema is not None:  # the live model's figures; the task's settings stay the delivered model's
+            live = {f"live_val_{k}": v for k, v in self._score(self.cached, average=False, tune=False).items()}
+        return {**val, **live}
 
-    def _score(self, cached: bool, average: bool) -> tuple[float, float]:
+    def _score(self, cached: bool, average: bool, tune: bool = True) -> dict:
         # one process stops between batches on a signal or the time limit (a large val set can take
         # minutes); several would have to agree on the batch first
         stop = None if self.world.enabled else (lambda: self.stop.signum is not None or self.out_of_time())
         if cached:
-            return self.trainer.evaluate(self.cache.val_loader(), average=average, head=self.head_name, stop=stop)
-        return self.trainer.evaluate(self.data.val_loader(), average=average, stop=stop)
+            return self.trainer.evaluate(self.cache.val_loader(), average=average, head=self.head_name, stop=stop,
+                                         tune=tune)
+        return self.trainer.evaluate(self.data.val_loader(), average=average, stop=stop, tune=tune)
 
     def _average_body_is_live(self) -> bool:
         """The weight average's body (everything below the head) equals the live one bit for bit: true
@@ -321,11 +328,12 @@ class Run:
         row = {"step": state.step, "epoch": state.epoch, **self.validate()}
         freeze.set_train_mode(self.model, self.trainer.frozen_norms)
         state.evals.append(row)
-        log.info("step %d: val loss %.3f val acc %.3f", row["step"], row["val_loss"], row["val_acc"])
+        main = f"val_{self.task.main}"
+        log.info("step %d: val loss %.3f %s %.3f", row["step"], row["val_loss"], main.replace("_", " "), row[main])
         self.observe("evaluation", row)  # before best.pt's checkpoint of this step, which then holds it
         if self.epoch_t0 is not None:
             self.epoch_t0 += time.perf_counter() - t0
-        if best.last_is_best(self.evaluations(), self.cfg.best_metric):
+        if best.last_is_best(self.evaluations(), self.best_metric):
             if self.saved_at != state.step:  # best.pt copies a checkpoint of this very step
                 self.save()
             self.copy_checkpoint(self.ckpt_path.with_name(best.BEST))
@@ -333,18 +341,18 @@ class Run:
     def evaluations(self) -> list[dict]:
         """What best.pt is chosen from: every evaluation with eval_every (for a val_* best_metric), else the
         epochs' metrics."""
-        if self.cfg.eval_every and "val_" in self.cfg.best_metric:
+        if self.cfg.eval_every and "val_" in self.best_metric:
             return self.state.evals
         return self.state.metrics
 
     def epoch_totals(self) -> tuple[float, int, int]:
-        """The epoch's train loss sum, correct count and images seen, over all ranks."""
+        """The epoch's train loss sum, train score sum (correct count) and images seen, over all ranks."""
         if not self.world.enabled:
-            return self.loss_sum.item(), int(self.correct.item()), self.seen
+            return self.loss_sum.item(), self.correct.item(), self.seen
         totals = torch.stack([self.loss_sum.double(), self.correct.double(),
                               torch.tensor(float(self.seen), dtype=torch.float64, device=self.device)])
         loss_sum, correct, seen = distributed.sum_(totals).tolist()
-        return loss_sum, int(correct), int(seen)
+        return loss_sum, correct, int(seen)
 
     def sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics (of the weight average too) on every rank, before they are
@@ -364,19 +372,19 @@ class Run:
         state.epoch, state.batch = epoch + 1, 0
         self.loss_sum.zero_(), self.correct.zero_()
         self.seen, self.epoch_t0 = 0, None
-        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0, 0, 0.0
+        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0.0, 0, 0.0
         self.observe("epoch_end", metrics, state.step)
         # a changed frozen weight is never checkpointed
         self.integrity.check(self.model, self.trainer.frozen_norms, epoch)
         if self.diagnostics is not None:
             self.diagnostics.end_epoch(epoch)
         # before the checkpoint, which then records it
-        why = best.early_stop(state.metrics, cfg.best_metric, cfg.patience, cfg.min_delta)
+        why = best.early_stop(state.metrics, self.best_metric, cfg.patience, cfg.min_delta)
         if why and state.epoch < self.plan.epochs:
             state.finished_early = why
             log.info("%s", why)
         self.save()
-        if best.last_is_best(self.evaluations(), cfg.best_metric):
+        if best.last_is_best(self.evaluations(), self.best_metric):
             self.copy_checkpoint(self.ckpt_path.with_name(best.BEST))
         self.report("running", plot=False)
 
@@ -475,6 +483,7 @@ class Run:
             "world_size": self.world.size, **({"ranks": ranks} if self.world.enabled else {}),
             "classes": list(self.data.classes), "preprocess": self.preprocess,
             "recipe": self.recipe,  # experiment=auto's choice: a resume trains it without probing again
+            "task": self.task.state(),  # what eval / predict / export need besides the weights (thresholds)
             **{k: getattr(state, k) for k in RunState.__dataclass_fields__},
         }, self.ckpt_path)
 
@@ -484,17 +493,21 @@ class Run:
         lr_trace.csv is written as training goes (finetune/output/trace.py)."""
         state, out_dir, names = self.state, self.out_dir, [g.name for g in self.groups]
         self.trace.flush()
-        ema_fields = report.EMA_METRIC_FIELDS if self.trainer.ema else ()
-        chosen = _best(self.evaluations(), self.cfg.best_metric)
-        report.write_csv(out_dir / "metrics.csv", state.metrics, report.METRIC_FIELDS + ema_fields)
+        task, ema = self.task, self.trainer.ema is not None
+        chosen = _best(self.evaluations(), self.best_metric)
+        report.write_csv(out_dir / "metrics.csv", state.metrics, report.metric_fields(task, ema))
         if self.cfg.eval_every:
-            report.write_csv(out_dir / "evals.csv", state.evals, report.EVAL_FIELDS + ema_fields)
+            report.write_csv(out_dir / "evals.csv", state.evals, report.eval_fields(task, ema))
         summary = {
             "status": status,
             # the evaluation best_metric chose (best.pt's), an epoch's or with eval_every one inside an epoch
             "best_val_acc": chosen["val_acc"] if chosen else None,
             "final_val_acc": state.metrics[-1]["val_acc"] if state.metrics else None,
             "final_val_loss": state.metrics[-1]["val_loss"] if state.metrics else None,
+            # every val figure of the last epoch (multilabel: val_map, val_f1_macro ...) and the task's settings
+            **{f"final_{k}": state.metrics[-1][k] if state.metrics else None for k in report.val_fields(task)
+               if k not in ("val_acc", "val_loss")},
+            "task": task.state(),
             "epochs": len(state.metrics), "wall_seconds": round(state.wall_seconds, 3),
             "train_images_per_second": _mean([m["images_per_s"] for m in state.metrics]),
             "trainable_params_per_epoch": state.trainable_params,
@@ -541,7 +554,6 @@ def _check_settings(cfg) -> None:
     for key in ("checkpoint_every", "eval_every"):
         if cfg[key] < 0:
             raise UserError(f"{key} must be >= 0 (0: at epoch ends only), got {cfg[key]}")
-    best.check_metric(cfg.best_metric, ema=cfg.ema_half_life is not None)
     if cfg.time_limit is not None and cfg.time_limit <= 0:
         raise UserError(f"time_limit must be > 0 minutes (null: none), got {cfg.time_limit}")
     if cfg.patience < 0 or cfg.min_delta < 0:
@@ -595,6 +607,7 @@ def _restore(saved: dict, trainer: Trainer, config: dict, groups: list, steps_pe
         log.warning("resume: these settings differ from the checkpoint's run and apply from now on: %s",
                     ", ".join(changed))
     trainer.model.load_state_dict(saved["model"])
+    trainer.task.load_state(saved.get("task"))
     # the saved state (moments, step counts) carries over; hyperparameters come from this config, so a
     # changed weight_decay or beta2 applies as the warning says (LR and momentum are set every step anyway)
     configured = [{k: v for k, v in pg.items() if k != "params"} for pg in trainer.optimizer.param_groups]

@@ -89,15 +89,15 @@ class TensorBoard(Observer):
     # x is the index of the step last done, as in lr_trace.csv: an evaluation after 6 steps sits at 5,
     # so that a resume from that checkpoint (purging x >= 6) keeps it
     def evaluation(self, row):
-        for key in ("val_loss", "val_acc"):
+        for key in (k for k in row if k.startswith("val_")):
             self.writer.add_scalar(f"val/{key[4:]}", row[key], row["step"] - 1)
 
     def epoch_end(self, metrics, step):
         for key, value in metrics.items():
             if key != "epoch":
                 self.writer.add_scalar(f"epoch/{key}", value, step - 1)
-        self.writer.add_scalar("val/loss", metrics["val_loss"], step - 1)
-        self.writer.add_scalar("val/acc", metrics["val_acc"], step - 1)
+        for key in (k for k in metrics if k.startswith("val_")):
+            self.writer.add_scalar(f"val/{key[4:]}", metrics[key], step - 1)
         self.writer.flush()
 
     def close(self):

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from finetune import tasks
 from finetune.base.errors import UserError
 from finetune.config.presets import schedule_presets
 from finetune.core.groups import LayerGroup, build_groups
@@ -28,6 +29,7 @@ from finetune.engine.distributed import World
 from finetune.engine.step import resolve_device, resolve_precision, seed_everything
 from finetune.models import adapters
 from finetune.models.build import ModelBundle, build_model
+from finetune.tasks import Task
 
 log = logging.getLogger("finetune")
 
@@ -82,10 +84,11 @@ class Setup:
     preprocess: dict  # what eval / predict / export need: mean, std, input_size, interpolation, crop_pct
     data: DataBundle
     accumulate: int
-    # the plan counts optimizer steps; micro-batches left over at an epoch's end are not trained
+    # the plan counts optimizer steps (an epoch's last may take fewer micro-batches)
     steps_per_epoch: int
     head_name: str
     head: nn.Module | None
+    task: Task  # what the model predicts: its loss and metrics (finetune/tasks/)
 
     def plan(self, cfg) -> Plan:
         return build_plan(cfg, [g.name for g in self.groups], self.steps_per_epoch,
@@ -129,9 +132,13 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
     model.to(device)
     accumulate = check_accumulate(cfg.accumulate, data.steps_per_epoch)
     name, head = head_module(model, groups)
+    task = tasks.build(cfg, len(data.classes), data.multilabel)
+    if task.name != "single_label" and (float(cfg.data.mixup) or float(cfg.data.cutmix)):
+        raise UserError(f"data.mixup / data.cutmix mix one class per image; task {task.name} has label sets: set "
+                        "them to 0")
     return Setup(device, amp_dtype, channels_last, model, groups,
                  {**dataclasses.asdict(bundle.preprocess), "input_size": size}, data, accumulate,
-                 -(-data.steps_per_epoch // accumulate), name, head)
+                 -(-data.steps_per_epoch // accumulate), name, head, task)
 
 
 def _config_digest(cfg) -> str:

@@ -14,7 +14,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from finetune.base.errors import UserError
@@ -26,6 +25,7 @@ from finetune.core.optim import build_optimizer, layer_depths, param_groups
 from finetune.core.plan import Plan, apply, build_plan
 from finetune.engine import distributed
 from finetune.engine.signals import EvaluationStopped
+from finetune.tasks import SingleLabel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,14 +100,16 @@ class Trainer:
     def __init__(self, model: nn.Module, groups: list[LayerGroup], plan: Plan, optimizer,
                  device: torch.device, amp_dtype: torch.dtype | None = None, *, train_bn: bool = False,
                  bn_eval: bool = False, compile: bool = False, channels_last: bool = False,
-                 label_smoothing: float = 0.0, grad_clip: float | None = None, compile_backend: str = "inductor",
+                 task=None, grad_clip: float | None = None, compile_backend: str = "inductor",
                  ema_decay: float | None = None, mix=None):
         self.model, self.groups, self.plan, self.optimizer = model, groups, plan, optimizer
         self.device, self.amp_dtype, self.train_bn, self.bn_eval = device, amp_dtype, train_bn, bn_eval
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:  # weights and inputs in the same layout, else every conv converts per call
             model.to(memory_format=torch.channels_last)
-        self.label_smoothing, self.grad_clip, self.compile = label_smoothing, grad_clip, compile
+        # what the model predicts: the loss, the metrics (finetune/tasks/); single-label by default
+        self.task = task if task is not None else SingleLabel(num_classes=0)
+        self.grad_clip, self.compile = grad_clip, compile
         self.compile_backend = compile_backend  # tests use a lighter one ("aot_eager") to compile fast
         self.mix = mix  # (images, labels) -> (mixed images, soft labels): MixUp / CutMix, or None
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -125,7 +127,7 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg, model: nn.Module, groups: list[LayerGroup], steps_per_epoch: int,
                     device: torch.device, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, num_classes: int | None = None) -> "Trainer":
+                    channels_last: bool = False, num_classes: int | None = None, task=None) -> "Trainer":
         """The plan, the ONE optimizer (every group, frozen ones too) and the Trainer, as configured."""
         plan = build_plan(cfg, [g.name for g in groups], steps_per_epoch, layer_depths(model, groups),
                           presets=schedule_presets())
@@ -135,7 +137,7 @@ class Trainer:
                                                                 cfg.optimizer.no_decay_norm_bias))
         return cls(model, groups, plan, optimizer, device, amp_dtype, train_bn=cfg.freeze.train_bn,
                    bn_eval=cfg.freeze.bn_eval, compile=cfg.compile, channels_last=channels_last,
-                   label_smoothing=cfg.label_smoothing, grad_clip=cfg.grad_clip,
+                   task=task or SingleLabel(num_classes or 0, float(cfg.label_smoothing)), grad_clip=cfg.grad_clip,
                    ema_decay=decay_for(cfg.ema_half_life, steps_per_epoch) if cfg.ema_half_life is not None else None,
                    mix=batch_mix(cfg.data, num_classes) if num_classes else None)
 
@@ -175,9 +177,9 @@ class Trainer:
         return x, y.to(self.device, non_blocking=True)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step at global `step` on one batch: returns (loss, correct count) as device
-        tensors; the loss is the plain cross-entropy, as `evaluate` measures it, whatever label smoothing
-        the step used."""
+        """One optimizer step at global `step` on one batch: returns (loss, the task's train score summed
+        over the batch, for single-label the correct count) as device tensors; the loss is the task's plain
+        loss, as `evaluate` measures it, whatever label smoothing the step used."""
         return self.step_accumulated([(x, y)], step)
 
     def step_accumulated(self, batches, step: int, lrs: list[float] | None = None,
@@ -204,15 +206,16 @@ class Trainer:
                 x, target = self.mix(x, y) if self.mix is not None and self.head_only is None else (x, y)
                 with self.autocast():
                     logits = (self.head_only or self.forward)(x)
-                    loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+                    loss = self.task.loss(logits, target)
                 self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()  # identity unless fp16
             logits = logits.detach()
-            # reported like val_loss: plain cross-entropy, without the label smoothing the step optimised (against
-            # the mixed labels when mixing); accuracy against the labels of the images as loaded
-            plain = self.label_smoothing or target is not y
-            losses.append((F.cross_entropy(logits.float(), target) if plain else loss.detach(), y.numel()))
-            correct = correct + (logits.argmax(1) == y).sum()
-            seen += y.numel()
+            # reported like val_loss: the task's plain loss, without the label smoothing the step optimised
+            # (against the mixed labels when mixing); the train score against the labels of the images as loaded
+            plain = getattr(self.task, "label_smoothing", 0.0) or target is not y
+            images = len(y)
+            losses.append((self.task.plain_loss(logits, target) if plain else loss.detach(), images))
+            correct = correct + self.task.train_score(logits, y)
+            seen += images
         if self._has_grads():  # GradScaler.step asserts when no parameter got a gradient
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -240,33 +243,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader, average: bool = False, head: str | None = None,
-                 stop: Callable[[], bool] | None = None) -> tuple[float, float]:
-        """(loss, accuracy) of the live model, or of the weight average with `average`; with several
-        processes, over every rank's shard of the loader's data. `head` (a module name): the loader holds
-        that module's inputs (the feature cache) and only it runs. `stop` (one process): asked between
-        batches; True raises EvaluationStopped (a job scheduler's grace period is shorter than some
-        evaluations)."""
+                 stop: Callable[[], bool] | None = None, tune: bool = True) -> dict[str, float]:
+        """The task's metrics ({"loss": ..., "acc": ...} for single-label) of the live model, or of the
+        weight average with `average`; with several processes, over every rank's shard of the loader's
+        data. `head` (a module name): the loader holds that module's inputs (the feature cache) and only it
+        runs. `stop` (one process): asked between batches; True raises EvaluationStopped (a job scheduler's
+        grace period is shorter than some evaluations). `tune`: this model is the one the run delivers, and
+        the task may choose its settings on these images (multilabel: the thresholds)."""
         forward = self.ema.model if average else self.forward
         if head is not None:
             forward = (self.ema.model if average else self.model).get_submodule(head)
         self.model.eval()
         if self.ema is not None:
             self.ema.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        count = 0
+        meter = self.task.meter(self.device, tune=tune)
         for x, y in loader:
             if stop is not None and stop():
                 raise EvaluationStopped
             x, y = self.to_device(x, y)
             with self.autocast():
                 logits = forward(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            count += y.numel()
-        loss_sum, correct, count = distributed.sum_(
-            torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(count), device=self.device)])).tolist()
-        return loss_sum / max(1, count), correct / max(1, count)
+            meter.update(logits, y)
+        return meter.result(distributed.sum_, distributed.gather)
 
 
 def trace_rows(plan: Plan, optimizer, step: int, epoch: int, mask: list[bool]) -> list[dict]:

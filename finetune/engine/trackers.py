@@ -108,11 +108,11 @@ class Tracker(Observer):
         self.add(view.step, values)
 
     def evaluation(self, row):
-        self.add(row["step"] - 1, {"val/loss": row["val_loss"], "val/acc": row["val_acc"]})
+        self.add(row["step"] - 1, {f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")})
 
     def epoch_end(self, metrics, step):
         self.add(step - 1, {**{f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"},
-                            "val/loss": metrics["val_loss"], "val/acc": metrics["val_acc"]})
+                            **{f"val/{k[4:]}": v for k, v in metrics.items() if k.startswith("val_")}})
 
     def checkpoint(self, step):
         """Send what the checkpoint just written holds: everything observed so far."""

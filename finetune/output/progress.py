@@ -163,8 +163,11 @@ class EpochProgress:
         self.progress.update(self.task, completed=done, info=info)
 
     def end_epoch(self, metrics: dict) -> None:
-        line = (f"loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:.3f} | val loss "
-                f"{metrics['val_loss']:.3f} val acc {metrics['val_acc']:.3f} | {metrics['images_per_s']:.0f} img/s")
+        train = [k for k in metrics if k.startswith("train_")]
+        val = [k for k in metrics if k.startswith("val_")]
+        line = (" ".join(f"{k[len('train_'):]} {metrics[k]:.3f}" for k in train) + " | "
+                + " ".join(f"{k.replace('_', ' ')} {metrics[k]:.3f}" for k in val)
+                + f" | {metrics['images_per_s']:.0f} img/s")
         log.info("epoch %d: %s", metrics["epoch"], line)  # also in the run's log file
         if self.progress is not None:
             self.progress.update(self.task, info=line)

@@ -13,11 +13,21 @@ from matplotlib.figure import Figure
 
 from finetune.base.errors import writing
 
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
-# with a weight average (ema_half_life), val_* score the average and these the live model
-EMA_METRIC_FIELDS = ("live_val_loss", "live_val_acc")
-# evals.csv (eval_every): every evaluation, mid-epoch ones and the epoch ends'
-EVAL_FIELDS = ("step", "epoch", "val_loss", "val_acc")
+def val_fields(task) -> tuple[str, ...]:
+    """val_loss and the task's metrics (single-label: val_acc; multilabel: val_map, val_f1_macro ...)."""
+    return tuple(f"val_{m}" for m in ("loss", *task.metrics))
+
+
+def metric_fields(task, ema: bool) -> tuple[str, ...]:
+    """metrics.csv's columns; with a weight average (ema_half_life) val_* score the average and live_val_*
+    the live model."""
+    live = tuple(f"live_{f}" for f in val_fields(task)) if ema else ()
+    return ("epoch", "train_loss", f"train_{task.train_metric}", *val_fields(task), "seconds", "images_per_s", *live)
+
+
+def eval_fields(task, ema: bool) -> tuple[str, ...]:
+    """evals.csv's columns (eval_every): every evaluation, mid-epoch ones and the epoch ends'."""
+    return ("step", "epoch", *val_fields(task), *(tuple(f"live_{f}" for f in val_fields(task)) if ema else ()))
 
 
 def subplots(*args, **kwargs):

@@ -58,6 +58,7 @@ from finetune.core.plan import total_steps
 from finetune.data.datasets import files_fingerprint
 from finetune.engine import checkpoint, distributed
 from finetune.engine.cache import fit_head
+from finetune.tasks import SingleLabel
 from finetune.engine.setup import setup
 from finetune.engine.step import resolve_device
 from finetune.output.progress import bar
@@ -220,6 +221,7 @@ def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e
     """k-fold accuracy of a multinomial logistic regression on standardised features (the feature cache's
     L-BFGS fit to convergence); every image is scored once, by the fold that did not train on it."""
     n, classes = len(y), int(y.max()) + 1
+    task = SingleLabel(classes)
     folds = max(2, min(folds, n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     correct = 0
@@ -232,9 +234,9 @@ def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e
         xtr, xte = (x[train] - mean) / std, (x[test] - mean) / std
         linear = nn.Linear(x.shape[1], classes)
         with torch.enable_grad():
-            fit_head(linear, xtr, y[train], l2=l2, steps=200)
+            fit_head(linear, xtr, y[train], task, l2=l2, steps=200)
         with torch.no_grad():
-            correct += int((linear(xte).argmax(1) == y[test]).sum())
+            correct += int(task.train_score(linear(xte), y[test]))
     return correct / n
 
 
@@ -345,6 +347,9 @@ def measure(cfg) -> Evidence:
 def _measure(cfg, parts) -> Evidence:
     device, channels_last, groups, head, data = parts.device, parts.channels_last, parts.groups, parts.head, parts.data
     model = parts.model.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if parts.task.name != "single_label":
+        data.close()
+        raise CannotProbe(f"its linear probes score one class per image, and task {parts.task.name} has label sets")
     if head is None:
         data.close()
         raise CannotProbe(f"no single module holds the head group '{groups[-1].name}', whose input the probe reads")
