@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.data.datasets import load_rgb
+from finetune.data.images import load_rgb
 from finetune.data.loaders import build_data
 from finetune.data.resized import cache_resized
 from finetune.data.transforms import TRAIN_CROP_SCALE

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.data import datasets
+from finetune.data import images
 from finetune.data.loaders import build_data
 from finetune.models.weights import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -62,7 +62,7 @@ def _data(root: Path, draft: bool, size: int, resized: bool = False):
 def _in_memory(data):
     """The train set's images decoded once, as uint8 tensors, behind the same transform."""
     base = data.train.base
-    images = [torch.from_numpy(np.array(datasets.load_rgb(p))).permute(2, 0, 1)
+    images = [torch.from_numpy(np.array(images.load_rgb(p))).permute(2, 0, 1)
               for p, _ in base.samples]
     labels = [label for _, label in base.samples]
 

@@ -203,7 +203,9 @@ def train_task(cfg: DictConfig) -> float | None:
         distributed.close()
         log.setLevel(level)
     log.info("run directory: %s", out_dir)
-    return summary["final_val_acc"]  # what sweepers optimise
+    # what sweepers optimise: the final value of the task's main metric (val_acc; multilabel: val_map)
+    main = f"final_val_{summary['task'].get('main', 'acc')}" if summary.get("task") else "final_val_acc"
+    return summary.get(main, summary["final_val_acc"])
 
 
 class HeldRun:

@@ -1,6 +1,8 @@
 """`finetune eval ckpt=RUN_DIR_OR_FILE [split=val] [data.root=...] [tta=true]`: a trained model scored on a
-split: loss, accuracy, top-5 (more than 5 classes), per-class precision, recall and F1 (torchmetrics),
-the confusion matrix (CSV and PNG), and the images it gets most wrong (CSV and a contact sheet).
+split by its task (finetune/tasks/): single-label, loss, accuracy, top-5 (more than 5 classes), per-class
+precision, recall and F1 and the confusion matrix (CSV and PNG); multilabel, loss, mAP, macro and micro F1
+at the run's thresholds and per label its AP, F1, precision and recall; and the images it gets most wrong
+(CSV and a contact sheet).
 
 The split is the run's own data (`split=val` or `train`, with the eval transform) or, for an ImageFolder,
 any folder ROOT/<split>/<class>/ (a held-out test/ set): its class folders are matched to the model's
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import MISSING, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -47,14 +48,10 @@ class EvalArgs:
 
 @dataclass
 class Scored:
-    """Per image: its path (or index), true label, the predicted probabilities and its loss."""
+    """Per image: its path (or index), true label (multilabel: its 0/1 vector) and predicted probabilities."""
     names: list[str]
-    targets: torch.Tensor  # (N,)
+    targets: torch.Tensor  # (N,), multilabel (N, C)
     probs: torch.Tensor  # (N, C)
-
-    @property
-    def losses(self) -> torch.Tensor:
-        return F.nll_loss(self.probs.clamp_min(1e-12).log(), self.targets, reduction="none")
 
 
 class _Named(Dataset):
@@ -69,7 +66,7 @@ class _Named(Dataset):
         image, label = self.base[i]
         if not isinstance(image, torch.Tensor) and getattr(image, "mode", "RGB") != "RGB":
             image = transforms.to_rgb(image)
-        return self.transform(image), int(label), i
+        return self.transform(image), label if isinstance(label, torch.Tensor) and label.dim() else int(label), i
 
 
 def scored_root(saved: SavedModel, args) -> str | None:
@@ -100,7 +97,7 @@ def split_dataset(saved: SavedModel, args) -> tuple[Dataset, list[str]]:
                       transform), folders
     if args.split not in ("train", "val"):
         raise UserError(f"eval: split={args.split}: data={data_cfg.name} has the splits train and val")
-    bundle = data_mod.build_data(data_cfg, saved.preprocess, batch_size=1, seed=0)
+    bundle = data_mod.build_data(data_cfg, saved.preprocess, batch_size=1, seed=0, task_kind=saved.task.name)
     if list(bundle.classes) != saved.classes:
         raise UserError(f"eval: the data's classes {bundle.classes} are not the model's {saved.classes}")
     base = (bundle.val if args.split == "val" else bundle.train).base
@@ -110,7 +107,7 @@ def split_dataset(saved: SavedModel, args) -> tuple[Dataset, list[str]]:
 @torch.no_grad()
 def score(saved: SavedModel, dataset: Dataset, batch_size: int, tta: bool = False, num_workers: int = -1,
           progress: bool = True) -> Scored:
-    """Softmax probabilities of every image (with `tta`: the mean over the image and its mirror)."""
+    """The task's probabilities of every image (with `tta`: the mean over the image and its mirror)."""
     in_memory = not isinstance(getattr(dataset, "base", None), datasets.CheckedImageFolder)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=data_mod.resolve_workers(num_workers, in_memory))
     probs, targets, names = [], [], []
@@ -123,48 +120,37 @@ def score(saved: SavedModel, dataset: Dataset, batch_size: int, tta: bool = Fals
     return Scored(names, torch.cat(targets), torch.cat(probs))
 
 
-def metrics(scored: Scored, classes: list[str]) -> dict:
-    """Loss, accuracy, top-5 and per-class precision, recall, F1 and support (torchmetrics)."""
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_confusion_matrix,
-        multiclass_f1_score,
-        multiclass_precision,
-        multiclass_recall,
-    )
-
-    k, p, t = len(classes), scored.probs, scored.targets
-    out = {"images": len(t), "loss": float(scored.losses.mean()),
-           "accuracy": float(multiclass_accuracy(p, t, num_classes=k, average="micro"))}
-    if k > 5:
-        out["top5_accuracy"] = float(multiclass_accuracy(p, t, num_classes=k, average="micro", top_k=5))
-    per = {"precision": multiclass_precision(p, t, num_classes=k, average=None),
-           "recall": multiclass_recall(p, t, num_classes=k, average=None),
-           "f1": multiclass_f1_score(p, t, num_classes=k, average=None)}
-    support = torch.bincount(t, minlength=k)
-    out["per_class"] = [{"class": c, **{m: float(v[i]) for m, v in per.items()}, "support": int(support[i])}
-                        for i, c in enumerate(classes)]
-    present = support > 0  # macro averages over the classes the split holds
-    out["macro_f1"] = float(per["f1"][present].mean())
-    out["confusion_matrix"] = multiclass_confusion_matrix(p, t, num_classes=k).tolist()
-    return out
-
-
-def write_reports(out: Path, result: dict, scored: Scored, classes: list[str], top: int) -> None:
+def write_reports(out: Path, result: dict, scored: Scored, saved: SavedModel, top: int) -> None:
+    """metrics.json, the per-class (per-label) CSV, the confusion matrix (single-label) and the images with
+    the highest loss, listed and drawn."""
+    classes, task = saved.classes, saved.task
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", result)
-    report.write_csv(out / "per_class.csv", result["per_class"], ("class", "precision", "recall", "f1", "support"))
-    with writing(out / "confusion_matrix.csv"), open(out / "confusion_matrix.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted", *classes])
-        w.writerows([c, *row] for c, row in zip(classes, result["confusion_matrix"]))
-    report.plot_confusion(out / "confusion_matrix.png", result["confusion_matrix"], classes)
-    losses = scored.losses
+    losses = task.per_image_loss(scored.probs, scored.targets)
     worst = torch.argsort(losses, descending=True)[:top].tolist()
-    rows = [{"image": scored.names[i], "true": classes[int(scored.targets[i])],
-             "predicted": classes[int(scored.probs[i].argmax())], "loss": round(float(losses[i]), 5),
-             "p_true": round(float(scored.probs[i, scored.targets[i]]), 5)} for i in worst]
-    report.write_csv(out / "top_losses.csv", rows, ("image", "true", "predicted", "loss", "p_true"))
+    if task.name == "multilabel":
+        report.write_csv(out / "per_label.csv", result["per_label"],
+                         ("label", "ap", "f1", "precision", "recall", "support", "threshold"))
+        chosen = task.predict(scored.probs)
+
+        def names(row) -> str:
+            return " ".join(c for c, on in zip(classes, row.tolist()) if on)
+
+        rows = [{"image": scored.names[i], "true": names(scored.targets[i].bool()), "predicted": names(chosen[i]),
+                 "loss": round(float(losses[i]), 5)} for i in worst]
+        report.write_csv(out / "top_losses.csv", rows, ("image", "true", "predicted", "loss"))
+    else:
+        report.write_csv(out / "per_class.csv", result["per_class"], ("class", "precision", "recall", "f1", "support"))
+        with writing(out / "confusion_matrix.csv"), open(out / "confusion_matrix.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *classes])
+            w.writerows([c, *row] for c, row in zip(classes, result["confusion_matrix"]))
+        report.plot_confusion(out / "confusion_matrix.png", result["confusion_matrix"], classes)
+        predicted = task.predict(scored.probs)
+        rows = [{"image": scored.names[i], "true": classes[int(scored.targets[i])],
+                 "predicted": classes[int(predicted[i])], "loss": round(float(losses[i]), 5),
+                 "p_true": round(float(scored.probs[i, scored.targets[i]]), 5)} for i in worst]
+        report.write_csv(out / "top_losses.csv", rows, ("image", "true", "predicted", "loss", "p_true"))
     files = [r for r in rows if os.path.isfile(r["image"])]
     if files:
         report.plot_images(out / "top_losses.png", [r["image"] for r in files],
@@ -180,11 +166,12 @@ def run(argv: list[str]) -> dict:
     scored = score(saved, dataset, args.batch_size, args.tta, args.num_workers)
     result = {"checkpoint": str(saved.path), "data_root": scored_root(saved, args), "split": args.split,
               "tta": bool(args.tta),
-              "weights": "average" if saved.averaged else "live", **metrics(scored, saved.classes)}
+              "weights": "average" if saved.averaged else "live", "task": saved.task.state(),
+              **saved.task.report(scored.probs, scored.targets, saved.classes)}
     root = args.data.get("root")
     default = saved.run_dir / "eval" / (f"{Path(str(root)).name}_{args.split}" if root else args.split)
     out = Path(args.out) if args.out else default
-    write_reports(out, result, scored, saved.classes, args.top_losses)
+    write_reports(out, result, scored, saved, args.top_losses)
     _print(result, out)
     return result
 
@@ -193,13 +180,21 @@ def _print(result: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{result['split']}: {result['images']} images, loss {result['loss']:.4f}, accuracy "
-                        f"{result['accuracy']:.4f}" + (f", top-5 {result['top5_accuracy']:.4f}"
-                                                       if "top5_accuracy" in result else ""))
-    for col in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for row in result["per_class"]:
-        table.add_row(row["class"], *(f"{row[m]:.3f}" for m in ("precision", "recall", "f1")), str(row["support"]))
+    if "per_label" in result:  # multilabel
+        title = (f"{result['split']}: {result['images']} images, loss {result['loss']:.4f}, mAP {result['map']:.4f}, "
+                 f"F1 macro {result['f1_macro']:.4f}, micro {result['f1_micro']:.4f}")
+        columns, rows, key = ("label", "ap", "f1", "precision", "recall", "support", "threshold"), result["per_label"], "label"
+    else:
+        title = (f"{result['split']}: {result['images']} images, loss {result['loss']:.4f}, accuracy "
+                 f"{result['accuracy']:.4f}" + (f", top-5 {result['top5_accuracy']:.4f}" if "top5_accuracy" in result
+                                                else ""))
+        columns, rows, key = ("class", "precision", "recall", "f1", "support"), result["per_class"], "class"
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == key else "right")
+    for row in rows:
+        table.add_row(row[key], *("" if row[m] is None else str(row[m]) if m == "support" else f"{row[m]:.3f}"
+                                  for m in columns[1:]))
     console = Console(stderr=True)
     console.print(table)
     console.print(f"reports in {out}", highlight=False)

@@ -159,6 +159,8 @@ def run(argv: list[str]) -> Path:
                       "then (x - mean) / std", "classes": saved.classes,
             "model": {k: saved.config["model"].get(k) for k in ("name", "source")},
             "weights": "average" if saved.averaged else "live", "checkpoint": str(saved.path),
+            # the task and its settings: multilabel's per-label thresholds turn its sigmoids into label sets
+            "task": saved.task.state(),
             "max_abs_diff": diff}
     # every format exported here from this checkpoint, each with its own check (one file per format)
     before = _read_json(out / "preprocess.json")

@@ -1,6 +1,8 @@
 """`finetune predict ckpt=RUN_DIR_OR_FILE input=DIR|FILE|GLOB [out=predictions.csv] [top_k=5]`: the model's
-top-k classes and probabilities for every image, as a CSV (path, class_1, prob_1, ...), with the class
-names and preprocessing from the checkpoint and the run's weight average when it kept one. A file that
+top-k classes and probabilities for every image, as a CSV (path, class_1, prob_1, ...); for a multi-label
+model each image's label set at the run's thresholds (path, labels: space-separated, as label files hold
+them, then p_<label> for every label). Class names and preprocessing come from the checkpoint, and the
+run's weight average when it kept one. A file that
 cannot be read gets a row with its error instead of stopping the others.
 """
 
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.base.errors import UserError
 from finetune.commands.saved import load, parse_args
-from finetune.data import datasets, transforms
+from finetune.data import datasets, images, transforms
 from finetune.data import loaders as data_mod
 from finetune.output import report
 from finetune.output.progress import bar
@@ -60,7 +62,7 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(datasets.load_rgb(self.files[i])), i, ""
+            return self.transform(images.load_rgb(self.files[i])), i, ""
         except Exception as e:  # PIL raises many types for broken files
             return torch.zeros(3, self.size, self.size), i, f"{type(e).__name__}: {e}"[:200]
 
@@ -78,10 +80,21 @@ def run(argv: list[str]) -> Path:
     dataset = _Files(files, transforms.eval_transform(size, saved.preprocess), size)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=data_mod.resolve_workers(args.num_workers, False))
     k = min(args.top_k, len(saved.classes))
+    multilabel = saved.task.name == "multilabel"
     rows = []
     with bar(len(loader), "predicting", enabled=args.progress) as advance:
         for x, index, errors in loader:
-            top_p, top_i = saved.probabilities(x, args.tta).topk(k, dim=1)
+            probs = saved.probabilities(x, args.tta).cpu()
+            if multilabel:  # the label set at the run's thresholds, as label files hold it, and every probability
+                chosen = saved.task.predict(probs)
+                for row_p, row_on, i, error in zip(probs.tolist(), chosen.tolist(), index.tolist(), errors):
+                    row = {"path": files[i], "error": error,
+                           "labels": "" if error else " ".join(c for c, on in zip(saved.classes, row_on) if on)}
+                    row.update({f"p_{c}": "" if error else round(p, 6) for c, p in zip(saved.classes, row_p)})
+                    rows.append(row)
+                advance()
+                continue
+            top_p, top_i = probs.topk(k, dim=1)
             for row_p, row_i, i, error in zip(top_p.tolist(), top_i.tolist(), index.tolist(), errors):
                 row = {"path": files[i], "error": error}
                 for rank, (prob, cls) in enumerate(zip(row_p, row_i), 1):
@@ -91,7 +104,10 @@ def run(argv: list[str]) -> Path:
             advance()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["path", *[f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "prob")], "error"]
+    if multilabel:
+        fields = ["path", "labels", *[f"p_{c}" for c in saved.classes], "error"]
+    else:
+        fields = ["path", *[f"{c}_{r}" for r in range(1, k + 1) for c in ("class", "prob")], "error"]
     report.write_csv(out, rows, fields)
     bad = sum(1 for r in rows if r["error"])
     note = f"; {bad} could not be read (their rows say why)" if bad else ""

@@ -19,6 +19,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune import tasks
 from finetune.base.errors import UserError
 from finetune.base.files import first_line
 from finetune.engine import checkpoint
@@ -26,6 +27,7 @@ from finetune.engine.setup import model_groups
 from finetune.engine.step import resolve_device
 from finetune.models import build as models
 from finetune.models.weights import Preprocess
+from finetune.tasks import Task
 
 log = logging.getLogger("finetune")
 
@@ -40,6 +42,7 @@ class SavedModel:
     averaged: bool  # the weights are the run's weight average (ema_half_life)
     device: torch.device
     groups: list | None = None  # the layer groups, with the adapters of a peft=... run; None without adapters
+    task: Task | None = None  # what the model predicts, with its settings (multilabel: the thresholds)
 
     @property
     def run_dir(self) -> Path:
@@ -47,12 +50,12 @@ class SavedModel:
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Softmax probabilities of a batch on the model's device; with `tta` the mean over each image
-        and its mirror."""
+        """The task's probabilities of a batch on the model's device (softmax; multilabel: a sigmoid per
+        label); with `tta` the mean over each image and its mirror."""
         x = x.to(self.device)
-        p = torch.softmax(self.model(x).float(), dim=1)
+        p = self.task.probabilities(self.model(x))
         if tta:
-            p = (p + torch.softmax(self.model(torch.flip(x, dims=[3])).float(), dim=1)) / 2
+            p = (p + self.task.probabilities(self.model(torch.flip(x, dims=[3])))) / 2
         return p
 
 
@@ -93,7 +96,8 @@ def load(ckpt: str, device: str = "auto", average: bool = True) -> SavedModel:
                     preprocess.input_size)
     note_status(path, saved)
     dev = resolve_device(device)
-    return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev, groups)
+    return SavedModel(bundle.model.to(dev).eval(), list(classes), preprocess, config, path, averaged, dev, groups,
+                      tasks.from_state(saved.get("task"), len(classes)))
 
 
 def note_status(path: Path, saved: dict) -> None:

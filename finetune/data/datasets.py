@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.base.errors import UserError
-from finetune.data import hf, shards, targets
-from finetune.data.transforms import to_rgb
+from finetune.data import hf, labels, shards, targets
+from finetune.data.images import CheckedImageFolder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def dataset_name(cfg) -> str:
     return str(cfg.name).strip().lower().replace("-", "_")
 
 
-BUILT_IN = ("digits", "synthetic", "imagefolder", "webdataset", "hf", "custom")
+BUILT_IN = ("digits", "synthetic", "imagefolder", "webdataset", "hf", "csv", "custom")
 
 
 def check_name(name: str) -> None:
@@ -80,6 +80,8 @@ def num_classes(cfg) -> int:
         return len(shards.classes(cfg))
     if name == "hf":  # the label column's ClassLabel (finetune/data/hf.py)
         return len(hf.classes(cfg))
+    if name == "csv":  # the labels the train file names (finetune/data/labels.py)
+        return len(labels.classes(cfg))
     if name == "custom":
         return targets.num_classes(cfg)
     return TORCHVISION_DATASETS[name][1]
@@ -89,9 +91,10 @@ def num_classes(cfg) -> int:
 IN_MEMORY = ("synthetic", "digits")
 
 
-def splits(cfg, size: int) -> tuple[Dataset, Dataset, list[str], int]:
+def splits(cfg, size: int, task_kind: str = "auto") -> tuple[Dataset, Dataset, list[str], int]:
     """(train, val, class names, unreadable images skipped) of `cfg` (a DataConfig), untransformed;
-    `size` is the input size, which the synthetic images are generated at."""
+    `size` is the input size, which the synthetic images are generated at; `task_kind` (task.kind) tells
+    a label file whether an image without labels is an error."""
     name = dataset_name(cfg)
     check_name(name)
     if name == "synthetic":
@@ -105,6 +108,8 @@ def splits(cfg, size: int) -> tuple[Dataset, Dataset, list[str], int]:
         return (*shards.splits(cfg), 0)
     if name == "hf":
         return (*hf.splits(cfg), 0)
+    if name == "csv":
+        return labels.splits(cfg, task_kind)
     if name == "custom":
         return (*targets.build_splits(cfg), 0)
     return (*_torchvision_splits(cfg, name), 0)
@@ -272,19 +277,6 @@ def _readable(path: str, decode: bool = False) -> bool:
         return False
 
 
-def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """The image as 8-bit RGB. `min_side`: a JPEG at least twice that on its short side is decoded at a
-    reduced scale (libjpeg's DCT scaling, 1/2 to 1/8: Pillow's draft mode) that keeps the short side at or
-    above it: most of a 12-megapixel decode is skipped when training at 224 px. The pixels differ slightly
-    from a full decode then resized (a different low-pass), never in resolution below `min_side`."""
-    with Image.open(path) as im:
-        if min_side and im.format == "JPEG" and min(im.size) >= 2 * min_side:
-            w, h = im.size
-            short = min(w, h)
-            im.draft(im.mode, (-(-w * min_side // short), -(-h * min_side // short)))
-        return to_rgb(im)
-
-
 def files_fingerprint(dataset) -> str | None:
     """A digest of the image files behind `dataset` (path, size, modification time of each), unwrapping
     transformed views; None when its images are not files (digits, synthetic: their config defines them)."""
@@ -300,30 +292,6 @@ def files_fingerprint(dataset) -> str | None:
         st = os.stat(path)
         digest.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
-
-
-class CheckedImageFolder(Dataset):
-    """(PIL RGB image, label) from a list of (path, label). An image that fails to decode raises a UserError
-    naming the file, or, with skip_bad, is replaced by the next readable sample (deterministic)."""
-
-    def __init__(self, samples: list[tuple[str, int]], skip_bad: bool, min_side: int | None = None):
-        self.samples, self.skip_bad = samples, skip_bad
-        self.min_side = min_side  # decode JPEGs at reduced scale down to this short side (load_rgb)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            try:
-                return load_rgb(path, self.min_side), label
-            except Exception as e:
-                if not self.skip_bad:
-                    message = f"cannot read image '{path}' ({e}); fix or delete it, or set data.skip_bad=true."
-                    raise UserError(message) from None
-                log.warning("skipping unreadable image %s (%s)", path, e)
-        raise UserError("no image in the data set could be read.")
 
 
 def scan_split(split_dir: str, classes: list[str]) -> dict[str, list[str]]:

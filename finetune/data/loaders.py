@@ -160,13 +160,15 @@ def build_data(
     rank: int = 0,
     world: int = 1,
     views: int | None = None,
+    task_kind: str = "auto",
 ) -> DataBundle:
     """Datasets and loaders for `cfg` (a DataConfig), preprocessed like the pretrained weights (`preprocess`:
-    mean, std, input_size, interpolation, crop_pct); with `world` processes, rank `rank`'s shards."""
+    mean, std, input_size, interpolation, crop_pct); with `world` processes, rank `rank`'s shards; `task_kind`
+    (task.kind) for label files."""
     if int(batch_size) < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}.")
     size = image_size(cfg, preprocess)
-    train_base, val_base, classes, skipped = datasets.splits(cfg, size)
+    train_base, val_base, classes, skipped = datasets.splits(cfg, size, task_kind)
     if getattr(cfg, "draft", True):  # JPEGs decoded at reduced scale, never below what the transforms read
         eval_side = math.ceil(size / preprocess.crop_pct)
         # a random-resized crop keeps at least TRAIN_CROP_SCALE[0] of the area: its side, at full resolution

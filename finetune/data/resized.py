@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.base.files import cache_home
-from finetune.data.datasets import load_rgb
+from finetune.data.images import load_rgb
 from finetune.output.progress import bar
 
 log = logging.getLogger("finetune")

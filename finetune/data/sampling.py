@@ -117,4 +117,5 @@ class TransformedDataset(Dataset):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        return image, int(label)
+        # a class index, or a multilabel 0/1 vector (finetune/data/labels.py), which collates as it is
+        return image, label if isinstance(label, torch.Tensor) and label.dim() else int(label)

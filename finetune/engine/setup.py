@@ -114,14 +114,20 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
     if training:
         data = build_data(cfg.data, bundle.preprocess, batch_size=cfg.batch_size, seed=cfg.seed,
                           pin_memory=device.type == "cuda", persistent_workers=True, rank=world.rank,
-                          world=world.size, views=cfg.cache_views)
+                          world=world.size, views=cfg.cache_views, task_kind=str(cfg.task.kind))
     else:
         data = build_data(OmegaConf.merge(cfg.data, {"augment": False}), bundle.preprocess,
-                          batch_size=cfg.batch_size, seed=cfg.seed)
+                          batch_size=cfg.batch_size, seed=cfg.seed, task_kind=str(cfg.task.kind))
     size = transforms.image_size(cfg.data, bundle.preprocess)
+    task = tasks.build(cfg, len(data.classes), data.multilabel)
     if training:
-        log.info("data: %d train / %d val images, %d classes, %d px", len(data.train), len(data.val),
-                 len(data.classes), size)
+        if task.name == "multilabel":
+            why = "task=auto: some images have several labels" if str(cfg.task.kind) == "auto" else "task=multilabel"
+            log.info("data: %d train / %d val images, %d labels, multi-label (%s), %d px", len(data.train),
+                     len(data.val), len(data.classes), why, size)
+        else:
+            log.info("data: %d train / %d val images, %d classes, %d px", len(data.train), len(data.val),
+                     len(data.classes), size)
         if world.enabled:  # before DDP, which would fail on another head size with a traceback
             distributed.agree({"class list": list(data.classes), "number of train images": len(data.train),
                                "number of val images": len(data.val), "config": _config_digest(cfg)})
@@ -132,7 +138,6 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
     model.to(device)
     accumulate = check_accumulate(cfg.accumulate, data.steps_per_epoch)
     name, head = head_module(model, groups)
-    task = tasks.build(cfg, len(data.classes), data.multilabel)
     if task.name != "single_label" and (float(cfg.data.mixup) or float(cfg.data.cutmix)):
         raise UserError(f"data.mixup / data.cutmix mix one class per image; task {task.name} has label sets: set "
                         "them to 0")

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from finetune.base.errors import writing
 
+
 def val_fields(task) -> tuple[str, ...]:
     """val_loss and the task's metrics (single-label: val_acc; multilabel: val_map, val_f1_macro ...)."""
     return tuple(f"val_{m}" for m in ("loss", *task.metrics))

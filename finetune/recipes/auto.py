@@ -58,10 +58,10 @@ from finetune.core.plan import total_steps
 from finetune.data.datasets import files_fingerprint
 from finetune.engine import checkpoint, distributed
 from finetune.engine.cache import fit_head
-from finetune.tasks import SingleLabel
 from finetune.engine.setup import setup
 from finetune.engine.step import resolve_device
 from finetune.output.progress import bar
+from finetune.tasks import SingleLabel
 
 log = logging.getLogger("finetune")
 

@@ -16,7 +16,7 @@ from finetune.tasks.single_label import SingleLabel
 
 TASKS: dict[str, type[Task]] = {"single_label": SingleLabel, "multilabel": MultiLabel}
 
-__all__ = ["TASKS", "Meter", "MultiLabel", "SingleLabel", "Task", "build", "kind_for"]
+__all__ = ["TASKS", "Meter", "MultiLabel", "SingleLabel", "Task", "build", "from_state", "kind_for"]
 
 
 def kind_for(configured: str, multilabel_data: bool) -> str:
@@ -37,3 +37,14 @@ def build(cfg, num_labels: int, multilabel_data: bool = False) -> Task:
     """The run's task from its config (`cfg`: the whole run config) and the data."""
     kind = kind_for(cfg.task.kind, multilabel_data)
     return TASKS[kind].from_config(cfg, num_labels)
+
+
+def from_state(state: dict | None, num_labels: int) -> Task:
+    """The task of a trained model from its checkpoint's `task` entry (a checkpoint of before tasks:
+    single-label), its settings (thresholds) restored."""
+    kind = (state or {}).get("task", "single_label")
+    if kind not in TASKS:
+        raise UserError(f"the checkpoint's task '{kind}' is not one this finetune knows ({', '.join(TASKS)})")
+    task = TASKS[kind](num_labels)
+    task.load_state(state)
+    return task

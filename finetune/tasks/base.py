@@ -59,6 +59,19 @@ class Task:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def predict(self, probs: torch.Tensor) -> torch.Tensor:
+        """What the model predicts from its probabilities: a class index per image (multilabel: 0/1 per
+        label at the thresholds)."""
+        raise NotImplementedError
+
+    def per_image_loss(self, probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each image's loss from its probabilities (eval's top losses)."""
+        raise NotImplementedError
+
+    def report(self, probs: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
+        """`finetune eval`'s figures of a split: loss, the task's metrics and per-class (per-label) rows."""
+        raise NotImplementedError
+
     @staticmethod
     def higher_is_better(metric: str) -> bool:
         """For `val_loss`, `train_acc`, `live_val_map`...: the losses go down, every other metric up."""
@@ -72,7 +85,7 @@ class Task:
     def state(self) -> dict:
         """What a trained model needs besides its weights (multilabel: its thresholds), for checkpoints and
         exports."""
-        return {"task": self.name}
+        return {"task": self.name, "main": self.main}
 
     def load_state(self, state: dict | None) -> None:
         """The settings `state` (a checkpoint's) holds."""

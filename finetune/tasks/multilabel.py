@@ -136,11 +136,29 @@ class MultiLabel(Task):
                 "acc": float((predicted == targets.bool()).double().mean()) if len(targets) else float("nan"),
                 "ap": aps, "f1": per_label_f1}
 
+    def per_image_loss(self, probs, targets):
+        return F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), targets.float(), reduction="none").mean(1)
+
+    def report(self, probs, targets, classes):
+        """Loss, mAP, macro and micro F1 and label accuracy at the stored thresholds, and per label its AP,
+        F1, precision, recall, support and threshold."""
+        figures = self.figures(probs, targets.float())
+        tp, fp, fn = f1_counts(self.predict(probs), targets)
+        precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.zeros_like(tp))
+        recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), torch.zeros_like(tp))
+        support = targets.sum(0)
+        return {"images": len(targets), "loss": float(self.per_image_loss(probs, targets).mean()),
+                **{k: figures[k] for k in self.metrics},
+                "per_label": [{"label": c, "ap": figures["ap"][i], "f1": figures["f1"][i],
+                               "precision": float(precision[i]), "recall": float(recall[i]),
+                               "support": int(support[i]), "threshold": self.thresholds[i]}
+                              for i, c in enumerate(classes)]}
+
     def label_buffer(self, n):
         return torch.empty(n, self.num_labels, dtype=torch.float32)
 
     def state(self) -> dict:
-        return {"task": self.name, "thresholds": list(self.thresholds)}
+        return {"task": self.name, "main": self.main, "thresholds": list(self.thresholds)}
 
     def load_state(self, state):
         if state and state.get("thresholds"):

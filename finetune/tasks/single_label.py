@@ -54,5 +54,39 @@ class SingleLabel(Task):
     def probabilities(self, logits):
         return torch.softmax(logits.float(), dim=1)
 
+    def predict(self, probs: torch.Tensor) -> torch.Tensor:
+        """The class index of each image: the most probable."""
+        return probs.argmax(1)
+
+    def per_image_loss(self, probs, targets):
+        return F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="none")
+
+    def report(self, probs, targets, classes):
+        """Loss, accuracy, top-5 (more than 5 classes), per-class precision, recall, F1 and support, macro F1
+        over the classes the split holds, the confusion matrix (torchmetrics)."""
+        from torchmetrics.functional.classification import (
+            multiclass_accuracy,
+            multiclass_confusion_matrix,
+            multiclass_f1_score,
+            multiclass_precision,
+            multiclass_recall,
+        )
+
+        k, p, t = len(classes), probs, targets
+        out = {"images": len(t), "loss": float(self.per_image_loss(p, t).mean()),
+               "accuracy": float(multiclass_accuracy(p, t, num_classes=k, average="micro"))}
+        if k > 5:
+            out["top5_accuracy"] = float(multiclass_accuracy(p, t, num_classes=k, average="micro", top_k=5))
+        per = {"precision": multiclass_precision(p, t, num_classes=k, average=None),
+               "recall": multiclass_recall(p, t, num_classes=k, average=None),
+               "f1": multiclass_f1_score(p, t, num_classes=k, average=None)}
+        support = torch.bincount(t, minlength=k)
+        out["per_class"] = [{"class": c, **{m: float(v[i]) for m, v in per.items()}, "support": int(support[i])}
+                            for i, c in enumerate(classes)]
+        present = support > 0  # macro averages over the classes the split holds
+        out["macro_f1"] = float(per["f1"][present].mean())
+        out["confusion_matrix"] = multiclass_confusion_matrix(p, t, num_classes=k).tolist()
+        return out
+
     def label_buffer(self, n):
         return torch.empty(n, dtype=torch.long)
