@@ -19,9 +19,13 @@ DEFAULT_THRESHOLD = 0.5
 def average_precisions(probs: torch.Tensor, targets: torch.Tensor) -> list[float | None]:
     """Each label's average precision (torchmetrics'); None for a label without a positive image, whose AP
     is undefined (mAP averages over the others)."""
+    import warnings
+
     from torchmetrics.functional.classification import multilabel_average_precision
 
-    per_label = multilabel_average_precision(probs, targets.long(), num_labels=targets.shape[1], average=None)
+    with warnings.catch_warnings():  # a label without a positive: its AP is left out below, not "recall 1"
+        warnings.filterwarnings("ignore", message="No positive samples found")
+        per_label = multilabel_average_precision(probs, targets.long(), num_labels=targets.shape[1], average=None)
     positives = targets.sum(0) > 0
     return [float(ap) if has else None for ap, has in zip(per_label.tolist(), positives.tolist())]
 

@@ -1,0 +1,212 @@
+"""Tasks (finetune/tasks/) and label files (data=csv): a multi-label run from the README's command line on a
+tiny CSV it writes, whose eval reports the run's own mAP and per-label AP and whose predict writes label
+sets; single-label label files, the held-out split, bad rows named by line; the metrics against hand
+counts; multilabel resume bit for bit; and no module outside the task package computing a loss or metric."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_runs import QUIET, compose_cfg, run_cli
+
+from finetune.commands.train import train
+from finetune.engine import checkpoint
+from finetune.engine.signals import Interrupted
+from finetune.tasks import MultiLabel, SingleLabel
+from finetune.tasks.multilabel import average_precisions, best_thresholds, f1_scores
+
+NAMES = ["blue", "green", "red"]
+# resnet18 at 32 px, random init, 3 epochs of 8 images a step
+SMALL = ["model=resnet18", "model.weights=null", "data.image_size=32", "batch_size=8", "progress=false", "device=cpu",
+         "data.num_workers=0"]
+
+
+def write_label_files(root: Path, train: int = 36, val: int = 18, single: bool = False) -> Path:
+    """labels_train.csv and labels_val.csv in `root`, images in root/img: noise with a bright square of each
+    labelled colour (multi-label: each colour with probability 1/2; `single`: exactly one)."""
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("val", val)):
+        rows = []
+        for i in range(n):
+            img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+            labels = [int(rng.integers(0, 3))] if single else [c for c in range(3) if rng.random() < 0.5]
+            for c in labels:
+                y, x = rng.integers(0, 16, 2)
+                img[y:y + 16, x:x + 16, 2 - c] = 230  # RGB: blue is channel 2
+            Image.fromarray(img).save(root / "img" / f"{split}{i}.png")
+            rows.append({"image": f"img/{split}{i}.png", "labels": " ".join(NAMES[c] for c in labels)})
+        with open(root / f"labels_{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["image", "labels"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+    root = write_label_files(tmp_path_factory.mktemp("labels"))
+    return root
+
+
+def test_a_multilabel_run_from_a_label_file_as_the_readme_types_it(multilabel_run, capsys, monkeypatch):
+    root = multilabel_run
+    monkeypatch.chdir(root)
+    code, err = run_cli(capsys, "train", "data=csv", "data.train=labels_train.csv", "data.val=labels_val.csv", *SMALL,
+                        "epochs=3", "hydra.run.dir=run", *QUIET[:1])
+    assert code == 0, err
+    log = (root / "run" / "finetune.log").read_text()
+    assert "36 train / 18 val images, 3 labels, multi-label (task=auto: some images have several labels)" in log
+    assert "no probe: its linear probes score one class per image, and task multilabel has label sets" in log
+    rows = list(csv.DictReader(open(root / "run" / "metrics.csv")))
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_map", "val_f1_macro",
+                             "val_f1_micro", "val_acc", "seconds", "images_per_s"]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["task"]["task"] == "multilabel" and len(summary["task"]["thresholds"]) == 3
+    assert summary["best"]["metric"] == "val_map" and summary["final_val_map"] == float(rows[-1]["val_map"])
+
+    code, err = run_cli(capsys, "eval", "ckpt=run", "num_workers=0")
+    assert code == 0, err
+    result = json.loads((root / "run" / "eval" / "val" / "metrics.json").read_text())
+    assert result["map"] == pytest.approx(summary["final_val_map"], abs=1e-6)
+    assert result["f1_macro"] == pytest.approx(summary["final_val_f1_macro"], abs=1e-6)
+    assert result["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    per_label = list(csv.DictReader(open(root / "run" / "eval" / "val" / "per_label.csv")))
+    assert [r["label"] for r in per_label] == NAMES
+    known = [float(r["ap"]) for r in per_label]
+    assert sum(known) / 3 == pytest.approx(result["map"], abs=1e-6)  # mAP is the mean of the per-label APs
+
+    code, err = run_cli(capsys, "predict", "ckpt=run", "input=img", "out=pred.csv", "progress=false")
+    assert code == 0, err
+    predicted = list(csv.DictReader(open(root / "pred.csv")))
+    assert list(predicted[0]) == ["path", "labels", "p_blue", "p_green", "p_red", "error"]
+    thresholds = summary["task"]["thresholds"]
+    for row in predicted:
+        expected = [n for n, t in zip(NAMES, thresholds) if float(row[f"p_{n}"]) >= t]
+        assert row["labels"].split() == expected  # the set at the run's thresholds, space-separated
+
+    code, err = run_cli(capsys, "export", "ckpt=run", "format=safetensors")
+    assert code == 0, err
+    assert json.loads((root / "run" / "export" / "preprocess.json").read_text())["task"]["thresholds"] == thresholds
+
+
+def test_a_multilabel_run_resumes_bit_for_bit(multilabel_run, tmp_path):
+    args = ["data=csv", f"data.train={multilabel_run / 'labels_train.csv'}",
+            f"data.val={multilabel_run / 'labels_val.csv'}", *SMALL, "epochs=2", "experiment=lp_ft",
+            "checkpoint_every=2"]
+    train(compose_cfg(*args), tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train(compose_cfg(*args), tmp_path / "run", stop_at_step=4)
+    train(compose_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    b = torch.load(tmp_path / "run" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["task"] == b["task"]
+
+
+def test_a_single_label_file_and_the_held_out_split(tmp_path):
+    from finetune.data.labels import splits
+
+    root = write_label_files(tmp_path, train=40, val=0, single=True)
+    cfg = compose_cfg("data=csv", f"data.train={root / 'labels_train.csv'}", *SMALL).data
+    train_set, val_set, classes, skipped = splits(cfg)
+    assert classes == NAMES and not train_set.multilabel and skipped == 0
+    assert len(train_set) + len(val_set) == 40 and len(val_set) == 8  # 0.2 of each class, rounded
+    train_files = {p for p, _ in train_set.samples}
+    assert not train_files & {p for p, _ in val_set.samples}
+    assert {label for _, label in val_set.samples} == {0, 1, 2}  # stratified: every class held out
+    again = splits(cfg)[1]
+    assert again.samples == val_set.samples  # the same split every run
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case, train_text, val_text, message", [
+    ("missing image", "image,labels\nimg/train0.png,red\nimg/nope.png,red\n", None,
+     "labels_train.csv:3: image img/nope.png does not exist"),
+    ("unknown label", "image,labels\nimg/train0.png,red\nimg/train1.png,blue\n", "image,labels\nimg/val0.png,pink\n",
+     "labels_val.csv:2: label 'pink' is not in labels_train.csv's labels"),
+    ("no label", "image,labels\nimg/train0.png,red\nimg/train1.png,\nimg/train2.png,blue\n", None,
+     "labels_train.csv:3: no label; a single-label task needs one per image"),
+    ("no column", "path,labels\nimg/train0.png,red\n", None, "has no column 'image' (its columns: path, labels)"),
+])
+def test_bad_rows_are_named_with_their_line(tmp_path, capsys, case, train_text, val_text, message):
+    root = write_label_files(tmp_path / "data", train=3, val=1, single=True)
+    train_file = _write(root / "labels_train.csv", train_text)
+    args = ["data=csv", f"data.train={train_file}", *SMALL, "experiment=none", "epochs=1", *QUIET,
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    if val_text:
+        args.append(f"data.val={_write(root / 'labels_val.csv', val_text)}")
+    code, err = run_cli(capsys, "train", *args)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_one_column_per_label_and_tab_separated_files(tmp_path):
+    from finetune.data.labels import splits
+
+    root = write_label_files(tmp_path, train=4, val=2)
+    for split in ("train", "val"):
+        rows = list(csv.DictReader(open(root / f"labels_{split}.csv")))
+        with open(root / f"flags_{split}.tsv", "w") as f:
+            f.write("image\tred\tblue\n" + "".join(
+                f"{r['image']}\t{int('red' in r['labels'])}\t{int('blue' in r['labels'])}\n" for r in rows))
+    cfg = compose_cfg("data=csv", f"data.train={root / 'flags_train.tsv'}", f"data.val={root / 'flags_val.tsv'}",
+                      "data.label_columns=[red,blue]", *SMALL).data
+    train_set, _, classes, _ = splits(cfg)
+    assert classes == ["red", "blue"] and train_set.multilabel
+    first = next(iter(csv.DictReader(open(root / "labels_train.csv"))))
+    assert train_set.samples[0][1].tolist() == [float("red" in first["labels"]), float("blue" in first["labels"])]
+
+
+def test_multilabel_metrics_against_hand_counts():
+    probs = torch.tensor([[0.9, 0.2], [0.8, 0.6], [0.3, 0.7], [0.1, 0.4]])
+    targets = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=torch.float32)
+    # label 0: both positives ranked first, AP 1; label 1: ranked 0.7 (pos), 0.6 (pos), 0.4, 0.2: AP 1
+    assert average_precisions(probs, targets) == [1.0, 1.0]
+    assert average_precisions(probs, torch.tensor([[1, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.float32))[1] is None
+    # label 1 ranked: 0.7 (pos), 0.6 (pos), 0.4 (neg), 0.2 (neg): the best F1 cuts between 0.6 and 0.4
+    assert best_thresholds(probs, targets) == [0.55, 0.5]
+    per_label, macro, micro = f1_scores(probs >= 0.5, targets)
+    # label 0: tp 2; label 1: tp 2, fp 0, fn 0 at 0.5 (0.6, 0.7): both 1.0
+    assert per_label == [1.0, 1.0] and macro == 1.0 and micro == 1.0
+    task = MultiLabel(2, thresholds=[0.95, 0.5])
+    assert task.predict(probs).tolist() == [[False, False], [False, True], [False, True], [False, False]]
+    assert task.figures(probs, targets)["f1"][0] == 0.0  # no positive predicted for label 0 at 0.95
+    single = SingleLabel(3)
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 0.0]])
+    assert int(single.train_score(logits, torch.tensor([0, 2]))) == 1
+
+
+def test_no_module_outside_the_tasks_computes_a_loss_or_a_metric():
+    """The task owns them: a new task is a module in finetune/tasks/, not edits across the engine and the
+    commands (finetune/bench holds the plain peers the benchmarks compare with, on purpose)."""
+    import finetune
+
+    package = Path(finetune.__file__).parent
+    forbidden = {"cross_entropy", "binary_cross_entropy", "binary_cross_entropy_with_logits", "nll_loss", "argmax",
+                 "CrossEntropyLoss", "BCEWithLogitsLoss"}
+    found = []
+    for path in package.rglob("*.py"):
+        relative = path.relative_to(package)
+        if relative.parts[0] in ("tasks", "bench"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in forbidden:
+                found.append(f"{relative}:{node.lineno} {name}")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(m and m.startswith("torchmetrics") for m in modules):
+                    found.append(f"{relative}:{node.lineno} torchmetrics")
+    assert not found, found
