@@ -122,3 +122,14 @@ def test_the_package_metadata_offers_the_docs_extra():
     assert re.search(r'^docs = \["mkdocs-material>=9"\]$', pyproject, re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert '.[test,sweep,export,tensorboard,docs,hf,peft,data,trackers]' in makefile and re.search(r"^docs:", makefile, re.M)
+
+
+def test_the_development_layout_names_every_module_and_config_group():
+    """docs/development.md's map of the package: a module or config group added without a word there fails."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("## ", 1)[0]
+    package = ROOT / "finetune"
+    missing = [f"{p.parent.name}/{p.name}" for p in sorted(package.glob("*/*.py"))
+               if p.name != "__init__.py" and p.name not in layout]
+    missing += [f"conf/{d.name}/" for d in sorted((ROOT / "conf").iterdir()) if d.is_dir() and f"{d.name}/" not in layout]
+    assert not missing, f"docs/development.md's layout does not name {missing}"

@@ -299,6 +299,8 @@ CHECKS = {
 }
 # checked elsewhere: they download, read a run that is not there, or are not a plan
 ELSEWHERE = {
+    "finetune train data=csv data.train=labels_train.csv data.val=labels_val.csv":
+        "test_tasks (a multi-label run from a label file, as typed)",
     "finetune train model=hf model.name=google/vit-base-patch16-224": "downloads (test_hf_models: a local dir)",
     "finetune train model=hf model.name=google/vit-base-patch16-224 peft=lora": "downloads (test_adapters)",
     "finetune train model=hf model.name=/models/my-vit": "test_hf_models (a save_pretrained directory)",

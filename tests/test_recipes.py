@@ -149,7 +149,12 @@ def test_lp_ft_probes_then_fine_tunes_at_a_lower_lr(lite0_groups):
 def test_recipes_adapt_to_a_short_budget(recipe, lite0_groups):
     """Two epochs (the --quick benchmark) still plan: no warmup longer than a group's training."""
     cfg = compose_train(f"experiment={recipe}", "epochs=2")
-    build_plan(cfg, lite0_groups, 3)
+    plan = build_plan(cfg, lite0_groups, 3)
+    assert plan.total_steps == 6
+    for i, group in enumerate(plan.groups):  # every group that trains reaches its peak LR and warms up inside it
+        if group.first_epoch is not None:
+            assert group.schedule.warmup < (group.end_step or plan.total_steps) - group.start_step
+            assert max(plan.lr(i, s) for s in range(group.start_step, plan.total_steps)) > 0
 
 
 # ------------------------------------------------------------------------------------ the benchmark
