@@ -17,7 +17,7 @@ from PIL import Image
 
 from finetune.base.errors import UserError
 from finetune.config.schema import DataConfig
-from finetune.data import datasets, sampling, transforms
+from finetune.data import datasets, images, sampling, transforms
 from finetune.data import loaders as D
 
 IMAGENET = SimpleNamespace(
@@ -347,7 +347,7 @@ def test_truncated_jpeg_passes_the_header_check():
     try:
         assert datasets._readable(path)
         with pytest.raises(OSError):
-            datasets.load_rgb(path)
+            images.load_rgb(path)
     finally:
         os.remove(path)
 

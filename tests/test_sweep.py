@@ -102,9 +102,10 @@ def test_summarize_rebuilds_a_partly_finished_sweep(failing_sweep, tmp_path, cap
                 (copy / name).write_bytes((job_dir / name).read_bytes())
     code, err = run_cli(capsys, "summarize", str(partial))
     assert code == 1
-    assert err[-1] == f"finetune: 2 of 3 jobs did not complete (failed, incomplete); summary in {partial}/summary.md"
+    # job 2 never finished an epoch and its process (the sweep's) is gone: interrupted, resumed by a rerun
+    assert err[-1] == f"finetune: 2 of 3 jobs did not complete (failed, interrupted); summary in {partial}/summary.md"
     rows = read_csv(partial / "summary.csv")
-    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed"), ("2", "incomplete")]
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed"), ("2", "interrupted")]
     assert run_cli(capsys, "summarize", str(tmp_path / "nowhere"))[0] == 2
 
 

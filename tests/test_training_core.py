@@ -239,7 +239,7 @@ def test_config_errors_name_the_key(overrides, message):
     ("lr_spread.kind=wide", "none, body, geometric, ulmfit, layer_decay"),
     ("optimizer.name=lamb", "sgd, adamw, adam, rmsprop"),
     ("precision=fp8", "auto, fp32, bf16, fp16"),
-    ("best_metric=val_f1", "val_acc, val_loss, train_acc, train_loss, live_val_acc, live_val_loss"),
+    ("best_metric=val_f1", "auto, val_acc, val_loss, val_map, val_f1_macro, val_f1_micro, train_acc, train_loss"),
     ("logger.mode=sometimes", "online, offline, disabled"),
     ("head_init=zeros", "none, lbfgs"),
     ("cache_dtype=int8", "fp32, fp16, bf16"),
