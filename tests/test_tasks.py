@@ -210,3 +210,106 @@ def test_no_module_outside_the_tasks_computes_a_loss_or_a_metric():
                 if any(m and m.startswith("torchmetrics") for m in modules):
                     found.append(f"{relative}:{node.lineno} torchmetrics")
     assert not found, found
+
+
+# ------------------------------------------------------------------------------------ skewed classes
+
+SKEWED = ["data.num_classes=3", "experiment=lp_ft", "epochs=2", "checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def skewed_folder(tmp_path_factory) -> Path:
+    """An image folder of 3 classes with 24, 8 and 4 train images (6 val images each), 16 px."""
+    from finetune.data.datasets import synthetic_images
+
+    root = tmp_path_factory.mktemp("skewed")
+    for split, per_class, stream in (("train", (24, 8, 4), 0), ("val", (6, 6, 6), 1)):
+        images, labels = synthetic_images(120, 3, 16, stream)
+        for c, n in enumerate(per_class):
+            (root / split / f"class_{c}").mkdir(parents=True)
+            picked = [i for i in range(120) if int(labels[i]) == c][:n]
+            for i in picked:
+                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(root / split / f"class_{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("setting", ["loss.class_weights=balanced", "data.sampler=balanced", "loss.logit_adjust=1"])
+def test_balancing_resumes_bit_for_bit(tmp_path, skewed_folder, setting):
+    args = [*SKEWED, "data=imagefolder", f"data.root={skewed_folder}", "data.num_workers=0", "data.image_size=16",
+            setting]
+    train(compose_cfg(*args), tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train(compose_cfg(*args), tmp_path / "run", stop_at_step=4)
+    train(compose_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    b = torch.load(tmp_path / "run" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    train(compose_cfg(*args[:-1]), tmp_path / "plain")
+    plain = torch.load(tmp_path / "plain" / "checkpoints" / checkpoint.LAST, weights_only=True)
+    assert not all(torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the setting did something
+
+
+def test_the_balanced_sampler_draws_every_class_alike_and_splits_across_ranks():
+    from finetune.data.sampling import EpochSampler
+
+    labels = [0] * 80 + [1] * 15 + [2] * 5
+    counts = [80, 15, 5]
+    weights = [1.0 / counts[y] for y in labels]
+    one = EpochSampler(100, seed=3, batch_size=10, weights=weights)
+    one.set_epoch(2)
+    drawn = [labels[i] for i, _ in one]
+    assert len(drawn) == 100 and all(20 <= drawn.count(c) <= 47 for c in range(3))  # ~33 each, not 80/15/5
+    again = EpochSampler(100, seed=3, batch_size=10, weights=weights)
+    again.set_epoch(2, start_step=4)
+    assert [i for i, _ in again] == [i for i, _ in one][40:]  # a resume skips whole batches of the same draw
+    ranks = [EpochSampler(100, seed=3, batch_size=5, rank=r, world=2, weights=weights) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    halves = [[i for i, _ in r] for r in ranks]
+    merged = [i for s in range(10) for r in range(2) for i in halves[r][s * 5:(s + 1) * 5]]
+    assert merged == [i for i, _ in one]  # two ranks' slices of each global batch: one process's order
+
+
+def test_class_weights_and_logit_adjustment_follow_their_rules():
+    from omegaconf import OmegaConf
+
+    from finetune.base.errors import UserError
+    from finetune.tasks.single_label import balanced_weights
+
+    assert balanced_weights([80, 15, 5]) == pytest.approx([100 / 240, 100 / 45, 100 / 15])
+    cfg = OmegaConf.create({"label_smoothing": 0.0, "loss": {"class_weights": "none", "logit_adjust": 1.0}})
+    task = SingleLabel.from_config(cfg, 3, [80, 15, 5])
+    assert task.logit_shift.tolist() == pytest.approx([np.log(0.8), np.log(0.15), np.log(0.05)], rel=1e-6)
+    logits = torch.zeros(2, 3)
+    expected = torch.nn.functional.cross_entropy(logits + task.logit_shift, torch.tensor([0, 2]))
+    assert float(task.loss(logits, torch.tensor([0, 2]))) == pytest.approx(float(expected))
+    cfg.loss = {"class_weights": [1.0, 2.0], "logit_adjust": 0.0}
+    with pytest.raises(UserError, match="2 weights for 3 classes"):
+        SingleLabel.from_config(cfg, 3, [80, 15, 5])
+
+
+def test_every_run_reports_balanced_accuracy_macro_f1_and_its_classes(tmp_path):
+    train(compose_cfg(*SKEWED[:3]), tmp_path / "run")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    classes = list(csv.DictReader(open(tmp_path / "run" / "per_class.csv")))
+    assert [r["class"] for r in classes] == ["class_0", "class_1", "class_2"]
+    recalls = [float(r["recall"]) for r in classes if int(r["support"])]
+    assert float(rows[-1]["val_bal_acc"]) == pytest.approx(sum(recalls) / len(recalls))
+    f1s = [float(r["f1"]) for r in classes if int(r["support"])]
+    assert float(rows[-1]["val_f1_macro"]) == pytest.approx(sum(f1s) / len(f1s))
+    assert (tmp_path / "run" / "confusion_matrix.png").is_file()
+
+
+def test_auto_measures_class_weights_on_skewed_classes():
+    from finetune.recipes.auto import Evidence, balance_choice, measure_balance
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 80 + [1] * 8)
+    x = torch.randn(88, 2, generator=g) + y[:, None] * 1.0  # the rare class overlaps the frequent one
+    assert measure_balance(x, y, [44, 44], 4, 0) is None  # even classes: nothing to measure
+    measured = measure_balance(x, y, [80, 8], 4, 0)
+    # unweighted, the probe gives up on the rare class; weighted, it finds it
+    assert measured == {"ratio": 10.0, "plain": 0.675, "weighted": 0.7875, "chosen": True}
+    ev = Evidence([("head input", 0.9)], 88, 2, balance=measured)
+    choice = balance_choice(ev)
+    assert choice["set"] == {"loss.class_weights": "balanced"} and "classes skewed 10:1" in choice["balance"]

@@ -70,7 +70,10 @@ def resolve(cfg: DictConfig, overrides: Sequence[str], compose_fn: Callable[[Seq
             auto.check_recipes(cfg)
             choice = {"recipe": cfg.auto.near, "provisional": True, "probe": None,
                       "reason": "provisional: the probe of the train images runs when training starts"}
-        chosen = compose_fn([*overrides, f"experiment={choice['recipe']}"])
+        # what the probe chose besides the recipe (loss.class_weights on skewed classes): the command line's
+        # own settings come after it, and win
+        extra = [f"{key}={value}" for key, value in (choice.get("set") or {}).items()]
+        chosen = compose_fn([*extra, *overrides, f"experiment={choice['recipe']}"])
         recipe = {**(describe(choice["recipe"], overrides, compose_fn, chosen) or
                      {"name": choice["recipe"], "set": {}}), "auto": choice}
         cfg = chosen

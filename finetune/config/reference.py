@@ -35,7 +35,7 @@ from finetune.config.presets import conf_dir
 from finetune.config.recipe import NO_RECIPE, flatten, recipe_settings
 
 # the schema's sections, in the order the reference shows them (the top-level keys first)
-SECTIONS = ["", "model", "data", "task", "optimizer", "schedule", "lr_spread", "freeze", "peft", "auto", "lr_find", "inspect",
+SECTIONS = ["", "model", "data", "task", "loss", "optimizer", "schedule", "lr_spread", "freeze", "peft", "auto", "lr_find", "inspect",
             "logger"]
 # conf/ groups a command line chooses with `group=choice`, in the order the reference lists them
 GROUPS = ["experiment", "model", "data", "task", "optimizer", "schedule", "freeze", "peft", "logger", "hparams_search"]

@@ -105,6 +105,11 @@ class BestMetric(StrEnum):
     live_val_map = "live_val_map"
 
 
+class SamplerKind(StrEnum):
+    shuffle = "shuffle"  # every image once an epoch, in a seeded order
+    balanced = "balanced"  # images drawn with replacement, each class equally often (skewed classes)
+
+
 class TaskKind(StrEnum):
     auto = "auto"  # multilabel when the labels give an image several labels, else single_label
     single_label = "single_label"
@@ -165,6 +170,9 @@ class DataConfig:
     # csv: one 0/1 column per label instead of label_column (null: label_column)
     label_columns: Optional[List[str]] = None
     val_fraction: float = 0.2  # csv with data.val=null: this share of data.train held out (seeded, stratified)
+    # the train order: shuffle, or balanced (as many images an epoch, drawn so that every class comes equally
+    # often: skewed classes; seeded, exact resume, split across processes like shuffle)
+    sampler: SamplerKind = SamplerKind.shuffle
     train_split: str = "train"  # hf: the split to train on
     val_split: str = "validation"  # hf: the split to validate on (often validation or test)
     num_classes: int = 4  # synthetic only; real datasets count their classes
@@ -328,6 +336,16 @@ class LoggerConfig:
 
 
 @dataclass
+class LossConfig:
+    # single-label, against skewed classes: a weight per class in the loss; none | balanced (n / (classes x
+    # count), sklearn's rule) | a list, one weight per class
+    class_weights: Any = "none"
+    # logit adjustment (Menon et al., ICLR 2021): the training loss sees logits + this x log(class prior),
+    # so rare classes are not out-scored by frequent ones; 0: off, 1: the paper's
+    logit_adjust: float = 0.0
+
+
+@dataclass
 class TaskConfig:
     # what the model predicts (finetune/tasks/): single_label (one class per image) or multilabel (a set of
     # labels per image); auto: multilabel when the label file gives an image several labels
@@ -347,6 +365,7 @@ class TrainConfig:
     auto: AutoConfig = field(default_factory=AutoConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     # per-group settings: {group: {lr: ..., weight_decay: ..., schedule: {kind: ..., ...}}}
     per_group: Dict[str, Any] = field(default_factory=dict)
     unfreeze: Any = "all"  # last N groups trainable (head counted), or all

@@ -277,6 +277,22 @@ def _readable(path: str, decode: bool = False) -> bool:
         return False
 
 
+def sample_labels(dataset) -> list[int] | None:
+    """Each sample's class index, read without loading an image (a folder's or a label file's listing,
+    generated or embedded sets), unwrapping transformed views; None where only the images would tell
+    (shards, Hugging Face datasets, your own) or for multi-label sets."""
+    while not hasattr(dataset, "samples") and not hasattr(dataset, "labels") and hasattr(dataset, "base"):
+        dataset = dataset.base
+    if getattr(dataset, "multilabel", False):
+        return None
+    if hasattr(dataset, "samples") and dataset.samples and isinstance(dataset.samples[0][1], int):
+        return [int(label) for _, label in dataset.samples]
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.dim() == 1:
+        return labels.tolist()
+    return None
+
+
 def files_fingerprint(dataset) -> str | None:
     """A digest of the image files behind `dataset` (path, size, modification time of each), unwrapping
     transformed views; None when its images are not files (digits, synthetic: their config defines them)."""

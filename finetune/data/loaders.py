@@ -81,6 +81,7 @@ class DataBundle:
     world: int = 1
     views: Optional[int] = None  # augmentations repeat every `views` epochs (cache_views)
     multilabel: bool = False  # labels are sets (a 0/1 vector per image), not one class index
+    sampler: str = "shuffle"  # data.sampler: shuffle, or balanced (each class drawn equally often)
     _train_sampler: Optional[EpochSampler] = field(default=None, init=False, repr=False)
     _train_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
     _val_loader: Optional[DataLoader] = field(default=None, init=False, repr=False)
@@ -88,6 +89,24 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def class_counts(self) -> list[int] | None:
+        """Train images per class, counted from the listing (None where only the images would tell)."""
+        labels = datasets.sample_labels(self.train)
+        if labels is None:
+            return None
+        return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(self.classes)).tolist()
+
+    def _sample_weights(self) -> list[float] | None:
+        """data.sampler=balanced: each image drawn with probability 1 / (its class's count)."""
+        if self.sampler != "balanced":
+            return None
+        labels = datasets.sample_labels(self.train)
+        if labels is None:
+            raise UserError("data.sampler=balanced needs each image's class without reading the images: an image "
+                            "folder, a single-label label file, digits or synthetic")
+        counts = torch.bincount(torch.tensor(labels), minlength=len(self.classes)).tolist()
+        return [1.0 / counts[label] for label in labels]
 
     @property
     def drop_last(self) -> bool:
@@ -128,7 +147,8 @@ class DataBundle:
     def train_sampler(self, epoch: int, start_step: int = 0) -> EpochSampler:
         """The order `train_loader(epoch, start_step)` follows, for loaders of other datasets over the same
         samples (the feature cache)."""
-        sampler = EpochSampler(len(self.train), self.seed, self.batch_size, self.rank, self.world, self.views)
+        sampler = EpochSampler(len(self.train), self.seed, self.batch_size, self.rank, self.world, self.views,
+                               self._sample_weights())
         sampler.set_epoch(epoch, start_step)
         return sampler
 
@@ -197,4 +217,5 @@ def build_data(
         world=world,
         views=views,
         multilabel=multilabel,
+        sampler=str(getattr(cfg, "sampler", "shuffle")),
     )

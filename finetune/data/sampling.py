@@ -42,9 +42,11 @@ class EpochSampler(Sampler):
     one process with batch_size x world would, and a resume skips whole global batches on every rank."""
 
     def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
-                 views: int | None = None):
+                 views: int | None = None, weights: list[float] | None = None):
         self.size, self.seed, self.batch_size, self.rank, self.world = size, seed, batch_size, rank, world
         self.views = views  # augmentations repeat every `views` epochs (the feature cache's cache_views)
+        # data.sampler=balanced: `size` draws with replacement, sample i with probability weights[i] / sum
+        self.weights = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -52,6 +54,8 @@ class EpochSampler(Sampler):
 
     def order(self) -> list[int]:
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        if self.weights is not None:  # a pure function of (seed, epoch) too: the resume draws the same
+            return torch.multinomial(self.weights, self.size, replacement=True, generator=g).tolist()
         return torch.randperm(self.size, generator=g).tolist()
 
     def _indices(self) -> list[int]:

@@ -344,10 +344,10 @@ def store_lock(store: Path):
 
 
 def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, task, l2: float = 1e-4,
-             steps: int = 100) -> float:
+             steps: int = 100, weighted: bool = False) -> float:
     """The head fitted on the features to convergence under the task's loss (full-batch L-BFGS; single-label:
-    multinomial logistic regression), the best linear probe as a starting point. Returns the final training
-    loss."""
+    multinomial logistic regression), the best linear probe as a starting point; `weighted`: under the
+    task's training loss (class weights) instead of the plain one. Returns the final training loss."""
     params = [p for p in head.parameters()]
     opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
     x, y = features.float(), labels
@@ -355,7 +355,7 @@ def fit_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, task
     def closure():
         opt.zero_grad()
         weight = head.weight.flatten(1) if hasattr(head, "weight") else params[0]
-        loss = task.plain_loss(head(x), y) + l2 * weight.pow(2).sum()
+        loss = (task.loss if weighted else task.plain_loss)(head(x), y) + l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 

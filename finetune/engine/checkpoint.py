@@ -145,7 +145,8 @@ def set_rng_state(state: dict) -> None:
 # file of the run it replaces is left beside the new one (Hydra's .hydra/ and finetune.log are this job's)
 RUN_FILES = ("checkpoints", "tensorboard", "export", "eval", "metrics.csv", "evals.csv", "lr_trace.csv",
              "lr_trace.png", "summary.json", "diagnostics.csv", "diagnostics.png", "activations.csv",
-             "activations.png", "auto.json", "lr_find.csv", "lr_find.png", "error.log", "trackers.json", "wandb")
+             "activations.png", "auto.json", "lr_find.csv", "lr_find.png", "error.log", "trackers.json", "wandb",
+             "per_class.csv", "confusion_matrix.png")
 
 
 def clear_run(run_dir: Path) -> None:

@@ -525,6 +525,11 @@ class Run:
         if not self.world.main:
             return summary
         report.write_json(out_dir / "summary.json", summary)
+        confusion = getattr(task, "confusion", None)
+        if plot and confusion is not None:  # the last evaluation of the delivered model, per class
+            report.write_csv(out_dir / "per_class.csv", task.class_rows(list(self.data.classes)),
+                             ("class", "precision", "recall", "f1", "support"))
+            report.plot_confusion(out_dir / "confusion_matrix.png", confusion.tolist(), list(self.data.classes))
         if plot and state.step:  # at most ~4000 steps drawn: the plot of a long run stays quick
             rows = read_trace(self.trace.path, every=max(1, self.plan.total_steps // 4000))
             report.plot_lr_trace(out_dir / "lr_trace.png", rows, names, self.plan.steps_per_epoch)

@@ -119,7 +119,8 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
         data = build_data(OmegaConf.merge(cfg.data, {"augment": False}), bundle.preprocess,
                           batch_size=cfg.batch_size, seed=cfg.seed, task_kind=str(cfg.task.kind))
     size = transforms.image_size(cfg.data, bundle.preprocess)
-    task = tasks.build(cfg, len(data.classes), data.multilabel)
+    skewed = str(cfg.loss.class_weights) != "none" or float(cfg.loss.logit_adjust)
+    task = tasks.build(cfg, len(data.classes), data.multilabel, data.class_counts() if skewed else None)
     if training:
         if task.name == "multilabel":
             why = "task=auto: some images have several labels" if str(cfg.task.kind) == "auto" else "task=multilabel"

@@ -211,7 +211,7 @@ class Trainer:
             logits = logits.detach()
             # reported like val_loss: the task's plain loss, without the label smoothing the step optimised
             # (against the mixed labels when mixing); the train score against the labels of the images as loaded
-            plain = getattr(self.task, "label_smoothing", 0.0) or target is not y
+            plain = self.task.plain_differs or target is not y
             images = len(y)
             losses.append((self.task.plain_loss(logits, target) if plain else loss.detach(), images))
             correct = correct + self.task.train_score(logits, y)

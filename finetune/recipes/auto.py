@@ -62,6 +62,7 @@ from finetune.engine.setup import setup
 from finetune.engine.step import resolve_device
 from finetune.output.progress import bar
 from finetune.tasks import SingleLabel
+from finetune.tasks.single_label import balanced_weights, summary_of
 
 log = logging.getLogger("finetune")
 
@@ -85,6 +86,9 @@ class Evidence:
     adapted_images: int = 0
     steps: int = 0  # the run's optimizer steps; 0: not known
     reused: str | None = None  # the stored probe this one is (auto.reuse), None: measured now
+    # skewed classes (the largest SKEW times the smallest or more): the top probe's cross-validated balanced
+    # accuracy without and with balanced class weights, and whether the weights win; None: not skewed
+    balance: dict | None = None
 
     @property
     def top(self) -> tuple[str, float]:
@@ -217,11 +221,22 @@ def stage_features(model: nn.Module, groups, head: nn.Module, loader, device, pr
     return {**out, "head input": top}, torch.cat(labels)
 
 
+SKEW = 2.0  # train classes this uneven (largest over smallest) make the probe measure class weights too
+BALANCE_GAIN = 0.01  # the balanced accuracy class weights must add in the probe to be chosen
+
+
 def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-3, seed: int = 0) -> float:
     """k-fold accuracy of a multinomial logistic regression on standardised features (the feature cache's
     L-BFGS fit to convergence); every image is scored once, by the fold that did not train on it."""
+    return cv_scores(x, y, folds, l2, seed)[0]
+
+
+def cv_scores(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e-3, seed: int = 0,
+              class_weights: list[float] | None = None) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of cv_accuracy's probe, its loss weighted by `class_weights` if given."""
     n, classes = len(y), int(y.max()) + 1
-    task = SingleLabel(classes)
+    task = SingleLabel(classes, class_weights=class_weights)
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
     folds = max(2, min(folds, n))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     correct = 0
@@ -234,10 +249,12 @@ def cv_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 5, l2: float = 1e
         xtr, xte = (x[train] - mean) / std, (x[test] - mean) / std
         linear = nn.Linear(x.shape[1], classes)
         with torch.enable_grad():
-            fit_head(linear, xtr, y[train], task, l2=l2, steps=200)
+            fit_head(linear, xtr, y[train], task, l2=l2, steps=200, weighted=class_weights is not None)
         with torch.no_grad():
-            correct += int(task.train_score(linear(xte), y[test]))
-    return correct / n
+            logits = linear(xte)
+            correct += int(task.train_score(logits, y[test]))
+            confusion += task.confusion_of(logits, y[test])
+    return correct / n, summary_of(confusion)["bal_acc"]
 
 
 def probe_images(n: int, images_per_run: int, budget: float, check: bool = False) -> int:
@@ -384,10 +401,36 @@ def _measure(cfg, parts) -> Evidence:
             ev.adapted = tuple(round(cv_accuracy(f, labels[pick], cfg.auto.folds, seed=cfg.seed), 4)
                                for f in (feats["head input"][pick], after))
             ev.adapted_images = count
+        ev.balance = measure_balance(feats["head input"], labels, data.class_counts(), cfg.auto.folds, cfg.seed)
     finally:
         data.close()
     ev.budget_share = round((keep + 2 * ev.adapted_images) * FORWARD_SHARE / max(1, trained), 4)
     return ev
+
+
+def measure_balance(x: torch.Tensor, y: torch.Tensor, counts: list[int] | None, folds: int, seed: int) -> dict | None:
+    """On skewed classes (the train set's largest class SKEW times its smallest or more), whether balanced
+    class weights help: the top probe's cross-validated balanced accuracy without and with them; None when
+    the classes are even or not countable."""
+    if not counts or min(counts) == 0 or max(counts) / min(counts) < SKEW:
+        return None
+    plain = cv_scores(x, y, folds, seed=seed)[1]
+    weighted = cv_scores(x, y, folds, seed=seed, class_weights=balanced_weights(counts))[1]
+    return {"ratio": round(max(counts) / min(counts), 2), "plain": round(plain, 4), "weighted": round(weighted, 4),
+            "chosen": weighted > plain + BALANCE_GAIN}
+
+
+def balance_choice(ev: Evidence) -> dict:
+    """What the balance measurement adds to the choice: settings and a sentence (none when not skewed)."""
+    b = ev.balance
+    if not b:
+        return {}
+    if b["chosen"]:
+        return {"set": {"loss.class_weights": "balanced"},
+                "balance": (f"classes skewed {b['ratio']:g}:1, and balanced class weights raise the probe's balanced "
+                            f"accuracy from {b['plain']:.3f} to {b['weighted']:.3f}: loss.class_weights=balanced")}
+    return {"balance": (f"classes skewed {b['ratio']:g}:1, but class weights do not raise the probe's balanced "
+                        f"accuracy ({b['plain']:.3f} without, {b['weighted']:.3f} with): none")}
 
 
 def check_recipes(cfg) -> None:
@@ -417,6 +460,8 @@ def choose(cfg, saved: dict | None = None) -> dict:
     log.info("auto: %s experiment=%s: %s%s", "the resumed run keeps" if choice.get("resumed") else "chose",
              choice["recipe"], choice.get("summary", choice["reason"]),
              _probe_note(probe))
+    if choice.get("balance"):
+        log.info("auto: %s", choice["balance"])
     return choice
 
 
@@ -445,7 +490,8 @@ def choose_here(cfg, saved: dict | None = None) -> dict:
     except CannotProbe as why:
         return {"recipe": cfg.auto.near, "reason": f"no probe: {why}; the recipe for pretrained features that fit",
                 "probe": None}
-    return {**decide(ev, cfg.auto.near, cfg.auto.far, cfg.auto.bn_drop, cfg.auto.far_min_steps), "probe": asdict(ev)}
+    choice = decide(ev, cfg.auto.near, cfg.auto.far, cfg.auto.bn_drop, cfg.auto.far_min_steps)
+    return {**choice, **balance_choice(ev), "probe": asdict(ev)}
 
 
 def resumed_choice(saved: dict) -> dict | None:

@@ -33,10 +33,11 @@ def kind_for(configured: str, multilabel_data: bool) -> str:
     return configured
 
 
-def build(cfg, num_labels: int, multilabel_data: bool = False) -> Task:
-    """The run's task from its config (`cfg`: the whole run config) and the data."""
+def build(cfg, num_labels: int, multilabel_data: bool = False, class_counts: list[int] | None = None) -> Task:
+    """The run's task from its config (`cfg`: the whole run config) and the data (`class_counts`: the train
+    set's images per class, None where unknown)."""
     kind = kind_for(cfg.task.kind, multilabel_data)
-    return TASKS[kind].from_config(cfg, num_labels)
+    return TASKS[kind].from_config(cfg, num_labels, class_counts)
 
 
 def from_state(state: dict | None, num_labels: int) -> Task:

@@ -34,8 +34,13 @@ class Task:
     train_metric = ""
 
     @classmethod
-    def from_config(cls, cfg, num_labels: int) -> "Task":
+    def from_config(cls, cfg, num_labels: int, class_counts: list[int] | None = None) -> "Task":
+        """The task as `cfg` (the run's config) sets it; `class_counts`: the train set's images per class,
+        where the data can count them without reading images (None otherwise)."""
         raise NotImplementedError
+
+    # the training loss is not the one evaluation measures (label smoothing, weights): report the plain one
+    plain_differs = False
 
     # ---------------------------------------------------------------------------------- training
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

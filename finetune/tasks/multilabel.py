@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from finetune.base.errors import UserError
 from finetune.tasks.base import GatherFn, Meter, SumFn, Task
 
 DEFAULT_THRESHOLD = 0.5
@@ -107,7 +108,11 @@ class MultiLabel(Task):
         self.thresholds = list(thresholds) if thresholds else [DEFAULT_THRESHOLD] * num_labels
 
     @classmethod
-    def from_config(cls, cfg, num_labels: int) -> "MultiLabel":
+    def from_config(cls, cfg, num_labels: int, class_counts: list[int] | None = None) -> "MultiLabel":
+        loss = cfg.get("loss") or {}
+        if loss.get("class_weights", "none") not in (None, "none") or float(loss.get("logit_adjust", 0) or 0):
+            raise UserError("loss.class_weights and loss.logit_adjust are for single-label tasks; task multilabel "
+                            "weighs every label alike")
         return cls(num_labels)
 
     def loss(self, logits, targets):
