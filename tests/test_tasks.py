@@ -313,3 +313,16 @@ def test_auto_measures_class_weights_on_skewed_classes():
     ev = Evidence([("head input", 0.9)], 88, 2, balance=measured)
     choice = balance_choice(ev)
     assert choice["set"] == {"loss.class_weights": "balanced"} and "classes skewed 10:1" in choice["balance"]
+
+
+@pytest.mark.slow
+def test_the_skew_benchmark_runs_in_quick_mode():
+    import subprocess
+    import sys
+
+    from tiny_runs import ONE_THREAD_ENV, ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_skew.py"), "--quick"], capture_output=True,
+                         text=True, timeout=600, env={**__import__("os").environ, **ONE_THREAD_ENV})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| default (auto) |" in out.stdout and '"default_minus_plain_bal_acc"' in out.stdout
