@@ -309,3 +309,15 @@ def test_a_killed_sweep_lists_every_job_and_a_rerun_resumes_the_dead_one(tmp_pat
     assert "resumed from" in (jobs[1] / "finetune.log").read_text()
     rows = {int(r["job"]): r["status"] for r in read_csv(sweep_dir / "summary.csv")}
     assert rows == dict.fromkeys(range(4), "completed")
+
+
+def test_the_summary_ranks_jobs_by_their_best_metric(tmp_path):
+    """val_loss goes down: the job with the lowest loss first (before: always by the final val accuracy)."""
+    from finetune.commands import sweep
+
+    for num, (loss, acc) in enumerate([(0.9, 0.95), (0.2, 0.60), (0.5, 0.80)]):
+        job = tmp_path / f"{num}_lr={num}"
+        sweep.write_job_file(job, num, [f"lr={num}"])
+        (job / "summary.json").write_text(json.dumps({
+            "status": "completed", "final_val_acc": acc, "best": {"metric": "val_loss", "value": loss}}))
+    assert [r["job"] for r in sweep.collect(tmp_path)] == [1, 2, 0]

@@ -160,20 +160,26 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             **{k: summary.get(k) for k in ("final_val_acc", "best_val_acc", "final_val_loss", "wall_seconds")},
             "images_per_s": summary.get("train_images_per_second"), "reason": summary.get("reason", ""),
             "dir": job_dir.name, "trace": _digest(job_dir / "lr_trace.csv"),
+            # best_metric's choice in the job (val_acc, val_map, val_loss...): what the summary ranks by
+            "best_metric": (summary.get("best") or {}).get("metric"), "best_value": (summary.get("best") or {}).get("value"),
         })
     started = {row["job"] for row in rows}
     planned = (read_json(sweep_dir / PLAN_FILE) or {}).get("jobs", [])
     rows += [{"job": num, "all_overrides": overrides, "status": "not started", "recipe": "", "final_val_acc": None,
               "best_val_acc": None, "final_val_loss": None, "wall_seconds": None, "images_per_s": None,
-              "reason": "", "dir": "", "trace": None} for num, overrides in enumerate(planned) if num not in started]
+              "reason": "", "dir": "", "trace": None, "best_metric": None, "best_value": None}
+             for num, overrides in enumerate(planned) if num not in started]
     swept = swept_keys(rows)
     for row in rows:
         row["overrides"] = [o for o in row["all_overrides"] if _key(o) in swept]
 
     def order(row):
-        value = row[OBJECTIVE]
+        """Completed jobs first, best by their best_metric (its direction: losses down), else by the final val
+        accuracy; then the others by job number."""
+        value = row["best_value"] if row.get("best_value") is not None else row[OBJECTIVE]
         done = row["status"] == "completed" and value is not None and math.isfinite(value)
-        return (not done, -(value if done else 0.0), row["job"] if row["job"] is not None else 1 << 30)
+        up = not str(row.get("best_metric") or "").endswith("loss")
+        return (not done, -(value if up else -value) if done else 0.0, row["job"] if row["job"] is not None else 1 << 30)
 
     return sorted(rows, key=order)
 

@@ -330,7 +330,7 @@ class Run:
         state.evals.append(row)
         main = f"val_{self.task.main}"
         log.info("step %d: val loss %.3f %s %.3f", row["step"], row["val_loss"], main.replace("_", " "), row[main])
-        self.observe("evaluation", row)  # before best.pt's checkpoint of this step, which then holds it
+        self.observe("evaluation", dict(row))  # before best.pt's checkpoint of this step, which then holds it
         if self.epoch_t0 is not None:
             self.epoch_t0 += time.perf_counter() - t0
         if best.last_is_best(self.evaluations(), self.best_metric):
@@ -373,9 +373,10 @@ class Run:
         self.loss_sum.zero_(), self.correct.zero_()
         self.seen, self.epoch_t0 = 0, None
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_seconds = 0.0, 0.0, 0, 0.0
-        self.observe("epoch_end", metrics, state.step)
-        # a changed frozen weight is never checkpointed
+        # a changed frozen weight is never checkpointed; observers hear of the epoch once it passed the check,
+        # and get a copy of its row (the run's own is checkpointed)
         self.integrity.check(self.model, self.trainer.frozen_norms, epoch)
+        self.observe("epoch_end", dict(metrics), state.step)
         if self.diagnostics is not None:
             self.diagnostics.end_epoch(epoch)
         # before the checkpoint, which then records it
