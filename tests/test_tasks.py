@@ -326,3 +326,16 @@ def test_the_skew_benchmark_runs_in_quick_mode():
                          text=True, timeout=600, env={**__import__("os").environ, **ONE_THREAD_ENV})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| default (auto) |" in out.stdout and '"default_minus_plain_bal_acc"' in out.stdout
+
+
+@pytest.mark.slow
+def test_the_multilabel_benchmark_runs_in_quick_mode():
+    import subprocess
+    import sys
+
+    from tiny_runs import ONE_THREAD_ENV, ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_multilabel.py"), "--quick"], capture_output=True,
+                         text=True, timeout=600, env={**__import__("os").environ, **ONE_THREAD_ENV})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| plain full BCE |" in out.stdout and '"default_minus_plain_map"' in out.stdout
