@@ -179,6 +179,7 @@ def test_a_submitit_job_of_two_tasks_is_one_distributed_run(tmp_path):
     assert summary["replica_fingerprints"][0] == summary["replica_fingerprints"][1]
 
 
+@pytest.mark.slow
 def test_adapters_under_torchrun_join_the_ddp_rewrap_and_leave_the_base_alone(tmp_path):
     """peft=lora on every convolution under the gradual unfreeze: each freeze change rebuilds DDP with the
     adapters that now train (a parameter DDP did not register would drift between ranks without an error);
@@ -199,6 +200,7 @@ def test_adapters_under_torchrun_join_the_ddp_rewrap_and_leave_the_base_alone(tm
     assert moved == {"layer3", "layer4"}
 
 
+@pytest.mark.slow
 def test_ranks_that_see_other_data_stop_at_once_naming_the_rank_and_the_difference(tmp_path):
     """Rank 1 reads a folder with the same number of classes under other names (before: trained to the
     end without a word; with another count, DDP's traceback and a resume command for a checkpoint that
