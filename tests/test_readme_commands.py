@@ -299,6 +299,9 @@ CHECKS = {
 }
 # checked elsewhere: they download, read a run that is not there, or are not a plan
 ELSEWHERE = {
+    "finetune train loss.class_weights=balanced": "test_tasks (balanced weights resume bit for bit)",
+    "finetune train data.sampler=balanced": "test_tasks (the balanced sampler resumes bit for bit)",
+    "finetune train loss.logit_adjust=1": "test_tasks (logit adjustment's shift and loss)",
     "finetune train data=csv data.train=labels_train.csv data.val=labels_val.csv":
         "test_tasks (a multi-label run from a label file, as typed)",
     "finetune train model=hf model.name=google/vit-base-patch16-224": "downloads (test_hf_models: a local dir)",
