@@ -66,3 +66,9 @@ def test_config_help_lists_the_keys(capsys):
         code, out, err = out_of(capsys, "config", flag)
         assert code == 0 and err == ""
         assert out.startswith("usage: finetune config [key=value ...]") and "common keys (key=value" in out
+
+
+def test_the_usage_names_every_command_of_the_table():
+    listed = [line.split()[0] for line in cli.USAGE.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+              if line.startswith("  ") and not line.startswith("    ")]
+    assert sorted(listed) == sorted(cli.ALL_COMMANDS)

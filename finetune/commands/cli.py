@@ -480,8 +480,12 @@ def _exit_for_sweep(report: Path) -> None:
     print(f"finetune: all {total} jobs completed; summary in {sweep_dir}/summary.md", file=sys.stderr)
 
 
+# the command table, in one place: Hydra's apps, the key=value commands (their module under finetune.commands)
+# and the two with arguments of their own; USAGE describes them, in this order
 COMMANDS = {"train": train_task, "inspect": inspect_task, "lr-find": lr_find_task}  # Hydra's
-ALL_COMMANDS = [*COMMANDS, "eval", "predict", "export", "shard", "summarize", "config"]
+MODEL_COMMANDS = {"eval": "evaluate", "predict": "predict", "export": "export", "shard": "shard"}
+OWN_COMMANDS = {"summarize": lambda args: summarize_command(args), "config": lambda args: config_command(args)}
+ALL_COMMANDS = [*COMMANDS, *MODEL_COMMANDS, *OWN_COMMANDS]
 
 
 def _shell_completion(argv: list[str]) -> None:
@@ -503,8 +507,7 @@ def model_command(command: str, args: list[str]) -> None:
     need none)."""
     import importlib
 
-    module = importlib.import_module({"eval": "finetune.commands.evaluate", "predict": "finetune.commands.predict",
-                                      "export": "finetune.commands.export", "shard": "finetune.commands.shard"}[command])
+    module = importlib.import_module(f"finetune.commands.{MODEL_COMMANDS[command]}")
     if args and args[0] in ("-h", "--help"):
         print(model_command_help(command, module))
         sys.exit(0)
@@ -604,12 +607,10 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("-sc", "--shell-completion"):
         _shell_completion(argv)
         return
-    if command == "summarize":
-        summarize_command(rest)
-    if command in ("eval", "predict", "export", "shard"):
+    if command in OWN_COMMANDS:
+        OWN_COMMANDS[command](rest)
+    if command in MODEL_COMMANDS:
         model_command(command, rest)
-    if command == "config":
-        config_command(rest)
     if command not in COMMANDS:
         import difflib
 
