@@ -68,7 +68,7 @@ def same_run(old, new) -> bool:
     the newer config has are settings added to finetune since, whose defaults keep what runs compute."""
     from omegaconf import OmegaConf
 
-    from finetune.engine.checkpoint import flatten
+    from finetune.config.recipe import flatten
 
     a = flatten(OmegaConf.to_container(old, resolve=True))
     b = flatten(OmegaConf.to_container(new, resolve=True))

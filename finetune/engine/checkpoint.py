@@ -25,6 +25,7 @@ import torch
 
 from finetune.base.errors import UserError
 from finetune.base.files import safe_load
+from finetune.config.recipe import flatten
 
 FORMAT = "finetune-checkpoint/1"
 LAST = "last.pt"
@@ -57,23 +58,13 @@ def resumed(resume: str | None) -> dict | None:
     return load_checkpoint(resume)[1] if resume else None
 
 
-def flatten(config: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1}; lists stay values."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def config_changes(old: Mapping, new: Mapping, neutral: Sequence[str] = NEUTRAL_KEYS) -> list[str]:
     """Dotted keys whose value differs between two resolved configs (added or removed ones too)."""
-    a, b = flatten(old), flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")
-                  and k.split(".")[0] not in neutral)
+    a, b = flatten(dict(old)), flatten(dict(new))
+    changed = {k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")
+               and k.split(".")[0] not in neutral}
+    # an empty section that gained keys (per_group: {} -> per_group.head.lr) is named by the keys alone
+    return sorted(k for k in changed if not any(other.startswith(f"{k}.") for other in changed))
 
 
 def check_resumable(saved: Mapping, config: Mapping, groups: Sequence[tuple[str, Sequence[str]]],

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from finetune.base.errors import UserError, writing
 from finetune.base.files import first_line
-from finetune.engine.checkpoint import flatten
+from finetune.config.recipe import flatten
 from finetune.engine.observers import Observer, TensorBoard
 
 log = logging.getLogger("finetune")
