@@ -292,3 +292,17 @@ def test_an_sqlite_store_keeps_the_artifacts_beside_it(tmp_path, empty_store, mo
     assert code == 0, lines
     assert list(cwd.iterdir()) == []
     assert any(p.name == "summary.json" for p in (store / "artifacts").rglob("*"))
+
+
+def test_tensorboard_that_cannot_write_is_one_warning_and_training_goes_on(tmp_path, caplog, monkeypatch):
+    """TensorBoard sits with the other trackers, behind the same guard: before, a writer's error ended the run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def broken(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", broken)
+    summary = train(compose_cfg("logger=tensorboard", "epochs=2"), tmp_path / "run")
+    assert summary["status"] == "completed"
+    warned = [r.getMessage() for r in caplog.records if "logger=tensorboard: could not write" in r.getMessage()]
+    assert len(warned) == 1

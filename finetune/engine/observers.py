@@ -1,5 +1,5 @@
-"""What watches a run's loop (finetune.engine.loop) without steering it: the progress bar and TensorBoard
-(MLflow and W&B: finetune.engine.trackers).
+"""What watches a run's loop (finetune.engine.loop) without steering it: the progress bar here, the
+experiment trackers (TensorBoard, MLflow, W&B) in finetune.engine.trackers.
 
 The loop decides everything itself (evaluation, checkpoints, best.pt, early stopping, stop checks) and
 then tells each observer what happened, with plain values: an observer never sees the run, so it
@@ -9,9 +9,7 @@ cannot call back into it, and the order observers are called in changes nothing 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from finetune.base.errors import UserError
 from finetune.output.progress import EpochProgress
 
 CHECK_EVERY = 10  # steps between NaN checks and progress updates: each reads a tensor back (a device sync)
@@ -65,40 +63,3 @@ class ProgressBar(Observer):
 
     def close(self):
         self.bar.stop()
-
-
-class TensorBoard(Observer):
-    """logger=tensorboard: every group's LR at every step, the train loss and accuracy every CHECK_EVERY
-    steps, every evaluation and the epochs' metrics, under RUN_DIR/tensorboard (rank 0). A resumed run
-    purges what the interrupted one wrote after its checkpoint, so the curves do not fork."""
-
-    def __init__(self, out_dir: Path, step: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError('logger=tensorboard needs the tensorboard package: pip install "finetune[tensorboard]"') from None
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step or None)
-
-    def step(self, view):
-        for row in view.rows:
-            self.writer.add_scalar(f"lr/{row['group']}", row["lr"], view.step)
-        if view.running is not None:
-            self.writer.add_scalar("train/loss", view.running[0], view.step)
-            self.writer.add_scalar("train/acc", view.running[1], view.step)
-
-    # x is the index of the step last done, as in lr_trace.csv: an evaluation after 6 steps sits at 5,
-    # so that a resume from that checkpoint (purging x >= 6) keeps it
-    def evaluation(self, row):
-        for key in (k for k in row if k.startswith("val_")):
-            self.writer.add_scalar(f"val/{key[4:]}", row[key], row["step"] - 1)
-
-    def epoch_end(self, metrics, step):
-        for key, value in metrics.items():
-            if key != "epoch":
-                self.writer.add_scalar(f"epoch/{key}", value, step - 1)
-        for key in (k for k in metrics if k.startswith("val_")):
-            self.writer.add_scalar(f"val/{key[4:]}", metrics[key], step - 1)
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()

@@ -1,4 +1,4 @@
-"""The experiment trackers a run logs to (logger=..., conf/logger/): TensorBoard (observers.TensorBoard),
+"""The experiment trackers a run logs to (logger=..., conf/logger/): TensorBoard (its files in the run),
 MLflow and W&B, each an observer of the loop (finetune.engine.observers), on rank 0 alone.
 
 MLflow and W&B keep whatever they are sent (neither can take a point back), so a resumed run must never
@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from finetune.base.errors import UserError, writing
 from finetune.base.files import first_line
 from finetune.config.recipe import flatten
-from finetune.engine.observers import Observer, TensorBoard
+from finetune.engine.observers import Observer
 
 log = logging.getLogger("finetune")
 
@@ -78,6 +78,54 @@ def _reachable(name: str, start):
         log.warning("logger=%s: could not start its run (%s); training goes on without it (metrics.csv, "
                     "lr_trace.csv and summary.json hold every figure)", name, first_line(err))
         return None
+
+
+class TensorBoard(Observer):
+    """logger=tensorboard: every group's LR at every step, the train loss and accuracy every CHECK_EVERY
+    steps, every evaluation and the epochs' metrics, under RUN_DIR/tensorboard (rank 0). A resumed run
+    purges what the interrupted one wrote after its checkpoint, so the curves do not fork."""
+
+    def __init__(self, out_dir: Path, step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError('logger=tensorboard needs the tensorboard package: pip install "finetune[tensorboard]"') from None
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=step or None)
+        self.failed = False
+
+    def _scalars(self, values: dict[str, float], x: int, flush: bool = False) -> None:
+        """Written, or after a failure (a full disk) one warning and no more: never the run's end."""
+        if self.failed:
+            return
+        try:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, x)
+            if flush:
+                self.writer.flush()
+        except Exception as err:  # the writer's or the file system's error
+            self.failed = True
+            log.warning("logger=tensorboard: could not write (%s); training goes on without it", first_line(err))
+
+    def step(self, view):
+        values = {f"lr/{row['group']}": row["lr"] for row in view.rows}
+        if view.running is not None:
+            values.update({"train/loss": view.running[0], "train/acc": view.running[1]})
+        self._scalars(values, view.step)
+
+    # x is the index of the step last done, as in lr_trace.csv: an evaluation after 6 steps sits at 5,
+    # so that a resume from that checkpoint (purging x >= 6) keeps it
+    def evaluation(self, row):
+        self._scalars({f"val/{k[4:]}": v for k, v in row.items() if k.startswith("val_")}, row["step"] - 1)
+
+    def epoch_end(self, metrics, step):
+        self._scalars({**{f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"},
+                       **{f"val/{k[4:]}": v for k, v in metrics.items() if k.startswith("val_")}}, step - 1, flush=True)
+
+    def close(self):
+        try:
+            self.writer.close()
+        except Exception as err:
+            log.warning("logger=tensorboard: could not close its files (%s)", first_line(err))
 
 
 class Tracker(Observer):
