@@ -55,7 +55,8 @@ def test_train_writes_the_run_directory(tmp_path):
     assert by_step[3]["layer4"] == pytest.approx(2e-3 / 2.6 / 32)  # its slanted triangle starts at epoch 1
     metrics = read_csv(run / "metrics.csv")
     assert [m["epoch"] for m in metrics] == ["0", "1"]
-    assert list(metrics[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
+    assert list(metrics[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "val_f1_macro",
+                               "seconds", "images_per_s"]
     summary = json.loads((run / "summary.json").read_text())
     for key in ("best_val_acc", "final_val_acc", "epochs", "wall_seconds", "train_images_per_second",
                 "trainable_params_per_epoch"):

@@ -28,8 +28,10 @@ def scripted(monkeypatch):
     """Trainer.evaluate returns (val_loss, val_acc) from a list, one pair per epoch."""
     def script(pairs):
         scores = iter(pairs)
-        monkeypatch.setattr(Trainer, "evaluate", lambda self, loader, average=False, **kw: dict(
-            zip(("loss", "acc"), next(scores))))
+        def evaluate(self, loader, average=False, **kw):
+            loss, acc = next(scores)
+            return {"loss": loss, "acc": acc, "bal_acc": acc, "f1_macro": acc}
+        monkeypatch.setattr(Trainer, "evaluate", evaluate)
     return script
 
 
@@ -85,8 +87,8 @@ def test_deterministic_runs_with_deterministic_algorithms_and_restores_the_flags
     ("best_metric=val_f1", "best_metric: unknown value 'val_f1'; choose one of auto, val_acc, val_loss, val_map, "
                            "val_f1_macro, val_f1_micro, train_acc, train_loss, live_val_acc, live_val_loss, "
                            "live_val_map (closest: val_f1_micro, val_f1_macro, val_map)"),
-    ("best_metric=val_map", "best_metric=val_map: task single_label measures val_loss, val_acc, train_loss, "
-                            "train_acc"),
+    ("best_metric=val_map", "best_metric=val_map: task single_label measures val_loss, val_acc, val_bal_acc, "
+                            "val_f1_macro, train_loss, train_acc"),
     ("best_metric=live_val_acc", "best_metric=live_val_acc exists only with a weight average (set ema_half_life)"),
     ("patience=-1", "patience and min_delta must be >= 0, got -1 and 0.0"),
 ])

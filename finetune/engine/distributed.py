@@ -184,6 +184,7 @@ def agree(facts: dict) -> None:
     fingerprint), or a UserError on every rank names the first rank and what differs from rank 0: ranks that
     see other data would train one model on two label sets (same class count) or fail inside DDP."""
     every = gather(facts)
+    barrier()  # every rank past the gather before any raises and leaves (a slower one would lose its peer)
     for rank, theirs in enumerate(every[1:], start=1):
         for what, value in every[0].items():
             if theirs.get(what) != value:
