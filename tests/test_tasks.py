@@ -313,6 +313,11 @@ def test_auto_measures_class_weights_on_skewed_classes():
     ev = Evidence([("head input", 0.9)], 88, 2, balance=measured)
     choice = balance_choice(ev)
     assert choice["set"] == {"loss.class_weights": "balanced"} and "classes skewed 10:1" in choice["balance"]
+    # weights are the rule on skewed classes; only a clear cost to the probe vetoes them
+    assert measure_balance(torch.cat([x, x]), torch.cat([y, y]), [80, 8], 4, 0)["chosen"]
+    vetoed = Evidence([("head input", 0.9)], 88, 2, balance={**measured, "plain": 0.8, "weighted": 0.77,
+                                                             "chosen": False})
+    assert "set" not in balance_choice(vetoed) and "cost the probe" in balance_choice(vetoed)["balance"]
 
 
 @pytest.mark.slow
