@@ -413,16 +413,14 @@ def _measure(cfg, parts) -> Evidence:
 
 
 def measure_balance(x: torch.Tensor, y: torch.Tensor, counts: list[int] | None, folds: int, seed: int) -> dict | None:
-    """On skewed classes (the train set's largest class SKEW times its smallest or more), whether to weight the
-    loss by class: the top probe's cross-validated balanced accuracy without and with balanced weights, and
-    the weights chosen unless they cost it more than BALANCE_TOLERANCE; None when the classes are even or not
-    countable."""
+    """On skewed classes (the train set's largest class SKEW times its smallest or more): the top probe's
+    cross-validated balanced accuracy without and with balanced class weights (balance_choice decides);
+    None when the classes are even or not countable."""
     if not counts or min(counts) == 0 or max(counts) / min(counts) < SKEW:
         return None
     plain = cv_scores(x, y, folds, seed=seed)[1]
     weighted = cv_scores(x, y, folds, seed=seed, class_weights=balanced_weights(counts))[1]
-    return {"ratio": round(max(counts) / min(counts), 2), "plain": round(plain, 4), "weighted": round(weighted, 4),
-            "chosen": weighted >= plain - BALANCE_TOLERANCE}
+    return {"ratio": round(max(counts) / min(counts), 2), "plain": round(plain, 4), "weighted": round(weighted, 4)}
 
 
 def balance_choice(ev: Evidence) -> dict:
@@ -430,7 +428,8 @@ def balance_choice(ev: Evidence) -> dict:
     b = ev.balance
     if not b:
         return {}
-    if b["chosen"]:
+    # decided here from the measurements, not stored with them: a kept probe (auto.reuse) follows today's rule
+    if b["weighted"] >= b["plain"] - BALANCE_TOLERANCE:
         return {"set": {"loss.class_weights": "balanced"},
                 "balance": (f"classes skewed {b['ratio']:g}:1: loss.class_weights=balanced (the probe's balanced "
                             f"accuracy {b['plain']:.3f} without, {b['weighted']:.3f} with)")}
