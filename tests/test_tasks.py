@@ -97,10 +97,9 @@ def test_a_multilabel_run_from_a_label_file_as_the_readme_types_it(multilabel_ru
     assert json.loads((root / "run" / "export" / "preprocess.json").read_text())["task"]["thresholds"] == thresholds
 
 
-def test_a_multilabel_run_resumes_bit_for_bit(multilabel_run, tmp_path):
-    args = ["data=csv", f"data.train={multilabel_run / 'labels_train.csv'}",
-            f"data.val={multilabel_run / 'labels_val.csv'}", *SMALL, "epochs=2", "experiment=lp_ft",
-            "checkpoint_every=2"]
+def straight_and_resumed(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """The last checkpoints of a straight run and of one stopped at step 4 and resumed, whose weights must be
+    bit-identical (asserted here)."""
     train(compose_cfg(*args), tmp_path / "straight")
     with pytest.raises(Interrupted):
         train(compose_cfg(*args), tmp_path / "run", stop_at_step=4)
@@ -108,6 +107,14 @@ def test_a_multilabel_run_resumes_bit_for_bit(multilabel_run, tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
     b = torch.load(tmp_path / "run" / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    return a, b
+
+
+def test_a_multilabel_run_resumes_bit_for_bit(multilabel_run, tmp_path):
+    args = ["data=csv", f"data.train={multilabel_run / 'labels_train.csv'}",
+            f"data.val={multilabel_run / 'labels_val.csv'}", *SMALL, "epochs=2", "experiment=lp_ft",
+            "checkpoint_every=2"]
+    a, b = straight_and_resumed(args, tmp_path)
     assert a["task"] == b["task"]
 
 
@@ -237,13 +244,7 @@ def skewed_folder(tmp_path_factory) -> Path:
 def test_balancing_resumes_bit_for_bit(tmp_path, skewed_folder, setting):
     args = [*SKEWED, "data=imagefolder", f"data.root={skewed_folder}", "data.num_workers=0", "data.image_size=16",
             setting]
-    train(compose_cfg(*args), tmp_path / "straight")
-    with pytest.raises(Interrupted):
-        train(compose_cfg(*args), tmp_path / "run", stop_at_step=4)
-    train(compose_cfg(*args, f"resume={tmp_path / 'run'}"), tmp_path / "run")
-    a = torch.load(tmp_path / "straight" / "checkpoints" / checkpoint.LAST, weights_only=True)
-    b = torch.load(tmp_path / "run" / "checkpoints" / checkpoint.LAST, weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, _ = straight_and_resumed(args, tmp_path)
     train(compose_cfg(*args[:-1]), tmp_path / "plain")
     plain = torch.load(tmp_path / "plain" / "checkpoints" / checkpoint.LAST, weights_only=True)
     assert not all(torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])  # the setting did something
@@ -322,26 +323,16 @@ def test_auto_measures_class_weights_on_skewed_classes():
 
 
 @pytest.mark.slow
-def test_the_skew_benchmark_runs_in_quick_mode():
+@pytest.mark.parametrize("script, expected", [("bench_skew.py", ["| default (auto) |", '"default_minus_plain_bal_acc"']),
+                                              ("bench_multilabel.py", ["| plain full BCE |", '"default_minus_plain_map"'])])
+def test_the_task_benchmarks_run_in_quick_mode(script, expected):
+    import os
     import subprocess
     import sys
 
     from tiny_runs import ONE_THREAD_ENV, ROOT
 
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_skew.py"), "--quick"], capture_output=True,
-                         text=True, timeout=600, env={**__import__("os").environ, **ONE_THREAD_ENV})
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, **ONE_THREAD_ENV})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| default (auto) |" in out.stdout and '"default_minus_plain_bal_acc"' in out.stdout
-
-
-@pytest.mark.slow
-def test_the_multilabel_benchmark_runs_in_quick_mode():
-    import subprocess
-    import sys
-
-    from tiny_runs import ONE_THREAD_ENV, ROOT
-
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_multilabel.py"), "--quick"], capture_output=True,
-                         text=True, timeout=600, env={**__import__("os").environ, **ONE_THREAD_ENV})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| plain full BCE |" in out.stdout and '"default_minus_plain_map"' in out.stdout
+    assert all(text in out.stdout for text in expected), out.stdout[-2000:]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 import time
 from pathlib import Path
+
+from finetune.bench.results import mean_se, resumable_runs
 
 METHODS = {
     "default (auto)": [],
@@ -64,12 +65,6 @@ def run_one(files: Path, method: str, seed: int, out: Path, extra: list[str]) ->
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
-
-
 def table(rows: list[dict]) -> tuple[str, dict]:
     stats = {m: {k: mean_se([r[k] for r in rows if r["method"] == m]) for k in ("map", "f1_macro")}
              for m in METHODS if any(r["method"] == m for r in rows)}
@@ -90,16 +85,8 @@ def run(root: Path, out: Path, counts: dict[str, int], seeds: list[int], extra: 
     if made is None:
         made = make_mosaics(root, files, counts)
         (out / "mosaics.json").write_text(json.dumps(made))
-    done = out / "results.jsonl"
-    rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
-    for seed in seeds:
-        for method in METHODS:
-            if any(r["method"] == method and r["seed"] == seed for r in rows):
-                continue
-            row = run_one(files, method, seed, out / "runs" / f"{method.split()[0]}_{seed}", extra)
-            rows.append(row)
-            with open(done, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+    rows = resumable_runs(out / "results.jsonl", seeds, list(METHODS),
+                          lambda method, seed: run_one(files, method, seed, out / "runs" / f"{method.split()[0]}_{seed}",
+                                                       extra))
     text, verdict = table(rows)
     return {"mosaics": made, "rows": rows, "table": text, "verdict": verdict}

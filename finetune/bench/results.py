@@ -78,3 +78,28 @@ def load_results(path: Path) -> dict[str, RecipeStats]:
 
 def save_results(stats: dict[str, RecipeStats], path: Path) -> None:
     path.write_text(json.dumps({name: [r.__dict__ for r in s.runs] for name, s in stats.items()}, indent=2) + "\n")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0)
+
+
+def resumable_runs(done: Path, seeds: list[int], methods: list[str], run_one) -> list[dict]:
+    """Every method x seed through `run_one(method, seed) -> row`, each row appended to `done` (JSON lines)
+    as it lands; rows already there are kept and not run again (a benchmark stopped midway continues)."""
+    import json
+
+    rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
+    for seed in seeds:
+        for method in methods:
+            if any(r["method"] == method and r["seed"] == seed for r in rows):
+                continue
+            row = run_one(method, seed)
+            rows.append(row)
+            with open(done, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    return rows

@@ -6,11 +6,10 @@ measures whether to weight), several seeds each; balanced accuracy and macro F1 
 from __future__ import annotations
 
 import csv
-import json
-import math
-import os
 import time
 from pathlib import Path
+
+from finetune.bench.results import mean_se, resumable_runs
 
 # the methods, as the settings each adds to the same command line (lp_ft: what auto trains on near data)
 METHODS = {
@@ -59,13 +58,6 @@ def run_one(files: Path, method: str, seed: int, out: Path, extra: list[str]) ->
             "auto_set": auto.get("set"), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
-
-
 def table(rows: list[dict]) -> tuple[str, dict]:
     """A markdown table (mean +- standard error over seeds) and the goals' verdicts."""
     stats = {}
@@ -92,23 +84,8 @@ def run(root: Path, out: Path, largest: int, seeds: list[int], methods: list[str
     """Every method x seed (results appended to out/results.jsonl as they land, kept on a rerun)."""
     files = out / "labels"
     counts = write_label_files(root, files, largest)
-    done_path = out / "results.jsonl"
-    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.is_file() else []
-    for seed in seeds:
-        for method in methods:
-            if any(r["method"] == method and r["seed"] == seed for r in rows):
-                continue
-            row = run_one(files, method, seed, out / "runs" / f"{method.split()[0]}_{seed}", extra)
-            rows.append(row)
-            with open(done_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+    rows = resumable_runs(out / "results.jsonl", seeds, methods,
+                          lambda method, seed: run_one(files, method, seed, out / "runs" / f"{method.split()[0]}_{seed}",
+                                                       extra))
     text, verdict = table(rows)
     return {"counts": counts, "rows": rows, "table": text, "verdict": verdict}
-
-
-def remove_runs(out: Path) -> None:
-    import shutil
-
-    shutil.rmtree(out / "runs", ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
