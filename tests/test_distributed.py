@@ -223,6 +223,7 @@ def test_ranks_that_see_other_data_stop_at_once_naming_the_rank_and_the_differen
     assert errors and all("rank 1 sees another class list than rank 0 (['ants', 'wasps'] against ['ants', 'bees'])"
                           in line for line in errors), out.stderr[-3000:]
     # torchrun's own traceback (ChildFailedError) follows a failed child; none comes from finetune or DDP
-    assert "/finetune/" not in out.stderr.replace("-m finetune", "") and "DistBackendError" not in out.stderr
+    assert "/finetune/" not in out.stderr.replace("-m finetune", "") and "DistBackendError" not in out.stderr, \
+        out.stderr[-3000:]
     assert "resume with" not in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -184,13 +184,25 @@ def agree(facts: dict) -> None:
     fingerprint), or a UserError on every rank names the first rank and what differs from rank 0: ranks that
     see other data would train one model on two label sets (same class count) or fail inside DDP."""
     every = gather(facts)
-    barrier()  # every rank past the gather before any raises and leaves (a slower one would lose its peer)
+    problem = _difference(every)
+    if problem is None:
+        return
+    try:  # every rank past the gather before any leaves; one that left first already said the same
+        barrier()
+    except Exception:
+        pass
+    raise UserError(problem)
+
+
+def _difference(every: list[dict]) -> str | None:
+    """The first fact a rank holds otherwise than rank 0, in words; None when they all agree."""
     for rank, theirs in enumerate(every[1:], start=1):
         for what, value in every[0].items():
             if theirs.get(what) != value:
-                raise UserError(f"rank {rank} sees another {what} than rank 0 ({_short(theirs.get(what))} against "
-                                f"{_short(value)}): every process must see the same data and config (data.root "
-                                "on each node, the same command line)")
+                return (f"rank {rank} sees another {what} than rank 0 ({_short(theirs.get(what))} against "
+                        f"{_short(value)}): every process must see the same data and config (data.root on each "
+                        "node, the same command line)")
+    return None
 
 
 def _short(value) -> str:
