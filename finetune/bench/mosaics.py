@@ -8,10 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import random
-import time
 from pathlib import Path
 
-from finetune.bench.results import mean_se, resumable_runs
+from finetune.bench.results import mean_se, resumable_runs, train_on_label_files
 
 METHODS = {
     "default (auto)": [],
@@ -54,15 +53,10 @@ def make_mosaics(root: Path, out: Path, counts: dict[str, int], tile: int = 112,
 
 
 def run_one(files: Path, method: str, seed: int, out: Path, extra: list[str]) -> dict:
-    import finetune
-
-    cfg = finetune.compose(["data=csv", f"data.train={files / 'train.csv'}", f"data.val={files / 'val.csv'}",
-                            f"seed={seed}", "progress=false", *METHODS[method], *extra])
-    t0 = time.perf_counter()
-    summary = finetune.train(cfg, out)
+    summary, seconds = train_on_label_files(files, [*METHODS[method], *extra], seed, out)
     return {"method": method, "seed": seed, "map": summary["final_val_map"], "f1_macro": summary["final_val_f1_macro"],
             "recipe": summary["recipe"]["name"] if summary.get("recipe") else "none",
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": seconds}
 
 
 def table(rows: list[dict]) -> tuple[str, dict]:

@@ -103,3 +103,17 @@ def resumable_runs(done: Path, seeds: list[int], methods: list[str], run_one) ->
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     return rows
+
+
+def train_on_label_files(files: Path, overrides: list[str], seed: int, out: Path) -> tuple[dict, float]:
+    """One run in this process on FILES/train.csv and FILES/val.csv (data=csv) with `overrides`: its summary
+    and wall seconds."""
+    import time
+
+    import finetune
+
+    cfg = finetune.compose(["data=csv", f"data.train={files / 'train.csv'}", f"data.val={files / 'val.csv'}",
+                            f"seed={seed}", "progress=false", *overrides])
+    t0 = time.perf_counter()
+    summary = finetune.train(cfg, out)
+    return summary, round(time.perf_counter() - t0, 1)

@@ -6,10 +6,9 @@ measures whether to weight), several seeds each; balanced accuracy and macro F1 
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
-from finetune.bench.results import mean_se, resumable_runs
+from finetune.bench.results import mean_se, resumable_runs, train_on_label_files
 
 # the methods, as the settings each adds to the same command line (lp_ft: what auto trains on near data)
 METHODS = {
@@ -45,17 +44,12 @@ def write_label_files(root: Path, out: Path, largest: int, ratio: float = 10.0) 
 
 def run_one(files: Path, method: str, seed: int, out: Path, extra: list[str]) -> dict:
     """One training run in this process: the last epoch's balanced accuracy, macro F1 and accuracy."""
-    import finetune
-
-    cfg = finetune.compose(["data=csv", f"data.train={files / 'train.csv'}", f"data.val={files / 'val.csv'}",
-                            f"seed={seed}", "progress=false", *METHODS[method], *extra])
-    t0 = time.perf_counter()
-    summary = finetune.train(cfg, out)
+    summary, seconds = train_on_label_files(files, [*METHODS[method], *extra], seed, out)
     auto = (summary.get("recipe") or {}).get("auto") or {}
     return {"method": method, "seed": seed, "bal_acc": summary["final_val_bal_acc"],
             "f1_macro": summary["final_val_f1_macro"], "acc": summary["final_val_acc"],
             "recipe": summary["recipe"]["name"] if summary.get("recipe") else "none",
-            "auto_set": auto.get("set"), "seconds": round(time.perf_counter() - t0, 1)}
+            "auto_set": auto.get("set"), "seconds": seconds}
 
 
 def table(rows: list[dict]) -> tuple[str, dict]:
