@@ -223,7 +223,7 @@ class FeatureCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return read_store(store, len(views))
+        return read_store(store, len(views), verify=False)  # its sums were just computed from these files
 
     def _compute(self, store: Path | None) -> tuple[list, torch.Tensor]:
         """Every view's features (in memory, or memory-mapped files in `store`) and the labels."""
@@ -303,9 +303,12 @@ def write_checksums(store: Path, views: int) -> None:
     os.replace(tmp, store / CHECKSUMS)
 
 
-def read_store(store: Path, views: int) -> tuple[list, torch.Tensor]:
+def read_store(store: Path, views: int, verify: bool = True) -> tuple[list, torch.Tensor]:
     """(memory-mapped views, labels) of an entry whose every file matches its checksums; DamagedEntry
-    otherwise (a missing checksum file: an entry of an older finetune, or an unfinished one)."""
+    otherwise (a missing checksum file: an entry of an older finetune, or an unfinished one). `verify`
+    false: the entry this process has just written and checksummed, opened without reading it again."""
+    if not verify:
+        return _open_store(store, views)
     try:
         sums = json.loads((store / CHECKSUMS).read_text())
     except (OSError, ValueError):
@@ -319,6 +322,10 @@ def read_store(store: Path, views: int) -> tuple[list, torch.Tensor]:
         bad = next((i for i, (a, b) in enumerate(zip(_chunk_sums(path), want["crc32"])) if a != b), None)
         if bad is not None:
             raise DamagedEntry(f"{name} differs from what was written at byte {bad * CHUNK}")
+    return _open_store(store, views)
+
+
+def _open_store(store: Path, views: int) -> tuple[list, torch.Tensor]:
     try:
         return ([np.load(store / f"view{v}.npy", mmap_mode="r") for v in range(views)],
                 torch.from_numpy(np.load(store / "labels.npy")))
