@@ -545,6 +545,9 @@ def test_a_refused_command_changes_no_byte_of_the_run_it_names(tmp_path, capsys)
     into the directory rewrote .hydra/config.yaml."""
     from tiny_runs import run_cli as cli_call
 
+    import tempfile
+
+    staged = set(Path(tempfile.gettempdir()).glob("finetune-log-*"))  # other processes' may come and go
     run = tmp_path / "run"
     code, lines = cli_call(capsys, "train", *ARGS, f"hydra.run.dir={run}")
     assert code == 0, lines
@@ -563,6 +566,7 @@ def test_a_refused_command_changes_no_byte_of_the_run_it_names(tmp_path, capsys)
     assert f"resume={run}" in (run / ".hydra" / "overrides.yaml").read_text()
     log_text = (run / "finetune.log").read_text()
     assert log_text.startswith(before["finetune.log"].decode()) and "nothing to train" in log_text
+    assert set(Path(tempfile.gettempdir()).glob("finetune-log-*")) <= staged  # the staged logs' folders removed
 
 
 def test_a_run_that_fails_before_its_first_report_says_so_in_its_summary(tmp_path, capsys, monkeypatch):

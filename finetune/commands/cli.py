@@ -220,14 +220,15 @@ class HeldRun:
 
     def __init__(self):
         self.staging: Path | None = None
+        self.moved = False  # the staged log now lives in the run directory
 
     def overrides(self, args: list[str], sweep: bool) -> list[str]:
         """The extra overrides for this command line: a sweep's always (each job may hold a run), a single
         run's when its hydra.run.dir holds one."""
         from finetune.engine.checkpoint import holds_run
 
-        given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-        if not sweep and (not given or not holds_run(Path(os.path.expanduser(given[-1].strip("'\""))))):
+        run_dir = run_dir_arg(args)
+        if not sweep and (run_dir is None or not holds_run(run_dir)):
             return []
         subdir = [a.split("=", 1)[1] for a in args if a.startswith("hydra.output_subdir=")]
         os.environ[self.ENV] = "" if subdir and subdir[-1] == "null" else (subdir[-1] if subdir else ".hydra")
@@ -251,7 +252,7 @@ class HeldRun:
             OmegaConf.save(task_cfg, out / "config.yaml")
             OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), out / "hydra.yaml")
             OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), out / "overrides.yaml")
-        if self.staging is not None:
+        if self.staging is not None and not self.moved:
             for handler in logging.getLogger().handlers:
                 if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == self.staging:
                     handler.acquire()
@@ -263,7 +264,7 @@ class HeldRun:
                         handler.stream = None  # reopened, for appending, on the next record
                     finally:
                         handler.release()
-            self.staging = None
+            self.moved = True
 
     def clean(self) -> None:
         if self.staging is not None:
@@ -418,11 +419,16 @@ def missing_plugin(overrides: list[str]) -> str | None:
     return None
 
 
+def run_dir_arg(args: list[str]) -> Path | None:
+    """The run directory the command line names (its last hydra.run.dir=), None when it names none."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    return Path(os.path.expanduser(given[-1].strip("'\""))) if given else None
+
+
 def unwritable_run_dir(args: list[str]) -> str | None:
     """The one-line error for a run directory that cannot be made (a file, a read-only place), before Hydra
     tries and fails with a traceback; None when it can be."""
-    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-    path = Path(os.path.expanduser(given[-1].strip("'\""))) if given else Path("outputs")
+    path = run_dir_arg(args) or Path("outputs")
     if path.exists() and not path.is_dir():
         return f"hydra.run.dir={path} is a file, not a folder; choose another run directory"
     parent = next((p for p in [path, *path.absolute().parents] if p.exists()), None)
