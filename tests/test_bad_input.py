@@ -543,9 +543,9 @@ def test_a_refused_command_changes_no_byte_of_the_run_it_names(tmp_path, capsys)
     """Hydra's own files (.hydra/, finetune.log) as a user's command writes them: before, a refused resume
     turned summary.json 'failed', wrote error.log and .hydra/overrides.yaml said epochs=2; a second run
     into the directory rewrote .hydra/config.yaml."""
-    from tiny_runs import run_cli as cli_call
-
     import tempfile
+
+    from tiny_runs import run_cli as cli_call
 
     staged = set(Path(tempfile.gettempdir()).glob("finetune-log-*"))  # other processes' may come and go
     run = tmp_path / "run"
