@@ -1,10 +1,19 @@
 """Exact checksums of tensors: the sum of their bits read as integers, computed on the tensor's device.
 Equal tensors give equal sums and a changed bit almost surely changes it; the replica check across
-processes, freeze integrity and the feature cache's key all use it."""
+processes, freeze integrity and the feature cache's key all use it. And the digest of settings (plain data)
+that keys the probe store and the feature cache and lets processes compare their configs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
+
+
+def digest(obj, length: int = 16) -> str:
+    """A hex digest of plain data (dicts, lists, numbers, strings; anything else by its str), key order free."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def bit_sum(t: torch.Tensor) -> torch.Tensor:

@@ -90,9 +90,10 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def class_counts(self) -> list[int] | None:
-        """Train images per class, counted from the listing (None where only the images would tell)."""
-        labels = datasets.sample_labels(self.train)
+    def class_counts(self, labels: list[int] | None = None) -> list[int] | None:
+        """Train images per class, counted from the listing (or from `labels`, each train image's class);
+        None where only the images would tell."""
+        labels = datasets.sample_labels(self.train) if labels is None else labels
         if labels is None:
             return None
         return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=len(self.classes)).tolist()
@@ -105,7 +106,7 @@ class DataBundle:
         if labels is None:
             raise UserError("data.sampler=balanced needs each image's class without reading the images: an image "
                             "folder, a single-label label file, digits or synthetic")
-        counts = torch.bincount(torch.tensor(labels), minlength=len(self.classes)).tolist()
+        counts = self.class_counts(labels)
         return [1.0 / counts[label] for label in labels]
 
     @property

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.base.checksum import fingerprints
+from finetune.base.checksum import digest, fingerprints
 from finetune.base.errors import UserError
 from finetune.config.schema import CacheDtype
 from finetune.output.progress import bar
@@ -175,7 +174,7 @@ class FeatureCache:
         parts = {"model": cfg.model.name, "source": cfg.model.source, "body": sum(fingerprints(body).values()),
                  "data": str(cfg.data), "views": cfg.cache_views or 1, "seed": cfg.seed,
                  "dtype": cfg.cache_dtype, "n": len(self.data.train)}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return digest(parts, 16)
 
     @torch.no_grad()
     def build(self) -> None:

@@ -6,8 +6,6 @@ step counts."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from finetune import tasks
+from finetune.base.checksum import digest
 from finetune.base.errors import UserError
 from finetune.config.presets import schedule_presets
 from finetune.core.groups import LayerGroup, build_groups
@@ -149,8 +148,7 @@ def setup(cfg, world: World = distributed.SINGLE, *, training: bool = True, weig
 
 def _config_digest(cfg) -> str:
     """A digest of the resolved config (the same command line on every rank gives the same one)."""
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return digest(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), 12)
 
 
 def _deterministic_cublas() -> None:

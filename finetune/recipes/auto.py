@@ -37,7 +37,6 @@ choice, so a resume trains it without probing again; a model with no head module
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -50,7 +49,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from finetune.base.checksum import fingerprints
+from finetune.base.checksum import digest, fingerprints
 from finetune.base.errors import UserError
 from finetune.base.files import cache_home
 from finetune.config.presets import conf_dir
@@ -329,7 +328,7 @@ def probe_key(cfg, parts) -> str:
            "auto": {k: cfg.auto[k] for k in ("budget", "bn_drop", "far_min_steps", "folds")},
            "run": {k: cfg[k] for k in ("seed", "batch_size", "accumulate", "epochs", "max_steps")},
            "device": parts.device.type, "channels_last": parts.channels_last, "preprocess": parts.preprocess}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return digest(key, 20)
 
 
 def _stored(path: Path) -> Evidence | None:
